@@ -1,0 +1,43 @@
+# finetune-helper: `make demo` and `make test` work on a fresh machine (CPU, offline).
+# torch is installed first and pinned: `pip install torch==2.13.0` takes the CPU wheel on disk here, while an
+# unpinned resolve could pull a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	@echo "== finetune-helper recommend: Llama-3.1-8B, LoRA, one 24 GB RTX 4090, 20k examples =="
+	$(VENV)/bin/finetune-helper recommend --model meta-llama/Llama-3.1-8B --gpu "RTX 4090" --method lora --dataset-size 20000 --epochs 2
+	@echo
+	@echo "== finetune-helper export --format yaml (reads back with HfArgumentParser.parse_yaml_file) =="
+	$(VENV)/bin/finetune-helper export --model meta-llama/Llama-3.1-8B --gpu "RTX 4090" --method lora --dataset-size 20000 --epochs 2 --format yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/recommend_speed.py
+	$(PY) benchmarks/memory_accuracy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,368 @@
+"""Activation memory of one training micro-step of a decoder LLM, from its shapes (pure Python, no torch).
+
+The method follows Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"
+(arXiv:2205.05198, section 4.1): walk the forward pass op by op and add up the tensors each op saves for its
+backward.  Their closed form (``sbh(34 + 5as/h)`` per layer for GPT-2-style fp16 layers) does not describe the
+models people fine-tune today, so every term below was read off the transformers 5 modeling code (``models/llama/
+modeling_llama.py``, ``integrations/sdpa_attention.py``, ``loss/loss_utils.py``, PEFT ``tuners/lora/layer.py``,
+bitsandbytes ``MatMul4Bit``) and checked by measuring what ``torch.autograd.graph.saved_tensors_hooks`` sees
+(``finetune_helper.measure``; ``tests/test_activations.py``).
+
+Notation: ``b`` micro batch, ``s`` sequence length, ``N = b*s`` tokens, ``h`` hidden, ``I`` intermediate, ``qd``
+= heads*head_dim, ``kvd`` = kv_heads*head_dim, ``nh`` heads, ``V`` vocabulary, ``r`` LoRA rank.  Byte widths:
+``c`` the compute dtype of activations (2 for bf16/fp16, 4 for fp32) and ``res`` the residual stream dtype (equal
+to ``c`` except fp16 full fine-tuning, where fp32 weights under autocast keep the residual stream in fp32).
+
+Rules autograd follows that decide most terms:
+
+* An op saves an operand only for the gradient of *another* input that requires grad: ``weight * x`` saves ``x``
+  only when ``weight`` is trainable; a frozen ``nn.Linear`` (LoRA base) saves its weight (a parameter, free) but
+  not its input.  Ops on tensors that do not require grad save nothing (LoRA: the first layer's input norm).
+* Elementwise ops with a Python scalar (``* scaling``, ``/ softcap``) and additions (residuals, masks) save nothing.
+* ``x.to(dtype)`` saves nothing, but the op after it saves the new copy: a separate storage.
+
+transformers 5 facts this depends on: the Trainer trains with ``use_cache=False`` (``TrainingArguments.use_cache``
+defaults to False); gradient checkpointing is non-reentrant by default (``activation_checkpointing_enable`` passes
+``use_reentrant=False``) and checkpoints each ``GradientCheckpointingLayer`` (decoder layer), so only each layer's
+input stays held; ``ForCausalLMLoss`` upcasts the logits to fp32 before ``cross_entropy``; SDPA gets no mask (it
+uses ``is_causal``) unless the layer is a sliding-window layer shorter than the sequence (or the batch is padded).
+
+Device: the estimate is for CUDA kernels.  ``device="cpu"`` gives the CPU kernels' bytes where they differ
+(only the dropout mask: CUDA's fused dropout keeps a 1-byte bool mask, CPU keeps a mask in the input dtype), which
+is what the tests measure against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import FinetuneHelperError
+from .model_spec import ModelSpec
+from .training_setup import DTYPE_BYTES, TrainingSetup
+
+#: int64 token ids / labels.
+_ID_BYTES = 8
+#: fp32: RMSNorm upcasts, rsqrt, logsumexp, softmax, the loss' log-softmax.
+_F32 = 4
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Bytes of activations for one micro-step; see the module docstring for the derivation."""
+
+    #: bytes saved for backward by all decoder layers, held from forward to backward (with gradient checkpointing:
+    #: only what stays held, i.e. the checkpointed layer inputs).
+    layers: int
+    #: extra bytes LoRA layers save (fp32 input casts, dropout masks/outputs, A outputs); 0 for full. Held like
+    #: ``layers`` (with checkpointing: 0, they are recomputed).
+    lora: int
+    #: held saved tensors outside the layers: token ids (embedding), rotary cos/sin, final norm.
+    outside_layers: int
+    #: held saved tensors of the logits/loss path: lm_head input (and fp16 weight copy), the fp32 log-softmax of
+    #: cross-entropy, labels, Gemma-2 soft-capping tanh output.
+    logits: int
+    #: with gradient checkpointing: the bytes one layer's recompute re-creates during backward (0 without).
+    recompute: int
+    #: short-lived peak on the logits path not held for backward: max(forward: logits + their fp32 copy,
+    #: backward: the fp32 logits gradient coming out of nll_loss + the one log_softmax backward makes).
+    logits_transient: int
+    #: fp16 full fine-tuning with checkpointing: autocast's cache of fp16 weight copies lives until the forward
+    #: (loss included) ends although no saved tensor holds it; 0 otherwise.
+    autocast_cache: int = 0
+
+    def saved(self) -> int:
+        """What saved_tensors_hooks counts (unique storages, parameters excluded), held into the backward."""
+        return self.layers + self.lora + self.outside_layers + self.logits
+
+    def peak_extra(self) -> int:
+        """Short-lived bytes on top of ``saved()`` at the worst moment of the step.
+
+        Backward runs the loss / lm_head first and frees the logits gradients before the last decoder layer's
+        backward (where checkpointing recomputes a layer), so the two do not coexist: the max, not the sum.  The
+        autocast weight cache is alive only during the forward, with the forward's logits transient.
+        """
+        forward_logits = self.logits_transient * 6 // 8  # bf16 logits + fp32 copy vs the backward's 8 bytes/elem
+        return max(self.recompute, self.logits_transient, forward_logits + self.autocast_cache)
+
+    def as_dict(self) -> dict[str, int]:
+        d = asdict(self)
+        d["saved"] = self.saved()
+        d["peak_extra"] = self.peak_extra()
+        return d
+
+
+# --------------------------------------------------------------------- helpers
+def _attn_impl(spec: ModelSpec, setup: TrainingSetup) -> str:
+    """The attention implementation that really runs (Gemma 2 has no SDPA path: eager)."""
+    impl = setup.attn_implementation
+    traits = spec.traits
+    if traits and impl not in traits.attn_implementations:
+        impl = traits.attn_implementations[0]
+    return impl
+
+
+def _layer_types(spec: ModelSpec) -> list[str]:
+    """``sliding_attention`` / ``full_attention`` per layer, as the config classes default them."""
+    cfg, n = spec.config, spec.num_hidden_layers
+    types = cfg.get("layer_types")
+    if types and len(types) >= n:
+        return list(types[:n])
+    mt = spec.model_type
+    if mt == "mistral":
+        return ["sliding_attention" if cfg.get("sliding_window", 4096) else "full_attention"] * n
+    if mt == "gemma2":
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if mt == "gemma3_text":
+        pattern = cfg.get("sliding_window_pattern", 6) or 6
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if mt in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        start = cfg.get("max_window_layers", n)
+        return ["sliding_attention" if i >= start else "full_attention" for i in range(n)]
+    return ["full_attention"] * n
+
+
+def _sliding_window(spec: ModelSpec) -> int | None:
+    default = 4096 if spec.model_type in ("mistral", "gemma2", "gemma3_text") else None
+    return spec.config.get("sliding_window", default)
+
+
+def _norm(rows: int, width: int, *, input_grad: bool, trainable: bool, gemma: bool, in_bytes: int) -> int:
+    """One RMSNorm over ``rows`` vectors of ``width``.
+
+    Llama: ``x.to(fp32)``; ``pow(2)`` saves the fp32 x (4*rows*width; a copy, or x itself when it is fp32 already);
+    ``x * rsqrt(var+eps)`` saves x (same storage) and the rsqrt (4*rows); ``weight * normalized.to(in_dtype)``
+    saves the normalized tensor in the input dtype only when the weight is trainable.
+    Gemma: ``x.float()`` then ``normalized * (1 + weight.float())`` in fp32: saves the fp32 ``1 + w`` (4*width)
+    and, when the weight is trainable, the fp32 normalized tensor (4*rows*width); the output is cast back after.
+    Nothing is saved when the input does not require grad (LoRA, first layer, no checkpointing).
+    """
+    if not input_grad:
+        return 0
+    n = _F32 * rows * width + _F32 * rows
+    if gemma:
+        n += _F32 * width + (_F32 * rows * width if trainable else 0)
+    elif trainable:
+        n += in_bytes * rows * width
+    return n
+
+
+# --------------------------------------------------------------------- the estimate
+def estimate_activations(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cuda") -> ActivationEstimate:
+    """Activation bytes of one micro-step (``setup.micro_batch_size`` x ``setup.seq_len``); see the module doc."""
+    if device not in ("cuda", "cpu"):
+        raise FinetuneHelperError("device", f"must be cuda or cpu, got {device!r}")
+    b, s = setup.micro_batch_size, setup.seq_len
+    N = b * s
+    h, I, V, L = spec.hidden_size, spec.intermediate_size, spec.vocab_size, spec.num_hidden_layers
+    nh, kvh, hd = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+    qd, kvd = spec.q_dim, spec.kv_dim
+    n_rep = nh // kvh
+    traits = spec.traits
+    gemma = bool(traits and traits.gemma_norm)
+    fused = bool(traits and traits.fused_projections)
+    qk_norm = bool(traits and traits.qk_norm)
+    norms_per_layer = traits.norms_per_layer if traits else 2
+    peft = setup.is_peft
+    full = not peft
+    gc = setup.gradient_checkpointing
+    impl = _attn_impl(spec, setup)
+
+    c = DTYPE_BYTES[setup.dtype]  # activations in the compute dtype
+    # fp16 full fine-tuning: fp32 master weights under fp16 autocast.  Embeddings, norms and residual adds run in
+    # fp32; every autocast op (linear, SDPA) casts its fp32 inputs to fp16 -- a new copy per op -- and autocast
+    # caches one fp16 copy of each trainable weight, which the linear saves.  LoRA/QLoRA in fp16 load the frozen
+    # base in fp16, so there only the (fp32) adapters go through autocast.
+    autocast_full = setup.dtype == "fp16" and full
+    res = _F32 if autocast_full else c
+    mask_bytes = 1 if device == "cuda" else None  # dropout mask element size (None: input dtype, set below)
+
+    layer_types = _layer_types(spec)
+    window = _sliding_window(spec)
+
+    # ------------------------------------------------------------ one decoder layer, what its base ops save
+    def layer_bytes(first_layer: bool, layer_type: str) -> int:
+        # input of the layer requires grad unless it is the frozen embedding's output (LoRA without checkpointing;
+        # with checkpointing transformers calls enable_input_require_grads()).
+        input_grad = full or gc or not first_layer
+        n = 0
+        # -- norms: input_layernorm, post_attention_layernorm (+ Gemma 2/3 pre/post_feedforward_layernorm).  The
+        # first norm's input is the layer input; every other norm's input already requires grad.
+        n += _norm(N, h, input_grad=input_grad, trainable=full, gemma=gemma, in_bytes=res)
+        n += (norms_per_layer - 1) * _norm(N, h, input_grad=True, trainable=full, gemma=gemma, in_bytes=res)
+        # -- linear inputs (full: each trainable Linear saves its input for the weight gradient; q/k/v, and
+        # gate/up, read the same norm output, one storage.  Under fp16 autocast each Linear saves its own fp16 cast
+        # of the fp32 norm output, plus the cached fp16 weight copy).  QLoRA: bitsandbytes MatMul4Bit keeps its
+        # input in ctx.tensors whenever the input requires grad -- held like full FT's, though saved_tensors_hooks
+        # cannot see it.  LoRA: the frozen base linears save no input.
+        n_attn_in = 1 if fused else 3
+        n_mlp_in = 1 if fused else 2
+        if full or setup.method == "qlora":
+            if autocast_full:
+                n += (n_attn_in + n_mlp_in) * 2 * N * h
+                n += 2 * sum(lin.weight_numel for lin in spec.layer_linears())  # autocast fp16 weight copies
+            else:
+                if input_grad:  # (QLoRA, first layer, no checkpointing: MatMul4Bit keeps nothing)
+                    n += c * N * h  # attention input (the input_layernorm output)
+                n += c * N * h  # MLP input (the post_attention / pre_feedforward norm output)
+        # -- q/k RMSNorm per head (Qwen3, Gemma 3) on the projections' outputs (dtype c).
+        if qk_norm:
+            n += _norm(N * nh, hd, input_grad=True, trainable=full, gemma=gemma, in_bytes=c)
+            n += _norm(N * kvh, hd, input_grad=True, trainable=full, gemma=gemma, in_bytes=c)
+        # -- RoPE: q*cos + rotate_half(q)*sin saves only cos/sin (constants, counted once outside the layers).
+        # -- attention core
+        masked = impl == "sdpa" and layer_type == "sliding_attention" and window is not None and s > window
+        o_copy = False  # does o_proj get a contiguous copy of the attention output (separate storage)?
+        if impl == "eager":
+            # repeat_kv copies k and v to nh heads (expand+reshape); matmul(q, k^T) saves q and k_rep,
+            # softmax(fp32) saves its fp32 output (b*nh*s*s*4), .to(c) makes the probs that matmul(probs, v_rep)
+            # saves (b*nh*s*s*c) with v_rep; the output (b,nh,s,hd) is transposed + made contiguous for o_proj.
+            v_bytes = c * N * qd
+            if fused and n_rep == 1:
+                v_bytes = c * N * (qd + 2 * kvd)  # v is a slice of the fused qkv output: its whole storage
+            n += c * N * qd + c * N * qd + v_bytes  # q, k_rep, v_rep
+            n += _F32 * b * nh * s * s
+            if c != _F32:  # in fp32, .to(query.dtype) is a no-op: the probs are the softmax output itself
+                n += c * b * nh * s * s
+            softcap = spec.config.get("attn_logit_softcapping", 50.0 if spec.model_type == "gemma2" else None)
+            if softcap:
+                n += c * b * nh * s * s  # Gemma 2: tanh(scores / cap) saves its output
+            o_copy = True
+        else:
+            # SDPA flash / memory-efficient kernels (and flash_attention_2) keep no s x s matrix: they save
+            # q, k, v, the output and the fp32 logsumexp (b*nh*s).  Without a mask transformers passes
+            # enable_gqa=True (no repeat_kv copies).  A sliding-window layer shorter than the sequence gets an
+            # explicit mask: repeat_kv copies k and v, and SDPA converts the bool mask to an additive mask in the
+            # compute dtype (b*1*s*s*c per layer) that its backward keeps.  flash_attention_2 handles the window
+            # in-kernel (no mask).
+            n += c * N * qd  # q after RoPE
+            if masked:
+                n += 2 * c * N * (qd if n_rep > 1 else kvd) + c * b * s * s
+            else:
+                n += c * N * kvd  # k after RoPE
+                # v is a view of v_proj's output; Phi-3's v is a slice of the fused qkv output: its whole storage.
+                n += c * N * (qd + 2 * kvd) if fused else c * N * kvd
+            n += c * N * qd  # attention output (saved by SDPA; o_proj's input is the same storage, see below)
+            lse_s = s if (device == "cpu" or impl == "flash_attention_2" or not masked) else -(-s // 32) * 32
+            n += _F32 * b * nh * lse_s
+            # The output follows q's memory layout.  RoPE applied elementwise to the (b,s,nh,hd)-major projection
+            # keeps q token-major, so transpose(1,2).contiguous() is a no-op view and o_proj saves the same
+            # storage; Phi-3's partial-RoPE torch.cat makes q head-major, so o_proj gets (and saves) a copy.
+            o_copy = fused
+        if o_copy and (full or setup.method == "qlora"):
+            n += c * N * qd  # o_proj input (a LoRA base o_proj does not save it; its lora_A may, see lora)
+        # -- gated MLP: act(gate(x)) * up(x).  SiLU / GELU-tanh save their input (gate output, N*I); the product
+        # saves both factors (act output and up output); down_proj saves its input (full).  Phi-3: gate and up are
+        # chunks of the fused gate_up output, so the activation's saved input is the whole 2*N*I storage and the
+        # saved up shares it.
+        n += c * N * I * (2 if fused else 1)  # act input (Phi-3: whole gate_up)
+        n += c * N * I  # act output
+        if not fused:
+            n += c * N * I  # up output
+        if full or setup.method == "qlora":
+            n += c * N * I  # down_proj input (the product)
+        return n
+
+    per_layer_base = [layer_bytes(i == 0, layer_types[i]) for i in range(L)]
+
+    # ------------------------------------------------------------ LoRA adapters, per layer
+    def lora_bytes(first_layer: bool) -> int:
+        if not peft:
+            return 0
+        # the first layer's q/k/v adapters read the normed embeddings, which do not require grad without
+        # checkpointing: dropout on them saves no mask (lora_A still saves its input for A's gradient).
+        frozen_attn_input = first_layer and not gc
+        r = setup.lora_r
+        masked_eager_copy = impl == "eager" or fused  # o_proj input is its own contiguous copy
+        site_of = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "qkv_proj": "attn", "o_proj": "o",
+                   "gate_proj": "mlp", "up_proj": "mlp", "gate_up_proj": "mlp", "down_proj": "down"}
+        n = 0
+        shared_sites: set[str] = set()
+        for lin in spec.lora_linears(setup.lora_target_modules):
+            fin = lin.in_features
+            if setup.dtype == "fp16":
+                # frozen base in fp16 under autocast: PEFT casts x to fp32 (adapter dtype), autocast casts it back
+                # to fp16 for lora_A, which saves that fp16 copy and the fp16 copy of A; lora_B saves the fp16 A
+                # output and the fp16 copy of B.  Dropout acts on the fp32 x: keeps its mask.
+                n += 2 * N * fin + 2 * r * fin + 2 * N * r + 2 * r * lin.out_features
+                if setup.lora_dropout > 0 and not (frozen_attn_input and site_of.get(lin.name) == "attn"):
+                    n += (mask_bytes or _F32) * N * fin
+                continue
+            if setup.lora_dropout > 0:
+                # lora_dropout(x) on the fp32 input: saves its mask (CUDA bool, CPU input dtype) and its output is
+                # what lora_A saves (fp32, a new tensor per adapter).
+                n += _F32 * N * fin
+                if not (frozen_attn_input and site_of.get(lin.name) == "attn"):
+                    n += (mask_bytes or _F32) * N * fin
+            elif setup.dtype == "bf16":
+                # x.to(fp32) (autocast_adapter_dtype=True keeps adapters fp32): each adapter makes its own fp32 copy
+                # of its input -- q, k and v each copy the same normed hidden states -- and lora_A saves it.
+                n += _F32 * N * fin
+            else:
+                # fp32: no cast; lora_A saves its input itself, shared by adapters reading the same tensor (q/k/v,
+                # gate/up); o_proj's input is SDPA's saved output (already counted) unless it is a copy.
+                site = site_of.get(lin.name, lin.name)
+                if site not in shared_sites:
+                    shared_sites.add(site)
+                    if site != "o" or masked_eager_copy:
+                        n += _F32 * N * fin
+            n += _F32 * N * r  # lora_B saves lora_A's output (fp32, N*r)
+        return n
+
+    per_layer_lora = [lora_bytes(i == 0) for i in range(L)]
+
+    # ------------------------------------------------------------ outside the layers
+    outside = 0
+    if full:
+        outside += _ID_BYTES * N  # nn.Embedding saves the token ids for its weight gradient
+    if spec.model_type.startswith("gemma") and (full or gc):
+        outside += c  # embeddings * normalizer: the 0-dim normalizer tensor (input requires grad)
+    if not gc:
+        # rotary cos/sin, (1, s, rotary_dim) in the embeddings' dtype, saved by RoPE's q*cos / rotate_half(q)*sin;
+        # shared by all layers.  Gemma 3 has a local and a global rotary embedding.  With checkpointing no op
+        # outside the checkpointed layers saves them (the checkpoint closures keep them; a few MB at most).
+        rot = int(hd * (spec.config.get("partial_rotary_factor") or 1.0))
+        pairs = len(set(layer_types)) if spec.model_type == "gemma3_text" else 1
+        outside += pairs * 2 * s * rot * res
+    outside += _norm(N, h, input_grad=True, trainable=full, gemma=gemma, in_bytes=res)  # final norm
+
+    # ------------------------------------------------------------ logits and loss
+    logits = 0
+    if full:
+        if autocast_full:
+            logits += 2 * N * h + 2 * V * h  # fp16 cast of the final norm output + fp16 copy of lm_head weight
+        else:
+            logits += c * N * h  # lm_head saves its input (the final norm output) for its weight gradient
+    # (LoRA/QLoRA: lm_head is frozen and not quantized: saves no input.)
+    if spec.final_logit_softcapping:
+        logits += c * N * V  # Gemma 2: tanh(logits / cap) saves its output
+    # ForCausalLMLoss: logits.float() (no save) -> cross_entropy = log_softmax (saves its fp32 output, N*V*4)
+    # + nll_loss (saves the same output, the shifted int64 labels and a 0-dim fp32 total_weight).
+    logits += _F32 * N * V + _ID_BYTES * N + _F32
+    # Transient: forward holds the logits (c) and their fp32 copy (4, none when already fp32) while log_softmax
+    # writes its output; backward holds nll_loss's fp32 gradient (4) and log_softmax's fp32 input gradient (4).
+    logits_transient = max((c + (_F32 if c != _F32 else 0)), 2 * _F32) * N * V
+
+    # ------------------------------------------------------------ gradient checkpointing
+    if gc:
+        # Non-reentrant torch.utils.checkpoint around each decoder layer's forward: tensors saved inside the layer
+        # are dropped (recomputed in backward); only the positional inputs -- the hidden states entering each
+        # layer (N*h in the residual dtype) -- stay held.  Backward recomputes one layer at a time.
+        layers_held = L * res * N * h
+        recompute = max(layer_bytes(False, t) for t in layer_types) + lora_bytes(False)
+        lora_held = 0
+        autocast_cache = 2 * spec.linear_weight_parameters() if autocast_full else 0
+    else:
+        layers_held = sum(per_layer_base)
+        lora_held = sum(per_layer_lora)
+        recompute = 0
+        autocast_cache = 0
+
+    return ActivationEstimate(
+        layers=int(layers_held),
+        lora=int(lora_held),
+        outside_layers=int(outside),
+        logits=int(logits),
+        recompute=int(recompute),
+        logits_transient=int(logits_transient),
+        autocast_cache=int(autocast_cache),
+    )

@@ -1,0 +1,291 @@
+"""The ``finetune-helper`` command: a thin front end over the core (gather, then print).
+
+Bad input of any kind ends in one line on stderr, ``finetune-helper: error: --flag: what is allowed``, and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from typing import Any, Sequence
+
+from .errors import FinetuneHelperError
+
+PROG = "finetune-helper"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (no usage block) and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _fail(message.replace("argument ", "", 1))
+
+
+def _fail(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _flag(field: str) -> str:
+    return field if field.startswith("-") or " " in field else f"--{field.replace('_', '-')}"
+
+
+# ------------------------------------------------------------------------------------------- arguments
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="catalog id or alias (see `models`), local directory with "
+                   "config.json, Hub id (only config.json is fetched), or a size such as 7B")
+    p.add_argument("--method", default="full", choices=("full", "lora", "qlora"), help="default: %(default)s")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: min(2048, model max))")
+    p.add_argument("--optim", default=None, help="a TrainingArguments.optim name: adamw_torch, adamw_torch_fused, "
+                   "adamw_bnb_8bit, paged_adamw_8bit, adafactor, sgd, ...")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default: %(default)s)")
+    p.add_argument("--attn-implementation", default=None, choices=("sdpa", "eager", "flash_attention_2"),
+                   help="attention kernel (default: the architecture's own: sdpa; eager for Gemma 2)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--gpu", required=True, help="catalog GPU (see `gpus`; case, spaces and hyphens ignored), an "
+                   "amount such as 24GB (10^9 bytes) or 80GiB (2^30 bytes), or auto")
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (default: %(default)s)")
+    p.add_argument("--dataset-size", type=int, default=None, help="training examples (default: 10000 assumed)")
+    p.add_argument("--epochs", type=float, default=3.0, help="default: %(default)s")
+    p.add_argument("--target-batch", type=int, default=64, help="target effective batch in sequences (default: "
+                   "%(default)s, Llama 2 SFT)")
+    p.add_argument("--lr-min", type=float, default=1e-5, help="lower LR bound (default: %(default)g)")
+    p.add_argument("--lr-max", type=float, default=5e-5, help="upper LR bound (default: %(default)g)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="force on/off (default: only when needed to fit)")
+    p.add_argument("--safety-margin", type=float, default=0.10, help="fraction of GPU memory kept free "
+                   "(default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="How to fine-tune this model on this GPU, and will it fit: memory "
+                     "estimate, batch / accumulation / learning rate / warmup plan, TrainingArguments export.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    est = sub.add_parser("estimate", help="peak training memory per GPU, as a breakdown")
+    _add_model_args(est)
+    est.add_argument("--batch", type=int, default=1, help="per-device micro-batch (default: %(default)s)")
+    est.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="default: %(default)s")
+    est.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
+    est.add_argument("--gpus", type=int, default=1, help="number of GPUs (default: %(default)s)")
+    est.add_argument("--sharding", default="none", choices=("none", "ddp", "fsdp"), help="default: %(default)s")
+    est.set_defaults(func=cmd_estimate)
+
+    rec = sub.add_parser("recommend", help="batch, accumulation, LR, warmup, precision, optimizer, with reasons")
+    _add_plan_args(rec)
+    rec.set_defaults(func=cmd_recommend)
+
+    exp = sub.add_parser("export", help="the plan as TrainingArguments JSON / YAML / Python / CLI flags")
+    _add_plan_args(exp)
+    exp.add_argument("--format", default="json", choices=("json", "yaml", "python", "cli"), help="default: %(default)s")
+    exp.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
+    exp.add_argument("--output-dir", default=None, help="TrainingArguments.output_dir (default: outputs/<model>)")
+    exp.add_argument("--transformers-version", default=None, help="write for this transformers version, e.g. 4.46 "
+                     "(default: the installed one)")
+    exp.set_defaults(func=cmd_export)
+
+    gpus = sub.add_parser("gpus", help="the GPU catalog")
+    gpus.add_argument("--json", action="store_true")
+    gpus.set_defaults(func=cmd_gpus)
+    models = sub.add_parser("models", help="the model catalog")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------- gathering
+def gather_estimate(args: argparse.Namespace) -> dict[str, Any]:
+    from .estimate import estimate_memory
+    from .model_spec import resolve_model
+    from .training_setup import TrainingSetup
+
+    spec = resolve_model(args.model)
+    seq = args.seq_len if args.seq_len is not None else min(2048, spec.max_position_embeddings)
+    if seq > spec.max_position_embeddings:
+        raise FinetuneHelperError("seq-len", f"{seq} exceeds the model's maximum of {spec.max_position_embeddings}")
+    setup = TrainingSetup(method=args.method, micro_batch_size=args.batch, seq_len=seq, dtype=args.dtype,
+                          optim=args.optim or "adamw_torch", gradient_checkpointing=args.gradient_checkpointing,
+                          lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                          attn_implementation=args.attn_implementation or spec.default_attn_implementation)
+    est = estimate_memory(spec, setup, gpus=args.gpus, sharding=args.sharding)
+    return {"model": spec.name, "model_type": spec.model_type, "method": args.method, "batch": args.batch,
+            "seq_len": seq, "dtype": args.dtype, "optim": setup.optim,
+            "gradient_checkpointing": args.gradient_checkpointing, **est.to_dict()}
+
+
+def gather_plan(args: argparse.Namespace):  # -> Plan
+    from .gpu_spec import resolve_gpu
+    from .model_spec import resolve_model
+    from .plan import PlanRequest, recommend_plan
+
+    spec = resolve_model(args.model)
+    gpu = resolve_gpu(args.gpu)
+    req = PlanRequest(model=spec, gpu=gpu, gpus=args.gpus, method=args.method, seq_len=args.seq_len,
+                      dataset_size=args.dataset_size, epochs=args.epochs, target_effective_batch=args.target_batch,
+                      optim=args.optim, lr_min=args.lr_min, lr_max=args.lr_max,
+                      gradient_checkpointing=args.gradient_checkpointing, safety_margin=args.safety_margin,
+                      lora_r=args.lora_r, lora_alpha=args.lora_alpha, attn_implementation=args.attn_implementation)
+    return recommend_plan(req)
+
+
+# ------------------------------------------------------------------------------------------- printing
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _breakdown_rows(breakdown: dict[str, int], total: int) -> list[list[str]]:
+    from .units import fmt_gib
+
+    rows = [[k, fmt_gib(v), f"{v / total:6.1%}" if total else "-"] for k, v in breakdown.items()]
+    rows.append(["total", fmt_gib(total), "100.0%"])
+    return rows
+
+
+def cmd_estimate(args: argparse.Namespace) -> None:
+    data = gather_estimate(args)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return
+    from .units import fmt_count, fmt_gib
+
+    print(f"{data['model']} ({data['model_type']}, {fmt_count(data['parameters'])} parameters, "
+          f"{fmt_count(data['trainable_parameters'])} trainable): {data['method']}, batch {data['batch']} x "
+          f"{data['seq_len']} tokens, {data['dtype']}, {data['optim']}, gradient checkpointing "
+          f"{'on' if data['gradient_checkpointing'] else 'off'}")
+    print()
+    print(_table(_breakdown_rows(data["breakdown"], data["total_bytes"]), ["peak memory per GPU", "GiB (2^30 B)", "share"]))
+    print()
+    act = {k.split(".", 1)[1]: v for k, v in data["details"].items() if k.startswith("activations.")}
+    if act:
+        print("activations: " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in act.items() if v))
+    print(f"predicted torch.cuda.max_memory_allocated: {fmt_gib(data['allocated_peak_bytes'])} "
+          f"(total less CUDA context and fragmentation)")
+
+
+def _print_plan(plan) -> None:
+    from .units import fmt_count, fmt_gib
+
+    d = plan.to_dict()
+    r = plan.request
+    print(f"{r.model.name} ({r.model.model_type}, {fmt_count(d['parameters'])} parameters, "
+          f"{fmt_count(d['trainable_parameters'])} trainable) on {r.gpus} x {r.gpu.describe()}, {r.method}, "
+          f"seq {d['seq_len']}")
+    print()
+    precision = "bf16" if plan.bf16 else "fp16"
+    rows = [
+        ["per_device_train_batch_size", plan.per_device_train_batch_size, plan.reasons["per_device_train_batch_size"]],
+        ["gradient_accumulation_steps", plan.gradient_accumulation_steps, plan.reasons["gradient_accumulation_steps"]],
+        ["effective_batch_size", plan.effective_batch_size, "per-device batch x accumulation x GPUs"],
+        ["learning_rate", f"{plan.learning_rate:.2e}", plan.reasons["learning_rate"]],
+        ["warmup_ratio", f"{plan.warmup_ratio:g}", plan.reasons["warmup_ratio"]],
+        ["lr_scheduler_type", plan.lr_scheduler_type, plan.reasons["lr_scheduler_type"]],
+        ["precision", precision, plan.reasons["precision"]],
+        ["optim", plan.optim, plan.reasons["optim"]],
+        ["gradient_checkpointing", plan.gradient_checkpointing, plan.reasons["gradient_checkpointing"]],
+        ["weight_decay", plan.weight_decay, plan.reasons["weight_decay"]],
+        ["max_grad_norm", plan.max_grad_norm, plan.reasons["max_grad_norm"]],
+        ["total_steps", plan.total_steps, plan.reasons["total_steps"]],
+    ]
+    if "distributed" in plan.reasons:
+        rows.append(["distributed", plan.distributed, plan.reasons["distributed"]])
+    print(_table(rows, ["setting", "value", "reason"]))
+    print()
+    print(_table(_breakdown_rows(d["breakdown"], d["peak_memory_bytes"]), ["peak memory per GPU", "GiB (2^30 B)", "share"]))
+    print()
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    print(f"{verdict}: {plan.reasons['fits']}")
+    for step in plan.escalation:
+        print(f"  tried {step.change}: {fmt_gib(step.peak_memory_bytes)} -> {'fits' if step.fits else 'does not fit'}")
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    plan = gather_plan(args)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        _print_plan(plan)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import render
+
+    plan = gather_plan(args)
+    output_dir = args.output_dir or f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
+    text = render(plan, args.format, output_dir=output_dir, version=args.transformers_version)
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as fh:
+                fh.write(text if text.endswith("\n") else text + "\n")
+        except OSError as exc:
+            raise FinetuneHelperError("output", f"cannot write {args.output}: {exc.strerror}") from exc
+        print(f"wrote {args.format} TrainingArguments to {args.output}", file=sys.stderr)
+    else:
+        print(text, end="" if text.endswith("\n") else "\n")
+
+
+def cmd_gpus(args: argparse.Namespace) -> None:
+    from .catalog import gpu_entries
+    from .units import MiB, fmt_gib
+
+    entries = gpu_entries()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return
+    rows = [[e["name"], fmt_gib(e["memory_mib"] * MiB), "yes" if e.get("bf16") else "no",
+             e.get("bf16_tflops") or e.get("fp16_tflops") or "-", ", ".join(e.get("aliases", [])[:3])] for e in entries]
+    print(_table(rows, ["GPU", "memory", "bf16", "TFLOP/s (dense bf16/fp16)", "aliases"]))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from .catalog import model_entries
+    from .model_spec import ModelSpec
+    from .units import fmt_count
+
+    rows, data = [], []
+    for e in model_entries():
+        spec = ModelSpec.from_config(e["config"], name=e["id"])
+        data.append({"id": e["id"], "aliases": e.get("aliases", []), "model_type": spec.model_type,
+                     "parameters": spec.num_parameters(), "max_position_embeddings": spec.max_position_embeddings,
+                     "source": e.get("source")})
+        rows.append([e["id"], spec.model_type, fmt_count(spec.num_parameters()), spec.num_hidden_layers,
+                     spec.hidden_size, spec.max_position_embeddings, ", ".join(e.get("aliases", [])[:2])])
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(_table(rows, ["model", "type", "params", "layers", "hidden", "max seq", "aliases"]))
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line_warning
+    try:
+        args.func(args)
+    except FinetuneHelperError as exc:
+        _fail(f"{_flag(exc.field)}: {exc.message}")
+    except BrokenPipeError:  # `finetune-helper models | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,15 @@
+"""The one error type the core raises for bad input.
+
+Front ends map it: the CLI prints ``error: <field>: <message>`` and exits 2, the app shows it.
+"""
+
+from __future__ import annotations
+
+
+class FinetuneHelperError(ValueError):
+    """Bad input, named by the field (CLI flag or setting) it came from."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")

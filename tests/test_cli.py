@@ -1,0 +1,127 @@
+"""The command line, run as a user runs it: a fresh process, real output, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "finetune_helper", *args], capture_output=True, text=True, env=ENV,
+                          timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_help_lists_commands():
+    out = run("--help").stdout
+    for cmd in ("estimate", "recommend", "export", "gpus", "models"):
+        assert cmd in out
+
+
+def test_recommend_table_and_json():
+    table = run("recommend", "--model", "llama-3.1-8b", "--gpu", "a100 80gb", "--method", "lora").stdout
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "warmup_ratio",
+                "FITS", "GiB"):
+        assert key in table
+    data = json.loads(run("recommend", "--model", "llama-3.1-8b", "--gpu", "a100 80gb", "--method", "lora",
+                          "--json").stdout)
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "effective_batch_size", "learning_rate",
+                "warmup_ratio", "gradient_checkpointing", "optim", "bf16", "fp16", "fits", "peak_memory_bytes",
+                "breakdown", "reasons"):
+        assert key in data
+    assert data["effective_batch_size"] == data["per_device_train_batch_size"] * data["gradient_accumulation_steps"]
+    assert set(data["reasons"]) >= {"per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                                    "warmup_ratio", "gradient_checkpointing", "optim", "precision"}
+
+
+def test_estimate_json_shape():
+    data = json.loads(run("estimate", "--model", "Qwen/Qwen2.5-7B", "--method", "qlora", "--batch", "2",
+                          "--seq-len", "1024", "--gradient-checkpointing", "--json").stdout)
+    assert {"parameters", "trainable_parameters", "breakdown", "total_bytes"} <= set(data)
+    assert {"weights", "gradients", "optimizer_states", "activations", "overhead"} <= set(data["breakdown"])
+    assert data["total_bytes"] == sum(data["breakdown"].values())
+    assert data["parameters"] == 7_615_616_512
+
+
+def test_export_writes_file(tmp_path: Path):
+    out = tmp_path / "args.yaml"
+    proc = run("export", "--model", "qwen2.5-0.5b", "--gpu", "24GB", "--format", "yaml", "-o", str(out))
+    assert out.is_file() and "learning_rate" in out.read_text()
+    assert str(out) in proc.stderr
+
+
+def test_catalog_listings():
+    assert "RTX 4090" in run("gpus").stdout
+    models = json.loads(run("models", "--json").stdout)
+    assert len(models) >= 25 and all(m["parameters"] > 0 for m in models)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "H1000"], "--gpu"),
+    (["recommend", "--model", "lama-3.1-8", "--gpu", "H100"], "--model"),
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "0GB"], "--gpu"),
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--seq-len", "0"], "--seq-len"),
+    (["recommend", "--model", "llama-3.2-1b", "--gpu", "H100", "--seq-len", "999999"], "--seq-len"),
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--lr-min", "1e-4", "--lr-max", "1e-5"], "--lr-min"),
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--batch-size", "3"], "--batch-size"),
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--lr-max", "fast"], "--lr-max"),
+    (["estimate", "--model", "llama-3.1-8b", "--batch", "x"], "--batch"),
+    (["estimate", "--model", "llama-3.1-8b", "--batch", "-2"], "--batch"),
+    (["estimate", "--model", "llama-3.1-8b", "--optim", "adam_magic"], "--optim"),
+    (["export", "--model", "llama-3.1-8b", "--gpu", "H100", "--format", "toml"], "--format"),
+    (["recommend", "--model", "/no/such/dir/or/model", "--gpu", "H100"], "--model"),
+    (["recommend", "--model", "some-org/not-in-catalog", "--gpu", "H100"], "--model"),
+])
+def test_bad_input_is_one_line_exit_2(args, flag):
+    proc = run(*args, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("finetune-helper: error: ") and flag in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_bare_size_warns_in_one_line():
+    proc = run("estimate", "--model", "7B")
+    assert "warning: --model 7B" in proc.stderr and "Traceback" not in proc.stderr
+
+
+CHECK_MODULES = """
+import sys, runpy
+sys.argv = ["finetune-helper", *{args!r}]
+try:
+    runpy.run_module("finetune_helper", run_name="__main__")
+except SystemExit:
+    pass
+heavy = sorted(m for m in ("torch", "transformers", "peft", "datasets", "accelerate") if m in sys.modules)
+print("HEAVY", heavy, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [
+    ["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--method", "qlora"],
+    ["estimate", "--model", "Qwen/Qwen2.5-72B", "--method", "lora", "--json"],
+    ["export", "--model", "gemma-2-2b", "--gpu", "L4", "--format", "python"],
+    ["export", "--model", "mistral-7b-v0.1", "--gpu", "24GB", "--format", "yaml"],
+])
+def test_core_commands_never_import_torch_or_transformers(args):
+    proc = subprocess.run([sys.executable, "-c", CHECK_MODULES.format(args=args)], capture_output=True, text=True,
+                          env=ENV, timeout=120)
+    assert "HEAVY []" in proc.stderr, proc.stderr
+
+
+def test_installed_entry_point():
+    exe = Path(sys.executable).parent / "finetune-helper"
+    assert exe.exists()
+    proc = subprocess.run([str(exe), "recommend", "--model", "smollm2-1.7b", "--gpu", "L4", "--json"],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["fits"] is True

@@ -1,0 +1,121 @@
+"""Weights, gradients and optimizer states against the bytes of real tensors of tiny models.
+
+The activation part of the estimate is proved in test_activations.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune_helper import measure
+from finetune_helper.estimate import estimate_memory, optimizer_state_bytes, weight_bytes
+from finetune_helper.model_spec import ModelSpec
+from finetune_helper.training_setup import TrainingSetup
+
+from .conftest import tiny_config
+
+torch = pytest.importorskip("torch")
+
+
+def train_one_step(model, optimizer, batch=2, seq=16):
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+
+
+def make_optimizer(name: str, params):
+    from transformers.optimization import Adafactor
+
+    params = [p for p in params if p.requires_grad]
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=1e-3)
+    if name == "adamw_torch_fused":
+        return torch.optim.AdamW(params, lr=1e-3, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=1e-3)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=1e-3)
+    if name == "adafactor":  # as the Trainer builds it for optim="adafactor"
+        return Adafactor(params, scale_parameter=False, relative_step=False, lr=1e-3)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gemma2", "phi3"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp16"])
+def test_full_finetune_bytes_are_exact(model_type, dtype):
+    config = tiny_config(model_type, tie_word_embeddings=model_type == "qwen2")
+    spec = ModelSpec.from_config(config)
+    attn = "eager" if model_type == "gemma2" else "sdpa"  # Gemma 2 has no SDPA path in transformers 5
+    setup = TrainingSetup(method="full", dtype=dtype, optim="adamw_torch", attn_implementation=attn)
+    # fp16 training keeps fp32 master weights (autocast), so the model is loaded in fp32
+    model = measure.build_model(config, dtype="fp32" if dtype == "fp16" else dtype,
+                                attn_implementation=attn)
+    assert measure.parameter_bytes(model) == sum(weight_bytes(spec, setup).values())
+    optimizer = make_optimizer("adamw_torch", model.parameters())
+    train_one_step(model, optimizer)
+    est = estimate_memory(spec, setup)
+    assert measure.gradient_bytes(model) == est.gradients
+    assert measure.optimizer_state_bytes(optimizer) == est.optimizer_states
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor"])
+def test_optimizer_states_are_exact(optim):
+    config = tiny_config("llama")
+    spec = ModelSpec.from_config(config)
+    model = measure.build_model(config, dtype="fp32")
+    optimizer = make_optimizer(optim, model.parameters())
+    train_one_step(model, optimizer)
+    assert measure.optimizer_state_bytes(optimizer) == optimizer_state_bytes(spec, TrainingSetup(dtype="fp32", optim=optim))
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ("q_proj", "v_proj")])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3"])
+def test_lora_bytes_are_exact(model_type, targets):
+    from peft import LoraConfig, get_peft_model
+
+    config = tiny_config(model_type)
+    spec = ModelSpec.from_config(config)
+    if model_type == "phi3" and targets != "all-linear":
+        targets = ("qkv_proj", "o_proj")
+    setup = TrainingSetup(method="lora", dtype="bf16", lora_r=8, lora_target_modules=targets)
+    model = measure.build_model(config, dtype="bf16")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets) if targets !=
+                                             "all-linear" else "all-linear", task_type="CAUSAL_LM"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == spec.lora_parameters(8, targets)
+    assert {p.dtype for p in trainable} == {torch.float32}  # PEFT's autocast_adapter_dtype
+    assert measure.parameter_bytes(model) == sum(weight_bytes(spec, setup).values())
+    optimizer = make_optimizer("adamw_torch", model.parameters())
+    train_one_step(model, optimizer)
+    est = estimate_memory(spec, setup)
+    assert measure.gradient_bytes(model) == est.gradients
+    assert measure.optimizer_state_bytes(optimizer) == est.optimizer_states
+
+
+def test_qlora_weights_use_nf4_with_scales():
+    spec = ModelSpec.from_config(tiny_config("llama", hidden_size=256, intermediate_size=768, head_dim=64))
+    parts = weight_bytes(spec, TrainingSetup(method="qlora", lora_r=8))
+    q = spec.linear_weight_parameters()
+    assert parts["nf4_weights"] == q // 2
+    blocks = q // 64
+    assert parts["nf4_block_scales"] == blocks + -(-blocks // 256) * 4  # 8-bit absmax + fp32 per 256 blocks
+    assert parts["base_weights"] == (spec.num_parameters() - q) * 2  # embeddings, lm_head, norms stay 16-bit
+    no_dq = weight_bytes(spec, TrainingSetup(method="qlora", lora_r=8, double_quant=False))
+    assert no_dq["nf4_block_scales"] == blocks * 4
+
+
+def test_breakdown_adds_up_and_sharding_divides():
+    spec = ModelSpec.from_config(tiny_config("llama", num_hidden_layers=8))
+    setup = TrainingSetup(micro_batch_size=2, seq_len=128)
+    one = estimate_memory(spec, setup)
+    assert one.total_bytes == sum(one.breakdown.values())
+    assert one.allocated_peak == one.total_bytes - one.overhead
+    fsdp = estimate_memory(spec, setup, gpus=4, sharding="fsdp")
+    assert fsdp.optimizer_states == -(-one.optimizer_states // 4)
+    assert fsdp.weights == -(-one.weights // 4)
+    assert fsdp.activations == one.activations
+    ddp = estimate_memory(spec, setup, gpus=4, sharding="ddp")
+    assert ddp.gradients == 2 * one.gradients  # DDP's bucket copy
