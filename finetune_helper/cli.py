@@ -169,7 +169,8 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     print()
     print(_table(_breakdown_rows(data["breakdown"], data["total_bytes"]), ["peak memory per GPU", "GiB (2^30 B)", "share"]))
     print()
-    act = {k.split(".", 1)[1]: v for k, v in data["details"].items() if k.startswith("activations.")}
+    act = {k.split(".", 1)[1]: v for k, v in data["details"].items()
+           if k.startswith("activations.") and k not in ("activations.saved", "activations.peak_extra")}
     if act:
         print("activations: " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in act.items() if v))
     print(f"predicted torch.cuda.max_memory_allocated: {fmt_gib(data['allocated_peak_bytes'])} "

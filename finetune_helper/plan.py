@@ -295,6 +295,8 @@ def scaled_learning_rate(req: PlanRequest, effective_batch: int, optim: str) -> 
     if lr != raw:
         bound = "--lr-max" if raw > req.lr_max else "--lr-min"
         reason += f"; clamped to {bound} {lr:.1e}"
+        if bound == "--lr-max" and req.method != "full" and req.lr_max < 1e-4:
+            reason += " (LoRA adapters usually train at 1e-4 to 3e-4: raise --lr-max to use the scaled value)"
     return lr, reason
 
 
@@ -376,8 +378,9 @@ def recommend_plan(req: PlanRequest) -> Plan:
                                    (opt, opt != optim_choices[0]), ("FSDP sharding", shard != sharding)) if on]
         reasons["per_device_train_batch_size"] = (
             f"1: without {' and '.join(changes)} even batch 1 exceeds the {fmt_gib(budget)} budget; with "
-            f"{'them' if len(changes) > 1 else 'it'} batch 1 needs {fmt_gib(est.total_bytes)} (up to {fallback_fit} "
-            f"would fit); accumulation reaches the target, as a bigger micro-batch adds little throughput at "
+            f"{'them' if len(changes) > 1 else 'it'} batch 1 needs {fmt_gib(est.total_bytes)}"
+            + (f" (up to {fallback_fit} would fit)" if fallback_fit > 1 else "")
+            + f"; accumulation reaches the target, as a bigger micro-batch adds little throughput at "
             f"{req.resolved_seq_len} tokens per sequence")
     elif fits:
         limit = (f"batch {micro + 1} would need {fmt_gib(nxt)}" if micro < cap else
