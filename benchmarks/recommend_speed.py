@@ -57,7 +57,7 @@ def main() -> None:
     py = sys.executable
     floor = cold([py, "-c", "pass"], args.runs)
     print(f"\ncold start, median of {args.runs} (2-core machine):")
-    print(f"  {'python -c pass':58s} {floor * 1e3:7.0f} ms")
+    print(f"  {'python -c pass':72s} {floor * 1e3:7.0f} ms")
     commands = {
         "recommend --model llama-3.1-8b --gpu a100-80gb --method lora":
             ["recommend", "--model", "llama-3.1-8b", "--gpu", "a100-80gb", "--method", "lora"],
@@ -68,9 +68,10 @@ def main() -> None:
     }
     for label, argv in commands.items():
         t = cold([py, "-m", "finetune_helper", *argv], args.runs)
-        print(f"  {'finetune-helper ' + label:58s} {t * 1e3:7.0f} ms  (+{(t - floor) * 1e3:.0f} ms over python)")
+        print(f"  {'finetune-helper ' + label:72s} {t * 1e3:7.0f} ms  (+{(t - floor) * 1e3:.0f} ms over python)")
     t = cold([py, "-c", "import torch"], max(1, args.runs // 2))
-    print(f"  {'python -c \"import torch\" (for scale)':58s} {t * 1e3:7.0f} ms")
+    label = 'python -c "import torch" (for scale)'
+    print(f"  {label:72s} {t * 1e3:7.0f} ms")
 
 
 if __name__ == "__main__":
