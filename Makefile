@@ -28,6 +28,9 @@ demo: setup
 	@echo
 	@echo "== finetune-helper export --format yaml (reads back with HfArgumentParser.parse_yaml_file) =="
 	$(VENV)/bin/finetune-helper export --model meta-llama/Llama-3.1-8B --gpu "RTX 4090" --method lora --dataset-size 20000 --epochs 2 --format yaml
+	@echo
+	@echo "== finetune-helper run recipes/tiny-demo.yaml: the embedded tiny default, offline, on the CPU =="
+	$(VENV)/bin/finetune-helper run recipes/tiny-demo.yaml --output-dir runs/tiny-demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(PY) -m pytest -q

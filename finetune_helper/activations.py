@@ -11,7 +11,31 @@ bitsandbytes ``MatMul4Bit``) and checked by measuring what ``torch.autograd.grap
 Notation: ``b`` micro batch, ``s`` sequence length, ``N = b*s`` tokens, ``h`` hidden, ``I`` intermediate, ``qd``
 = heads*head_dim, ``kvd`` = kv_heads*head_dim, ``nh`` heads, ``V`` vocabulary, ``r`` LoRA rank.  Byte widths:
 ``c`` the compute dtype of activations (2 for bf16/fp16, 4 for fp32) and ``res`` the residual stream dtype (equal
-to ``c`` except fp16 full fine-tuning, where fp32 weights under autocast keep the residual stream in fp32).
+to ``c`` except mixed-precision full fine-tuning, where fp32 weights under autocast keep the residual stream fp32).
+
+Precision is what the HF Trainer runs (``training_setup``): with ``bf16=True`` / ``fp16=True`` accelerate wraps
+the model's forward -- the loss included, since the model computes it from ``labels`` -- in ``torch.autocast(dtype)``
+(and converts the outputs to fp32 afterwards, after the loss: a logits-sized fp32 copy no backward keeps, freed
+with the outputs before ``backward``).  Autocast casts the inputs of its lower-precision ops (``linear``,
+``matmul``, ``scaled_dot_product_attention``) to ``dtype``: each op makes its own copy of an input of another
+dtype and saves that copy, and the first cast of a trainable leaf weight is cached until the autocast region ends
+(the linear saves the cached copy).  Casting a tensor that already has ``dtype`` is a no-op.  Per case (all
+measured, see the tests):
+
+* full fine-tuning, fp32 master weights under bf16 or fp16 autocast (the default; ``autocast_full`` below):
+  embeddings, residual stream, RMSNorms and rotary cos/sin are fp32 (``res`` = 4); every trainable linear saves
+  its own c-byte cast of its input (q, k and v each cast the same fp32 norm output) and the cached c-byte copy of
+  its weight, lm_head included; q/k come out of RoPE in fp32 (c-byte projection times fp32 cos) and SDPA saves
+  its own c-byte casts, so the attention and MLP terms keep width ``c``.  bf16 and fp16 measure byte-identical.
+* full fine-tuning with pure bf16 weights under bf16 autocast: every cast is a no-op and autocast changes nothing
+  (measured byte-identical to the same model without autocast, every architecture).  The ops autocast runs in
+  fp32 (CUDA's list: softmax, log_softmax, pow, rsqrt, nll_loss, cross_entropy...) already get fp32 inputs from
+  the modeling code (RMSNorm's ``.to(float32)``, eager softmax's ``dtype=float32``, the loss' ``logits.float()``).
+* LoRA / QLoRA with a bf16 / fp16 base under autocast: the frozen base and everything outside the adapters are as
+  without autocast (already in ``dtype``); each adapter gets PEFT's fp32 cast of its input, then autocast's c-byte
+  cast of that for lora_A (saved) and c-byte copies of A and B (saved): see ``lora_bytes``.  (Without autocast,
+  lora_A would save the fp32 cast instead: ~25% more than the Trainer really holds on a tiny Llama.)
+* fp32: no autocast.
 
 Rules autograd follows that decide most terms:
 
@@ -53,21 +77,23 @@ class ActivationEstimate:
     #: bytes saved for backward by all decoder layers, held from forward to backward (with gradient checkpointing:
     #: only what stays held, i.e. the checkpointed layer inputs).
     layers: int
-    #: extra bytes LoRA layers save (fp32 input casts, dropout masks/outputs, A outputs); 0 for full. Held like
-    #: ``layers`` (with checkpointing: 0, they are recomputed).
+    #: extra bytes LoRA layers save (under autocast: lora_A's c-byte input casts and copies of A and B, dropout
+    #: masks, A outputs; fp32: fp32 inputs); 0 for full. Held like ``layers`` (with checkpointing: 0, recomputed).
     lora: int
     #: held saved tensors outside the layers: token ids (embedding), rotary cos/sin, final norm.
     outside_layers: int
-    #: held saved tensors of the logits/loss path: lm_head input (and fp16 weight copy), the fp32 log-softmax of
-    #: cross-entropy, labels, Gemma-2 soft-capping tanh output.
+    #: held saved tensors of the logits/loss path: lm_head input (mixed precision: its c-byte cast, and the cached
+    #: c-byte copy of the lm_head weight), the fp32 log-softmax of cross-entropy, labels, Gemma-2 soft-capping
+    #: tanh output.
     logits: int
     #: with gradient checkpointing: the bytes one layer's recompute re-creates during backward (0 without).
     recompute: int
     #: short-lived peak on the logits path not held for backward: max(forward: logits + their fp32 copy,
     #: backward: the fp32 logits gradient coming out of nll_loss + the one log_softmax backward makes).
     logits_transient: int
-    #: fp16 full fine-tuning with checkpointing: autocast's cache of fp16 weight copies lives until the forward
-    #: (loss included) ends although no saved tensor holds it; 0 otherwise.
+    #: with checkpointing under autocast: autocast's cache of c-byte copies of the trainable layer weights (mixed-
+    #: precision full: every decoder linear; LoRA: the adapters' A and B) lives until the forward (loss included)
+    #: ends although no saved tensor outside the checkpoints holds it; 0 otherwise.
     autocast_cache: int = 0
 
     def saved(self) -> int:
@@ -79,7 +105,9 @@ class ActivationEstimate:
 
         Backward runs the loss / lm_head first and frees the logits gradients before the last decoder layer's
         backward (where checkpointing recomputes a layer), so the two do not coexist: the max, not the sum.  The
-        autocast weight cache is alive only during the forward, with the forward's logits transient.
+        autocast weight cache is alive only during the forward, with the forward's logits transient (accelerate's
+        fp32 conversion of the outputs runs after autocast exits, and its logits-sized fp32 copy is no larger
+        than the loss' own ``logits.float()``: it adds nothing to the max).
         """
         forward_logits = self.logits_transient * 6 // 8  # bf16 logits + fp32 copy vs the backward's 8 bytes/elem
         return max(self.recompute, self.logits_transient, forward_logits + self.autocast_cache)
@@ -168,11 +196,12 @@ def estimate_activations(spec: ModelSpec, setup: TrainingSetup, *, device: str =
     impl = _attn_impl(spec, setup)
 
     c = DTYPE_BYTES[setup.dtype]  # activations in the compute dtype
-    # fp16 full fine-tuning: fp32 master weights under fp16 autocast.  Embeddings, norms and residual adds run in
-    # fp32; every autocast op (linear, SDPA) casts its fp32 inputs to fp16 -- a new copy per op -- and autocast
-    # caches one fp16 copy of each trainable weight, which the linear saves.  LoRA/QLoRA in fp16 load the frozen
-    # base in fp16, so there only the (fp32) adapters go through autocast.
-    autocast_full = setup.dtype == "fp16" and full
+    # Mixed-precision full fine-tuning: fp32 master weights under bf16/fp16 autocast.  Embeddings, norms and
+    # residual adds run in fp32; every autocast op (linear, SDPA) casts its fp32 inputs to c bytes -- a new copy
+    # per op -- and autocast caches one c-byte copy of each trainable weight, which the linear saves.  Pure-bf16
+    # weights under bf16 autocast: all casts are no-ops (the plain bf16 model).  LoRA/QLoRA store the frozen base
+    # in the compute dtype, so there only the (fp32) adapters go through autocast casts (lora_bytes).
+    autocast_full = setup.autocast and full and not setup.pure_bf16
     res = _F32 if autocast_full else c
     mask_bytes = 1 if device == "cuda" else None  # dropout mask element size (None: input dtype, set below)
 
@@ -190,16 +219,16 @@ def estimate_activations(spec: ModelSpec, setup: TrainingSetup, *, device: str =
         n += _norm(N, h, input_grad=input_grad, trainable=full, gemma=gemma, in_bytes=res)
         n += (norms_per_layer - 1) * _norm(N, h, input_grad=True, trainable=full, gemma=gemma, in_bytes=res)
         # -- linear inputs (full: each trainable Linear saves its input for the weight gradient; q/k/v, and
-        # gate/up, read the same norm output, one storage.  Under fp16 autocast each Linear saves its own fp16 cast
-        # of the fp32 norm output, plus the cached fp16 weight copy).  QLoRA: bitsandbytes MatMul4Bit keeps its
+        # gate/up, read the same norm output, one storage.  Mixed precision: each Linear saves its own c-byte cast
+        # of the fp32 norm output, plus the cached c-byte weight copy).  QLoRA: bitsandbytes MatMul4Bit keeps its
         # input in ctx.tensors whenever the input requires grad -- held like full FT's, though saved_tensors_hooks
         # cannot see it.  LoRA: the frozen base linears save no input.
         n_attn_in = 1 if fused else 3
         n_mlp_in = 1 if fused else 2
         if full or setup.method == "qlora":
             if autocast_full:
-                n += (n_attn_in + n_mlp_in) * 2 * N * h
-                n += 2 * sum(lin.weight_numel for lin in spec.layer_linears())  # autocast fp16 weight copies
+                n += (n_attn_in + n_mlp_in) * c * N * h
+                n += c * sum(lin.weight_numel for lin in spec.layer_linears())  # autocast's weight copies
             else:
                 if input_grad:  # (QLoRA, first layer, no checkpointing: MatMul4Bit keeps nothing)
                     n += c * N * h  # attention input (the input_layernorm output)
@@ -269,7 +298,8 @@ def estimate_activations(spec: ModelSpec, setup: TrainingSetup, *, device: str =
         if not peft:
             return 0
         # the first layer's q/k/v adapters read the normed embeddings, which do not require grad without
-        # checkpointing: dropout on them saves no mask (lora_A still saves its input for A's gradient).
+        # checkpointing: dropout on them saves no mask, and lora_A saves no weight copy for an input gradient
+        # (it still saves its input for A's gradient).
         frozen_attn_input = first_layer and not gc
         r = setup.lora_r
         masked_eager_copy = impl == "eager" or fused  # o_proj input is its own contiguous copy
@@ -278,28 +308,32 @@ def estimate_activations(spec: ModelSpec, setup: TrainingSetup, *, device: str =
         n = 0
         shared_sites: set[str] = set()
         for lin in spec.lora_linears(setup.lora_target_modules):
-            fin = lin.in_features
-            if setup.dtype == "fp16":
-                # frozen base in fp16 under autocast: PEFT casts x to fp32 (adapter dtype), autocast casts it back
-                # to fp16 for lora_A, which saves that fp16 copy and the fp16 copy of A; lora_B saves the fp16 A
-                # output and the fp16 copy of B.  Dropout acts on the fp32 x: keeps its mask.
-                n += 2 * N * fin + 2 * r * fin + 2 * N * r + 2 * r * lin.out_features
-                if setup.lora_dropout > 0 and not (frozen_attn_input and site_of.get(lin.name) == "attn"):
-                    n += (mask_bytes or _F32) * N * fin
+            fin, fout = lin.in_features, lin.out_features
+            input_grad = not (frozen_attn_input and site_of.get(lin.name) == "attn")
+            if setup.autocast:
+                # bf16 / fp16 base under the Trainer's autocast: PEFT casts x to fp32 (the adapters' dtype,
+                # autocast_adapter_dtype=True) -- a copy per adapter -- and autocast casts it back to the compute
+                # dtype for lora_A (another copy per adapter), which saves that copy (c*N*fin, for A's gradient)
+                # and, when its input requires grad, autocast's cached c-byte copy of A (c*r*fin).  lora_B saves
+                # the c-byte A output (c*N*r) and the cached copy of B (c*r*fout; A's output requires grad).  The
+                # fp32 cast itself is saved by nothing: freed after lora_A.  Dropout acts on the fp32 cast and
+                # saves its mask (CUDA bool, CPU fp32); lora_A then saves the c-byte cast of dropout's output.
+                n += c * N * fin + c * N * r + c * r * fout
+                if input_grad:
+                    n += c * r * fin
+                    if setup.lora_dropout > 0:
+                        n += (mask_bytes or _F32) * N * fin
                 continue
+            # fp32: no autocast, no casts.
             if setup.lora_dropout > 0:
-                # lora_dropout(x) on the fp32 input: saves its mask (CUDA bool, CPU input dtype) and its output is
-                # what lora_A saves (fp32, a new tensor per adapter).
+                # lora_dropout(x): saves its mask (CUDA bool, CPU input dtype) and its output is what lora_A saves
+                # (fp32, a new tensor per adapter).
                 n += _F32 * N * fin
-                if not (frozen_attn_input and site_of.get(lin.name) == "attn"):
+                if input_grad:
                     n += (mask_bytes or _F32) * N * fin
-            elif setup.dtype == "bf16":
-                # x.to(fp32) (autocast_adapter_dtype=True keeps adapters fp32): each adapter makes its own fp32 copy
-                # of its input -- q, k and v each copy the same normed hidden states -- and lora_A saves it.
-                n += _F32 * N * fin
             else:
-                # fp32: no cast; lora_A saves its input itself, shared by adapters reading the same tensor (q/k/v,
-                # gate/up); o_proj's input is SDPA's saved output (already counted) unless it is a copy.
+                # lora_A saves its input itself, shared by adapters reading the same tensor (q/k/v, gate/up);
+                # o_proj's input is SDPA's saved output (already counted) unless it is a copy.
                 site = site_of.get(lin.name, lin.name)
                 if site not in shared_sites:
                     shared_sites.add(site)
@@ -314,8 +348,10 @@ def estimate_activations(spec: ModelSpec, setup: TrainingSetup, *, device: str =
     outside = 0
     if full:
         outside += _ID_BYTES * N  # nn.Embedding saves the token ids for its weight gradient
-    if spec.model_type.startswith("gemma") and (full or gc):
-        outside += c  # embeddings * normalizer: the 0-dim normalizer tensor (input requires grad)
+    if spec.model_type.startswith("gemma") and full:
+        # Gemma scales the embeddings inside the embedding module (0-dim normalizer saved for the weight gradient);
+        # LoRA + checkpointing makes only the scaled output require grad (enable_input_require_grads): no save.
+        outside += res
     if not gc:
         # rotary cos/sin, (1, s, rotary_dim) in the embeddings' dtype, saved by RoPE's q*cos / rotate_half(q)*sin;
         # shared by all layers.  Gemma 3 has a local and a global rotary embedding.  With checkpointing no op
@@ -329,15 +365,17 @@ def estimate_activations(spec: ModelSpec, setup: TrainingSetup, *, device: str =
     logits = 0
     if full:
         if autocast_full:
-            logits += 2 * N * h + 2 * V * h  # fp16 cast of the final norm output + fp16 copy of lm_head weight
+            logits += c * N * h + c * V * h  # c-byte cast of the final norm output + cached copy of lm_head weight
         else:
             logits += c * N * h  # lm_head saves its input (the final norm output) for its weight gradient
     # (LoRA/QLoRA: lm_head is frozen and not quantized: saves no input.)
     if spec.final_logit_softcapping:
         logits += c * N * V  # Gemma 2: tanh(logits / cap) saves its output
     # ForCausalLMLoss: logits.float() (no save) -> cross_entropy = log_softmax (saves its fp32 output, N*V*4)
-    # + nll_loss (saves the same output, the shifted int64 labels and a 0-dim fp32 total_weight).
-    logits += _F32 * N * V + _ID_BYTES * N + _F32
+    # + nll_loss (saves the same output, the shifted int64 labels and a 0-dim fp32 total_weight).  The labels are
+    # ``pad(labels, (0, 1))[..., 1:].contiguous()``: with one sequence the slice is contiguous already, a view of
+    # the padded b*(s+1) storage.
+    logits += _F32 * N * V + _ID_BYTES * (N + (1 if b == 1 else 0)) + _F32
     # Transient: forward holds the logits (c) and their fp32 copy (4, none when already fp32) while log_softmax
     # writes its output; backward holds nll_loss's fp32 gradient (4) and log_softmax's fp32 input gradient (4).
     logits_transient = max((c + (_F32 if c != _F32 else 0)), 2 * _F32) * N * V
@@ -350,7 +388,13 @@ def estimate_activations(spec: ModelSpec, setup: TrainingSetup, *, device: str =
         layers_held = L * res * N * h
         recompute = max(layer_bytes(False, t) for t in layer_types) + lora_bytes(False)
         lora_held = 0
-        autocast_cache = 2 * spec.linear_weight_parameters() if autocast_full else 0
+        if autocast_full:
+            autocast_cache = c * spec.linear_weight_parameters()
+        elif peft and setup.autocast:
+            autocast_cache = L * c * setup.lora_r * sum(lin.in_features + lin.out_features
+                                                        for lin in spec.lora_linears(setup.lora_target_modules))
+        else:
+            autocast_cache = 0
     else:
         layers_held = sum(per_layer_base)
         lora_held = sum(per_layer_lora)

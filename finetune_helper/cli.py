@@ -28,8 +28,14 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
+#: error fields that name a recipe setting (``data.path``) or the recipe itself rather than a command-line flag
+_RECIPE_FIELDS = ("recipe", "override", "training", "seed", "output_dir")
+
+
 def _flag(field: str) -> str:
-    return field if field.startswith("-") or " " in field else f"--{field.replace('_', '-')}"
+    if field.startswith("-") or " " in field or "." in field or field in _RECIPE_FIELDS:
+        return field
+    return f"--{field.replace('_', '-')}"
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -77,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--batch", type=int, default=1, help="per-device micro-batch (default: %(default)s)")
     est.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="default: %(default)s")
     est.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
+    est.add_argument("--weights-dtype", default=None, choices=("bf16", "fp32"), help="full fine-tuning's weight "
+                     "storage (default: fp32 masters under bf16/fp16 autocast; bf16 = pure-bf16 training)")
     est.add_argument("--gpus", type=int, default=1, help="number of GPUs (default: %(default)s)")
-    est.add_argument("--sharding", default="none", choices=("none", "ddp", "fsdp"), help="default: %(default)s")
+    est.add_argument("--sharding", default=None, choices=("none", "ddp", "fsdp"),
+                     help="default: ddp when --gpus > 1, else none")
     est.set_defaults(func=cmd_estimate)
 
     rec = sub.add_parser("recommend", help="batch, accumulation, LR, warmup, precision, optimizer, with reasons")
@@ -94,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the installed one)")
     exp.set_defaults(func=cmd_export)
 
+    val = sub.add_parser("validate", help="check a recipe file (and its overrides) without training")
+    val.add_argument("recipe", help="a recipe YAML (see recipes/)")
+    val.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.max_steps=20")
+    val.set_defaults(func=cmd_validate)
+
+    run = sub.add_parser("run", help="fine-tune from a recipe: recommend, write the run folder, train")
+    run.add_argument("recipe", help="a recipe YAML (see recipes/)")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="dotted overrides, e.g. training.max_steps=20 data.path=my.jsonl")
+    run.add_argument("--output-dir", default=None, help="run folder (default: the recipe's output_dir or runs/<name>)")
+    run.add_argument("--dry-run", action="store_true", help="write plan.json, training_args.json, recipe.yaml; stop")
+    run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    run.set_defaults(func=cmd_run)
+
     gpus = sub.add_parser("gpus", help="the GPU catalog")
     gpus.add_argument("--json", action="store_true")
     gpus.set_defaults(func=cmd_gpus)
@@ -107,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 def gather_estimate(args: argparse.Namespace) -> dict[str, Any]:
     from .estimate import estimate_memory
     from .model_spec import resolve_model
+    from .plan import DEFAULT_OPTIM
     from .training_setup import TrainingSetup
 
     spec = resolve_model(args.model)
@@ -114,10 +138,11 @@ def gather_estimate(args: argparse.Namespace) -> dict[str, Any]:
     if seq > spec.max_position_embeddings:
         raise FinetuneHelperError("seq-len", f"{seq} exceeds the model's maximum of {spec.max_position_embeddings}")
     setup = TrainingSetup(method=args.method, micro_batch_size=args.batch, seq_len=seq, dtype=args.dtype,
-                          optim=args.optim or "adamw_torch", gradient_checkpointing=args.gradient_checkpointing,
-                          lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                          optim=args.optim or DEFAULT_OPTIM, gradient_checkpointing=args.gradient_checkpointing,
+                          lora_r=args.lora_r, lora_alpha=args.lora_alpha, weights_dtype=args.weights_dtype,
                           attn_implementation=args.attn_implementation or spec.default_attn_implementation)
-    est = estimate_memory(spec, setup, gpus=args.gpus, sharding=args.sharding)
+    sharding = args.sharding or ("ddp" if args.gpus > 1 else "none")
+    est = estimate_memory(spec, setup, gpus=args.gpus, sharding=sharding)
     return {"model": spec.name, "model_type": spec.model_type, "method": args.method, "batch": args.batch,
             "seq_len": seq, "dtype": args.dtype, "optim": setup.optim,
             "gradient_checkpointing": args.gradient_checkpointing, **est.to_dict()}
@@ -238,6 +263,35 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(text, end="" if text.endswith("\n") else "\n")
 
 
+def cmd_validate(args: argparse.Namespace) -> None:
+    from .recipe import check_references, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    notes = check_references(recipe)
+    print(f"{args.recipe}: ok ({recipe.model.name}, {recipe.method.type}, data {recipe.data.path}, "
+          f"gpu {recipe.hardware.gpu} x {recipe.hardware.gpus})")
+    for note in notes:
+        print(f"  note: {note}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import RunStopped, format_summary, run
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        result = run(args.recipe, args.overrides, output_dir=args.output_dir, dry_run=args.dry_run,
+                     resume=args.resume, log=log)
+    except RunStopped as stop:
+        print(f"{PROG}: stopped: {stop}", file=sys.stderr)
+        return stop.code
+    if result.summary.get("status") == "done":
+        print()
+        print(format_summary(result.summary))
+    return result.exit_code
+
+
 def cmd_gpus(args: argparse.Namespace) -> None:
     from .catalog import gpu_entries
     from .units import MiB, fmt_gib
@@ -273,19 +327,26 @@ def cmd_models(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `run RECIPE --dry-run key=value`: overrides may follow the flags, which argparse's subparsers cannot interleave
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) in ("run", "validate") and all("=" in e and not e.startswith("-")
+                                                                      for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
         print(f"{PROG}: warning: {message}", file=sys.stderr)
 
     warnings.showwarning = one_line_warning
     try:
-        args.func(args)
+        code = args.func(args)
     except FinetuneHelperError as exc:
         _fail(f"{_flag(exc.field)}: {exc.message}")
     except BrokenPipeError:  # `finetune-helper models | head`
         return 0
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":  # pragma: no cover

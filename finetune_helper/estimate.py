@@ -98,7 +98,7 @@ def weight_bytes(spec: ModelSpec, setup: TrainingSetup) -> dict[str, int]:
     n = spec.num_parameters()
     if setup.method == "full":
         return {"base_weights": n * setup.master_bytes}
-    base_dtype = DTYPE_BYTES[setup.dtype] if setup.dtype != "fp16" else 2  # LoRA bases load in fp16 for fp16 runs
+    base_dtype = DTYPE_BYTES[setup.dtype]  # the frozen base is loaded in the compute dtype
     parts: dict[str, int] = {}
     if setup.method == "qlora":
         quantized = spec.linear_weight_parameters()
@@ -126,7 +126,8 @@ def optimizer_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> int:
     info = OPTIMIZERS[setup.optim]
     n, tensors, elem = trainable(spec, setup)
     state_elem = info.state_bytes if info.state_bytes is not None else elem
-    if info.factored:  # Adafactor: rows + cols per matrix, full size for vectors
+    if info.factored:  # Adafactor: rows + cols per matrix, full size for vectors, always fp32 (it upcasts grads)
+        state_elem = 4
         if setup.method == "full":
             per_layer = sum(lin.in_features + lin.out_features + (lin.out_features if lin.bias else 0)
                             for lin in spec.layer_linears()) + spec.layer_norm_parameters()
@@ -168,9 +169,10 @@ def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sha
     shards = gpus if sharding == "fsdp" else 1
     if sharding == "fsdp" and gpus > 1:
         # FULL_SHARD keeps 1/N of everything; a layer's full weights are all-gathered for its forward/backward, and
-        # the next one is prefetched (torch FSDP backward_prefetch=BACKWARD_PRE), so two layers are unsharded at once.
+        # the next one is prefetched (torch FSDP backward_prefetch=BACKWARD_PRE), so two layers are unsharded at once,
+        # gathered in the compute dtype under mixed precision (FSDP MixedPrecision param_dtype).
         layer_weights = (spec.layer_linear_parameters() + spec.layer_norm_parameters()) * (
-            setup.master_bytes if setup.method == "full" else 2)
+            2 if setup.autocast else 4)
         gathered = 2 * layer_weights
         details["fsdp_gathered_layers"] = gathered
         transient += gathered

@@ -80,7 +80,7 @@ def detect_gpu() -> GPUSpec:
     return GPUSpec(
         name=props.name,
         memory_bytes=int(props.total_memory),
-        bf16=bool(torch.cuda.is_bf16_supported()),
+        bf16=bool(torch.cuda.is_bf16_supported(including_emulation=False)),  # T4/V100 only emulate bf16
         peak_tflops=(entry or {}).get("bf16_tflops"),
         source="detected with torch.cuda.get_device_properties(0)",
     )

@@ -11,6 +11,13 @@ parameters (an ``nn.Linear`` saves its weight, which costs nothing extra).  A ba
 exist for ``gradient_bytes``.  With non-reentrant gradient checkpointing (transformers 5's default) the tensors
 saved inside a checkpointed layer are packed by torch's own, inner hook and never reach ours: what we count is
 what stays held from forward to backward (the layer inputs), not the one-layer recompute peak.
+
+Precision as the HF Trainer runs it (``model_for_setup``): with ``bf16=True`` / ``fp16=True`` accelerate wraps the
+model's forward -- which computes the loss from ``labels`` -- in ``torch.autocast(device, dtype)`` (``Accelerator.
+prepare_model``; its ``convert_outputs_to_fp32`` runs after the loss and saves nothing), so ``saved_tensor_report``
+runs the forward and loss under ``torch.autocast("cpu", dtype)`` for a model built with a bf16 / fp16 ``dtype``.
+CPU autocast casts the same lower-precision ops as CUDA (linear, matmul, SDPA); its fp32 op list is shorter than
+CUDA's, but the modeling code already hands those ops (softmax, log_softmax, RMSNorm's pow/rsqrt) fp32 inputs.
 """
 
 from __future__ import annotations
@@ -19,35 +26,65 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-#: training precision -> (parameter dtype name, autocast dtype name or None); see ``training_setup`` for semantics.
-_PRECISION = {"bf16": ("bfloat16", None), "fp16": ("float32", "float16"), "fp32": ("float32", None)}
+#: ``TrainingSetup`` precision names -> torch dtype names.
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _torch_dtype(name: str):
     import torch
 
-    return getattr(torch, name)
+    return getattr(torch, _DTYPES.get(name, name))
 
 
-def build_model(config: dict[str, Any], dtype: str = "bf16", attn_implementation: str = "sdpa", seed: int = 0):
+def build_model(config: dict[str, Any], dtype: str = "bf16", attn_implementation: str = "sdpa", seed: int = 0,
+                weights_dtype: str | None = None, autocast: bool = True):
     """A randomly initialised ``AutoModelForCausalLM`` from a config dict, on CPU, in train mode.
 
-    ``dtype`` follows ``TrainingSetup``: ``bf16`` stores the weights in bfloat16; ``fp16`` keeps fp32 weights and
-    marks the model so ``saved_tensor_bytes`` runs the step under fp16 autocast; ``fp32`` is fp32 throughout.
+    ``dtype`` is the compute precision, as Trainer ``bf16=True`` / ``fp16=True`` / neither: with ``autocast`` (the
+    Trainer's behaviour: accelerate wraps the forward in ``torch.autocast(dtype)``) ``saved_tensor_report`` runs
+    the forward, loss included, under ``torch.autocast("cpu", dtype)`` when ``dtype`` is bf16 / fp16.
+    ``weights_dtype`` is the storage of the weights: None means ``dtype`` for bf16 / fp32 and fp32 for fp16
+    (fp16 training always keeps fp32 masters).  Mixed-precision full fine-tuning (the default of
+    ``TrainingSetup(method="full", dtype="bf16")``) is ``weights_dtype="fp32"``; LoRA / QLoRA bases are stored in
+    ``dtype`` (``weights_dtype=dtype``; PEFT keeps the adapters fp32).  ``model_for_setup`` applies those rules.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if dtype not in _PRECISION:
-        raise ValueError(f"dtype must be one of {sorted(_PRECISION)}, got {dtype!r}")
-    param_dtype, autocast = _PRECISION[dtype]
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if weights_dtype is None:
+        weights_dtype = "fp32" if dtype == "fp16" else dtype
+    if weights_dtype not in _DTYPES:
+        raise ValueError(f"weights_dtype must be one of {sorted(_DTYPES)}, got {weights_dtype!r}")
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures")}
     tf_config = AutoConfig.for_model(config["model_type"], **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tf_config, attn_implementation=attn_implementation,
-                                             dtype=_torch_dtype(param_dtype))
+                                             dtype=_torch_dtype(weights_dtype))
     model.train()
-    model._finetune_helper_autocast = autocast  # read by saved_tensor_bytes
+    # read by saved_tensor_report: the autocast dtype name, None for no autocast
+    model._finetune_helper_autocast = _DTYPES[dtype] if autocast and dtype != "fp32" else None
+    return model
+
+
+def model_for_setup(config: dict[str, Any], setup, seed: int = 0):
+    """The model the HF Trainer trains for a ``TrainingSetup`` (``method`` full / lora; QLoRA's NF4 base needs
+    bitsandbytes on CUDA and is not built here): weights stored per ``setup`` (full: fp32 masters unless
+    ``weights_dtype="bf16"``; LoRA: the base in ``dtype``, PEFT's fp32 adapters), forward under autocast when
+    ``setup.autocast``."""
+    if setup.method == "qlora":
+        raise ValueError("QLoRA (bitsandbytes NF4) cannot be built on CPU")
+    if setup.method == "full":
+        weights = "fp32" if setup.master_bytes == 4 else "bf16"
+    else:
+        weights = setup.dtype
+    model = build_model(config, dtype=setup.dtype, attn_implementation=setup.attn_implementation, seed=seed,
+                        weights_dtype=weights, autocast=setup.autocast)
+    if setup.method == "lora":
+        model = apply_lora(model, r=setup.lora_r, dropout=setup.lora_dropout, alpha=setup.lora_alpha,
+                           target_modules=setup.lora_target_modules if isinstance(setup.lora_target_modules, str)
+                           else list(setup.lora_target_modules))
     return model
 
 
@@ -200,7 +237,7 @@ def saved_tensor_report(model, batch_size: int, seq_len: int, *, gradient_checkp
     autocast = getattr(model, "_finetune_helper_autocast", None)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            if autocast:
+            if autocast:  # the Trainer: accelerate's autocast around the whole forward, loss included
                 with torch.autocast("cpu", dtype=_torch_dtype(autocast)):
                     out = model(**batch)
             else:

@@ -81,6 +81,9 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config: dict[str, Any], name: str | None = None, origin: str = "catalog") -> ModelSpec:
         """Read a transformers ``config.json`` dict, with the config class's defaults for missing keys."""
+        if not isinstance(config, dict):
+            raise FinetuneHelperError("model", f"{name or 'config.json'}: config must be a JSON object, got "
+                                      f"{type(config).__name__}")
         if "text_config" in config and "hidden_size" not in config:  # multimodal wrapper: train its text model
             config = {**config["text_config"], "tie_word_embeddings": config.get("tie_word_embeddings", True)}
         model_type = config.get("model_type")
@@ -97,13 +100,19 @@ class ModelSpec:
                           "parameters counted exactly on the meta device, activations estimated as a Llama-like "
                           "decoder", UserWarning, stacklevel=2)
 
-        def need(key: str) -> Any:
-            if key not in config or config[key] is None:
-                raise FinetuneHelperError("model", f"{name}: config.json ({model_type}) has no {key}")
-            return config[key]
+        def need(key: str, required: bool = True) -> Any:
+            value = config.get(key)
+            if value is None:
+                if required:
+                    raise FinetuneHelperError("model", f"{name}: config.json ({model_type}) has no {key}")
+                return None
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise FinetuneHelperError("model", f"{name}: config {key} must be a positive integer, got {value!r}")
+            return value
 
         hidden, heads = need("hidden_size"), need("num_attention_heads")
-        kv = config.get("num_key_value_heads") or heads
+        kv = need("num_key_value_heads", required=False) or heads
+        need("head_dim", required=False)
         head_dim = config.get("head_dim") or (traits.default_head_dim if traits else None) or hidden // heads
 
         def flag(rule: bool | str) -> bool:
@@ -371,7 +380,10 @@ def _fetch_hub_config(repo_id: str) -> dict[str, Any]:
         raise FinetuneHelperError("model", f"{repo_id} is not in the catalog and huggingface_hub is missing; "
                                   + alternatives) from exc
     try:
-        path = hf_hub_download(repo_id, "config.json")
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # one line from us, not the hub client's retry warnings
+        path = hf_hub_download(repo_id, "config.json", etag_timeout=5)
     except Exception as exc:  # offline, gated, missing: all end the same way for the user
         hint = catalog.suggest(repo_id, "models")
         reason = type(exc).__name__

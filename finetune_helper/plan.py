@@ -89,17 +89,22 @@ class PlanRequest:
                                           f"{self.model.max_position_embeddings} (max_position_embeddings)")
         if self.dataset_size is not None and (not isinstance(self.dataset_size, int) or self.dataset_size <= 0):
             raise FinetuneHelperError("dataset-size", f"must be a positive integer, got {self.dataset_size!r}")
-        if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            raise FinetuneHelperError("epochs", f"must be > 0, got {self.epochs!r}")
+        if not (isinstance(self.epochs, (int, float)) and 0 < self.epochs < 1e6):
+            raise FinetuneHelperError("epochs", f"must be a number > 0 (and < 1e6), got {self.epochs!r}")
         if not isinstance(self.target_effective_batch, int) or self.target_effective_batch <= 0:
             raise FinetuneHelperError("target-batch", f"must be a positive integer, got {self.target_effective_batch!r}")
+        if self.target_effective_batch > 10**7:
+            raise FinetuneHelperError("target-batch", f"{self.target_effective_batch} sequences per step is not a "
+                                      "fine-tuning batch; use at most 10^7")
+        if not isinstance(self.lora_alpha, (int, float)) or not 0 < self.lora_alpha < 1e6:
+            raise FinetuneHelperError("lora-alpha", f"must be a positive number, got {self.lora_alpha!r}")
         for name in ("lr_min", "lr_max"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < 1):
                 raise FinetuneHelperError(name.replace("_", "-"), f"must be a number in (0, 1), got {value!r}")
         if self.lr_min > self.lr_max:
             raise FinetuneHelperError("lr-min", f"{self.lr_min:g} is above --lr-max {self.lr_max:g}; swap them")
-        if not 0 <= self.safety_margin < 0.9:
+        if not (isinstance(self.safety_margin, (int, float)) and 0 <= self.safety_margin < 0.9):
             raise FinetuneHelperError("safety-margin", f"must be in [0, 0.9), got {self.safety_margin!r}")
         if self.optim is not None and self.optim not in OPTIMIZERS:
             raise FinetuneHelperError("optim", f"{self.optim!r} is not supported; choose from {', '.join(OPTIMIZERS)}")
@@ -188,6 +193,8 @@ class Plan:
             "bf16": self.bf16,
             "fp16": self.fp16,
             "gradient_checkpointing": self.gradient_checkpointing,
+            # FSDP plans: shard every decoder layer (transformers wraps the model's _no_split_modules)
+            **({"fsdp": "full_shard auto_wrap"} if self.distributed == "fsdp" else {}),
         }
 
     def to_training_arguments(self, output_dir: str, **overrides: Any) -> Any:
@@ -290,13 +297,20 @@ def scaled_learning_rate(req: PlanRequest, effective_batch: int, optim: str) -> 
     else:
         raw = ref["learning_rate"] * math.sqrt(ratio)
         rule = f"square-root rule (Adam family): {ref['learning_rate']:.1e} x sqrt({effective_batch}/{ref['effective_batch']})"
+    if req.method != "full" and "lora_alpha" in ref:
+        # The adapter's update to W is scaled by alpha/r (Hu et al. 2021, sec. 4.1: tuning alpha is roughly tuning
+        # the learning rate), so a reference taken at another alpha/r is rescaled to ours.
+        factor = (ref["lora_alpha"] / ref["lora_r"]) / (req.lora_alpha / req.lora_r)
+        raw *= factor
+        rule += (f" x (alpha/r {ref['lora_alpha']}/{ref['lora_r']} of the reference / {req.lora_alpha}/{req.lora_r} "
+                 f"here = {factor:.3g})")
     lr = min(max(raw, req.lr_min), req.lr_max)
     reason = f"{rule} = {raw:.2e}; reference {ref['learning_rate']:.0e} at batch {ref['effective_batch']} ({ref['source']})"
     if lr != raw:
         bound = "--lr-max" if raw > req.lr_max else "--lr-min"
         reason += f"; clamped to {bound} {lr:.1e}"
-        if bound == "--lr-max" and req.method != "full" and req.lr_max < 1e-4:
-            reason += " (LoRA adapters usually train at 1e-4 to 3e-4: raise --lr-max to use the scaled value)"
+        if raw > 2 * lr or raw < lr / 2:
+            reason += f" (the rule asks for {raw:.1e}: widen the bounds to use it)"
     return lr, reason
 
 
@@ -314,7 +328,8 @@ def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int) -
         ratio = WARMUP_MAX
         why.append(f"capped at {WARMUP_MAX:.0%}")
     ratio = round(ratio, 4)
-    return ratio, "; ".join(why) + f" -> {ratio:.2%} = {math.ceil(ratio * total_steps)} steps"
+    n = math.ceil(ratio * total_steps)
+    return ratio, "; ".join(why) + f" -> {ratio:.2%} = {n} step{'s' if n != 1 else ''}"
 
 
 def recommend_plan(req: PlanRequest) -> Plan:
@@ -324,28 +339,32 @@ def recommend_plan(req: PlanRequest) -> Plan:
                             if dtype == "bf16" else
                             f"fp16 mixed precision: {req.gpu.name} has no bfloat16 (pre-Ampere); fp32 master weights "
                             "and loss scaling")
-    target = req.target_effective_batch
+    dataset = req.dataset_size or ASSUMED_DATASET_SIZE
+    target = min(req.target_effective_batch, dataset)  # a batch larger than the data would be one partial step
     cap = max(1, min(MAX_MICRO_BATCH, math.ceil(target / req.gpus)))
     budget = req.budget_bytes
-    sharding = "ddp" if req.gpus > 1 else None
+    multi = req.gpus > 1
     optim = req.optim or DEFAULT_OPTIM
 
-    # Try the cheapest configuration first: no checkpointing, the chosen optimizer.
-    options = []
+    # Cheapest first; each later option is a fallback that costs speed (checkpointing ~30% compute, FSDP
+    # communication) or precision (8-bit states). On several GPUs, full fine-tuning shards before it recomputes;
+    # LoRA (small gradients and states) recomputes before it shards.
     gc_choices = [req.gradient_checkpointing] if req.gradient_checkpointing is not None else [False, True]
-    optim_choices = [optim] if req.optim or is_eight_bit(optim) else [optim, EIGHT_BIT_FALLBACK]
+    optim_choices = [optim] if req.optim else [optim, EIGHT_BIT_FALLBACK]
+    shard_choices = ["ddp", "fsdp"] if multi else ["none"]
+    options: list[tuple[bool, str, str]] = []
     for opt in optim_choices:
-        for gc in gc_choices:
-            options.append((gc, opt, sharding))
-    if req.gpus > 1 and req.method == "full":  # full fine-tuning on several GPUs may need FSDP sharding
-        options += [(gc, opt, "fsdp") for opt in optim_choices for gc in gc_choices]
+        if req.method == "full":
+            options += [(gc, opt, shard) for gc in gc_choices for shard in shard_choices]
+        else:
+            options += [(gc, opt, shard) for shard in shard_choices for gc in gc_choices]
     chosen = None
     fallback_fit = 0  # largest micro-batch the memory-saving fallback would allow (reported, not used)
     for index, (gc, opt, shard) in enumerate(options):
         micro = _largest_batch(req, gc, opt, shard, cap)
         if micro:
             if index > 0:
-                # A fallback (checkpointing, 8-bit states, FSDP) was needed to fit batch 1 at all. Stay at micro-batch
+                # A fallback (checkpointing, FSDP, 8-bit states) was needed to fit batch 1 at all. Stay at micro-batch
                 # 1 and reach the target by accumulation: the sequence already fills the GPU's matmuls, and a larger
                 # GPU (which needs no fallback) must never be told to use a smaller micro-batch than a smaller GPU.
                 fallback_fit, micro = micro, 1
@@ -355,27 +374,27 @@ def recommend_plan(req: PlanRequest) -> Plan:
     escalation: tuple[Escalation, ...] = ()
     if chosen is None:
         fits = False
-        gc = True if req.gradient_checkpointing is None else req.gradient_checkpointing
-        opt = optim_choices[-1]
-        shard = "fsdp" if req.gpus > 1 and req.method == "full" else sharding
+        gc, opt, shard = options[-1]
         micro = 1
         escalation = _escalate(req, opt)
         first = next((e for e in escalation if e.fits), None)
         est = _estimate(req, 1, gc, opt, sharding=shard)
-        reasons["fits"] = (f"even batch 1 needs {fmt_gib(est.total_bytes)} > {fmt_gib(budget)} budget with gradient "
-                           f"checkpointing and {opt}; smallest change that fits: "
+        tried = ", ".join(x for x in ("gradient checkpointing" if gc else "", opt,
+                                      "FSDP sharding" if shard == "fsdp" else "") if x)
+        reasons["fits"] = (f"even batch 1 needs {fmt_gib(est.total_bytes)} > {fmt_gib(budget)} budget with {tried}; "
+                           "smallest change that fits: "
                            + (first.change + f" ({fmt_gib(first.peak_memory_bytes)})" if first else
-                              f"none up to {MAX_GPUS} GPUs"))
+                              f"none up to {MAX_GPUS} GPUs: shorten --seq-len (logits and activations grow with it)"))
     else:
         fits = True
         micro, gc, opt, shard = chosen
         est = _estimate(req, micro, gc, opt, sharding=shard)
         reasons["fits"] = (f"peak {fmt_gib(est.total_bytes)} <= budget {fmt_gib(budget)} "
                            f"({1 - req.safety_margin:.0%} of {fmt_gib(req.gpu.memory_bytes)})")
-    nxt = _estimate(req, micro + 1, gc, opt, sharding=shard).total_bytes
+    first_gc, first_opt, first_shard = options[0]
+    changes = [c for c, on in (("gradient checkpointing", gc and not first_gc), (opt, opt != first_opt),
+                               ("FSDP sharding", shard != first_shard)) if on]
     if fits and fallback_fit:
-        changes = [c for c, on in (("gradient checkpointing", gc and not gc_choices[0]),
-                                   (opt, opt != optim_choices[0]), ("FSDP sharding", shard != sharding)) if on]
         reasons["per_device_train_batch_size"] = (
             f"1: without {' and '.join(changes)} even batch 1 exceeds the {fmt_gib(budget)} budget; with "
             f"{'them' if len(changes) > 1 else 'it'} batch 1 needs {fmt_gib(est.total_bytes)}"
@@ -383,9 +402,12 @@ def recommend_plan(req: PlanRequest) -> Plan:
             + f"; accumulation reaches the target, as a bigger micro-batch adds little throughput at "
             f"{req.resolved_seq_len} tokens per sequence")
     elif fits:
-        limit = (f"batch {micro + 1} would need {fmt_gib(nxt)}" if micro < cap else
-                 f"capped at ceil(target {target} / {req.gpus} GPU{'s' if req.gpus > 1 else ''}) = {cap}"
-                 if cap < MAX_MICRO_BATCH or micro < MAX_MICRO_BATCH else f"capped at {MAX_MICRO_BATCH}")
+        if micro < cap:
+            limit = f"batch {micro + 1} would need {fmt_gib(_estimate(req, micro + 1, gc, opt, sharding=shard).total_bytes)}"
+        elif cap < MAX_MICRO_BATCH:
+            limit = f"capped at ceil(target {target} / {req.gpus} GPU{'s' if multi else ''}) = {cap}"
+        else:
+            limit = f"capped at {MAX_MICRO_BATCH}"
         reasons["per_device_train_batch_size"] = (f"largest that fits: batch {micro} needs {fmt_gib(est.total_bytes)} of "
                                                   f"{fmt_gib(budget)} ({req.safety_margin:.0%} safety margin); {limit}")
     else:
@@ -394,35 +416,48 @@ def recommend_plan(req: PlanRequest) -> Plan:
     accum = max(1, math.ceil(target / (micro * req.gpus)))
     eff = micro * accum * req.gpus
     reasons["gradient_accumulation_steps"] = (f"smallest with {micro} x accumulation x {req.gpus} GPU"
-                                              f"{'s' if req.gpus > 1 else ''} >= target {target}: {accum} "
-                                              f"(effective batch {eff})")
-    ckpt_why = ("on: required to fit batch 1" if gc and req.gradient_checkpointing is None else
-                "off: not needed to fit" if req.gradient_checkpointing is None else
-                f"{'on' if gc else 'off'}: set by --gradient-checkpointing")
+                                              f"{'s' if multi else ''} >= target {target}: {accum} "
+                                              f"(effective batch {eff})"
+                                              + (f"; target lowered from {req.target_effective_batch} to the "
+                                                 f"{dataset} training examples" if target < req.target_effective_batch
+                                                 else ""))
+    if req.gradient_checkpointing is not None:
+        ckpt_why = f"{'on' if gc else 'off'}: set by --gradient-checkpointing"
+    elif gc:
+        ckpt_why = "on: required to fit batch 1" if fits else "on: tried, and even with it batch 1 does not fit"
+    else:
+        ckpt_why = "off: not needed to fit"
     reasons["gradient_checkpointing"] = ckpt_why + (" (recomputes each layer in backward, ~30% more compute)" if gc else "")
     if req.optim:
         reasons["optim"] = f"{opt}: set by --optim"
     elif is_eight_bit(opt):
-        reasons["optim"] = (f"{opt}: 32-bit AdamW states do not fit even at batch 1 with checkpointing; 8-bit paged "
-                            "states take ~2 bytes per trainable parameter instead of 8 (Dettmers et al. 2022)")
+        others = [x for x in ("gradient checkpointing" if gc else "", "FSDP sharding" if shard == "fsdp" else "") if x]
+        reasons["optim"] = (f"{opt}: 32-bit AdamW states do not fit even at batch 1"
+                            + (f" with {' and '.join(others)}" if others else "")
+                            + "; 8-bit paged states take ~2 bytes per trainable parameter instead of 8 "
+                              "(Dettmers et al. 2022)")
     else:
-        reasons["optim"] = f"{opt}: transformers' default fused AdamW; its 32-bit states fit"
+        reasons["optim"] = f"{opt}: transformers' default fused AdamW; its fp32 states fit"
 
-    dataset = req.dataset_size or ASSUMED_DATASET_SIZE
     steps = max(1, math.ceil(math.ceil(dataset / eff) * req.epochs))
     reasons["total_steps"] = (f"ceil({dataset} examples / {eff}) x {req.epochs:g} epochs = {steps}"
                               + ("" if req.dataset_size else f" (dataset size not given: {ASSUMED_DATASET_SIZE} assumed)"))
     lr, reasons["learning_rate"] = scaled_learning_rate(req, eff, opt)
     ref_batch = catalog.lr_reference(req.method, OPTIMIZERS[opt].family)["effective_batch"]
     warm, reasons["warmup_ratio"] = warmup_ratio(steps, eff, ref_batch)
-    reasons["lr_scheduler_type"] = f"{SCHEDULER} decay to 0 after warmup (Llama 2 SFT)"
-    reasons["max_grad_norm"] = f"{MAX_GRAD_NORM}: clip the global gradient norm (Llama 2 SFT, transformers default)"
+    reasons["lr_scheduler_type"] = f"{SCHEDULER} decay after warmup (Llama 2 SFT; transformers decays to 0)"
+    reasons["max_grad_norm"] = f"{MAX_GRAD_NORM}: clip the global gradient norm (Llama 2 pretraining, sec. 2.2; transformers default)"
     reasons["weight_decay"] = (f"{WEIGHT_DECAY[req.method]}: " + ("AdamW decoupled decay as in Llama 2 SFT"
                                if req.method == "full" else "none on LoRA adapters (QLoRA paper)"))
-    distributed = ("single GPU" if req.gpus == 1 else "fsdp" if shard == "fsdp" else "ddp")
-    if req.gpus > 1:
-        reasons["distributed"] = ("FSDP full sharding: replicated weights, gradients and states do not fit"
-                                  if shard == "fsdp" else "DDP: the replicated model fits on each GPU")
+    distributed = ("single GPU" if not multi else "fsdp" if shard == "fsdp" else "ddp")
+    if multi:
+        if shard == "fsdp":
+            reasons["distributed"] = (f"FSDP full sharding over {req.gpus} GPUs: weights, gradients and optimizer "
+                                      "states split 1/N" + ("; replicated (DDP) they do not fit" if
+                                                            first_shard == "ddp" else ""))
+        else:
+            reasons["distributed"] = ("DDP: the replicated model fits on each GPU" if fits else
+                                      "DDP: nothing fits; see fits")
     return Plan(
         request=req, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, learning_rate=lr,
         warmup_ratio=warm, gradient_checkpointing=gc, optim=opt, bf16=dtype == "bf16", fp16=dtype == "fp16",

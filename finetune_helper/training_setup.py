@@ -1,13 +1,16 @@
 """How one training step is set up: the inputs of the memory estimate.
 
-Precision semantics (``dtype``), as the Hugging Face stack behaves:
-- ``bf16``: weights loaded in bfloat16 (``from_pretrained(dtype=torch.bfloat16)``), Trainer ``bf16=True``; gradients
-  and torch-optimizer states follow the parameter dtype.
-- ``fp16``: fp32 master weights with fp16 autocast (Trainer ``fp16=True``; the GradScaler refuses fp16 gradients),
-  so weights, gradients and states are fp32 and activations fp16.
-- ``fp32``: everything fp32.
-For LoRA / QLoRA the frozen base is stored in ``dtype`` (QLoRA: NF4 linears) while PEFT keeps adapters in fp32
-(``autocast_adapter_dtype=True``, its default).
+Precision semantics, as the Hugging Face stack behaves:
+- ``dtype`` is the compute precision: ``bf16`` / ``fp16`` mean Trainer ``bf16=True`` / ``fp16=True``, under which
+  accelerate runs every forward pass in ``torch.autocast(dtype)`` (mixed precision); ``fp32`` means no autocast.
+- ``weights_dtype`` is how the weights are stored. Full fine-tuning defaults to fp32 master weights (mixed
+  precision: fp32 weights, gradients and AdamW states, 16 bytes per parameter before activations; pure-bf16 AdamW
+  loses updates smaller than bf16's 2^-8 relative precision, e.g. most of a 2e-5 step). ``weights_dtype="bf16"``
+  is the memory-saving alternative (load with ``dtype=torch.bfloat16``): gradients and torch-optimizer states then
+  follow the parameters' bf16. fp16 full fine-tuning always needs fp32 masters (the GradScaler refuses fp16
+  gradients).
+- LoRA / QLoRA: the frozen base is stored in ``dtype`` (QLoRA: NF4 linears), PEFT keeps adapters in fp32
+  (``autocast_adapter_dtype=True``, its default).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class TrainingSetup:
     attn_implementation: str = "sdpa"
     #: QLoRA nested quantization of the NF4 block scales (bitsandbytes ``bnb_4bit_use_double_quant``).
     double_quant: bool = True
+    #: storage of the weights: None is the default (full: fp32 masters unless dtype is fp32 anyway; LoRA: the base in
+    #: ``dtype``); ``bf16`` with full fine-tuning is pure-bf16 training.
+    weights_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -63,6 +69,10 @@ class TrainingSetup:
             raise FinetuneHelperError("lora-r", f"must be a positive integer, got {self.lora_r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise FinetuneHelperError("lora-dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        if self.weights_dtype not in (None, "bf16", "fp32"):
+            raise FinetuneHelperError("weights-dtype", f"{self.weights_dtype!r} is not one of bf16, fp32")
+        if self.weights_dtype == "bf16" and (self.dtype != "bf16" or self.method != "full"):
+            raise FinetuneHelperError("weights-dtype", "bf16 weights are an option of full fine-tuning with --dtype bf16")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise FinetuneHelperError("attn-implementation", f"{self.attn_implementation!r} is not one of "
                                       f"{', '.join(ATTN_IMPLEMENTATIONS)}")
@@ -77,9 +87,19 @@ class TrainingSetup:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def autocast(self) -> bool:
+        """The forward runs under ``torch.autocast`` (Trainer ``bf16=True`` / ``fp16=True``)."""
+        return self.dtype != "fp32"
+
+    @property
+    def pure_bf16(self) -> bool:
+        """Full fine-tuning with bf16 weights, gradients and optimizer states (no fp32 masters)."""
+        return self.method == "full" and self.weights_dtype == "bf16"
+
+    @property
     def master_bytes(self) -> int:
-        """Bytes per trainable weight element as stored: fp16 training keeps fp32 master weights."""
-        return 4 if self.dtype in ("fp16", "fp32") else 2
+        """Bytes per element of full fine-tuning's weights: fp32 masters unless pure bf16."""
+        return 2 if self.pure_bf16 else 4
 
     @property
     def tokens(self) -> int:

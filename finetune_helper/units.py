@@ -6,6 +6,7 @@ and network vendors use decimal GB.  We keep bytes everywhere inside and say whi
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import FinetuneHelperError
@@ -40,6 +41,8 @@ def parse_bytes(text: str, field: str = "memory") -> int:
         raise FinetuneHelperError(field, f"{text!r} has no unit: write GB (10^9 bytes) or GiB (2^30 bytes), e.g. 24GB")
     if unit not in _UNITS:
         raise FinetuneHelperError(field, f"unknown unit {m.group(2)!r} in {text!r}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
+    if not math.isfinite(value) or value * _UNITS[unit] > 2**62:
+        raise FinetuneHelperError(field, f"{text!r} is not a plausible amount of memory")
     amount = int(round(value * _UNITS[unit]))
     if amount <= 0:
         raise FinetuneHelperError(field, f"memory must be > 0, got {text!r}")

@@ -122,6 +122,7 @@ def test_core_commands_never_import_torch_or_transformers(args):
 def test_installed_entry_point():
     exe = Path(sys.executable).parent / "finetune-helper"
     assert exe.exists()
-    proc = subprocess.run([str(exe), "recommend", "--model", "smollm2-1.7b", "--gpu", "L4", "--json"],
+    proc = subprocess.run([str(exe), "recommend", "--model", "smollm2-1.7b", "--gpu", "L4", "--method", "lora",
+                           "--json"],
                           capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 0 and json.loads(proc.stdout)["fits"] is True

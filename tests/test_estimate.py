@@ -50,15 +50,27 @@ def test_full_finetune_bytes_are_exact(model_type, dtype):
     spec = ModelSpec.from_config(config)
     attn = "eager" if model_type == "gemma2" else "sdpa"  # Gemma 2 has no SDPA path in transformers 5
     setup = TrainingSetup(method="full", dtype=dtype, optim="adamw_torch", attn_implementation=attn)
-    # fp16 training keeps fp32 master weights (autocast), so the model is loaded in fp32
-    model = measure.build_model(config, dtype="fp32" if dtype == "fp16" else dtype,
-                                attn_implementation=attn)
+    # mixed precision keeps fp32 master weights (bf16/fp16 autocast), so the model is loaded in fp32
+    model = measure.build_model(config, dtype="fp32", attn_implementation=attn)
     assert measure.parameter_bytes(model) == sum(weight_bytes(spec, setup).values())
     optimizer = make_optimizer("adamw_torch", model.parameters())
     train_one_step(model, optimizer)
     est = estimate_memory(spec, setup)
     assert measure.gradient_bytes(model) == est.gradients
     assert measure.optimizer_state_bytes(optimizer) == est.optimizer_states
+
+
+def test_pure_bf16_full_finetune_bytes_are_exact():
+    config = tiny_config("llama")
+    spec = ModelSpec.from_config(config)
+    setup = TrainingSetup(method="full", dtype="bf16", weights_dtype="bf16", optim="adamw_torch")
+    model = measure.build_model(config, dtype="bf16", weights_dtype="bf16")
+    assert measure.parameter_bytes(model) == sum(weight_bytes(spec, setup).values()) == 2 * spec.num_parameters()
+    optimizer = make_optimizer("adamw_torch", model.parameters())
+    train_one_step(model, optimizer)
+    est = estimate_memory(spec, setup)
+    assert measure.gradient_bytes(model) == est.gradients
+    assert measure.optimizer_state_bytes(optimizer) == est.optimizer_states  # bf16 states: 4 B per parameter
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor"])
@@ -69,6 +81,16 @@ def test_optimizer_states_are_exact(optim):
     optimizer = make_optimizer(optim, model.parameters())
     train_one_step(model, optimizer)
     assert measure.optimizer_state_bytes(optimizer) == optimizer_state_bytes(spec, TrainingSetup(dtype="fp32", optim=optim))
+
+
+def test_adafactor_states_are_fp32_even_for_bf16_weights():
+    config = tiny_config("llama")
+    spec = ModelSpec.from_config(config)
+    model = measure.build_model(config, dtype="bf16", weights_dtype="bf16")
+    optimizer = make_optimizer("adafactor", model.parameters())
+    train_one_step(model, optimizer)
+    setup = TrainingSetup(dtype="bf16", weights_dtype="bf16", optim="adafactor")
+    assert measure.optimizer_state_bytes(optimizer) == optimizer_state_bytes(spec, setup)
 
 
 @pytest.mark.parametrize("targets", ["all-linear", ("q_proj", "v_proj")])

@@ -1,0 +1,517 @@
+"""``finetune-helper run``: a recipe, filled in by the recommender, trained with the real Hugging Face stack.
+
+The run folder (``--output-dir``, default ``runs/<recipe name>``) holds, before training starts:
+``recipe.yaml`` (the fully resolved recipe), ``plan.json`` (the recommendation with its reasons, the recipe's
+overrides and what was adapted to this machine) and ``training_args.json`` (readable by
+``HfArgumentParser(SFTConfig).parse_json_file``); then ``checkpoint-N/`` folders (safetensors), ``metrics.jsonl``
+(one line per logged step), ``final/`` (the model or LoRA adapter, with the tokenizer) and ``summary.json``.
+
+Exit codes: 0 done; 2 bad input; 3 stopped because the loss diverged (NaN/inf or exploding; the last good
+checkpoint is kept); 4 out of memory even at per-device batch 1; 130 interrupted by Ctrl-C / SIGTERM after saving a
+checkpoint (``--resume`` continues).  Out-of-memory on a step halves the per-device batch and doubles gradient
+accumulation (same effective batch, same learning rate) and continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import FinetuneHelperError
+from .recipe import BUILTIN_DATA, BUILTIN_MODEL, Recipe, load_recipe
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+#: A loss this many times the first logged loss counts as exploding (a run that ends up worse than the random
+#: start has diverged; NaN/inf are caught the same way).
+EXPLODE_FACTOR = 2.0
+#: ChatML with generation markers (Qwen's template format), used when a tokenizer has no chat template of its own;
+#: it is saved with the tokenizer in final/ so inference formats prompts the same way.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class RunStopped(Exception):
+    """A run that ended early on purpose; ``code`` is the exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    exit_code: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FINETUNE_HELPER_CACHE", Path.home() / ".cache" / "finetune_helper"))
+
+
+# ------------------------------------------------------------------------------------------- preparation
+@dataclass
+class Prepared:
+    """Everything decided before any weights are loaded (what ``--dry-run`` writes)."""
+
+    recipe: Recipe
+    run_dir: Path
+    model_path: str
+    plan: Any  # finetune_helper.plan.Plan
+    sft_kwargs: dict[str, Any]
+    overrides: dict[str, Any]
+    adaptations: list[str]
+    train_dataset: Any
+    eval_dataset: Any
+    data_format: str
+    data_note: str | None
+    holdout: list[dict] | None  # builtin data: held-out problems for exact match
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_model_path(recipe: Recipe, log: Callable[[str], None]) -> str:
+    name = recipe.model.name
+    if name == BUILTIN_MODEL:
+        from .tiny import build_tiny_assets
+
+        path = build_tiny_assets(cache_dir() / "tiny-llama", seed=0)
+        log(f"model: {BUILTIN_MODEL} (random-init tiny Llama and locally trained tokenizer in {path})")
+        return str(path)
+    return name
+
+
+def _load_data(recipe: Recipe, tokenizer, log: Callable[[str], None]):
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    from . import datasets_io
+
+    disable_progress_bar()
+    holdout = None
+    if recipe.data.path == BUILTIN_DATA:
+        from .tiny import TINY_DEMO_TRAINING, synthetic_dataset
+
+        n = recipe.data.max_examples or TINY_DEMO_TRAINING.get("n_train", 4000)
+        fmt = recipe.data.format if recipe.data.format != "auto" else "alpaca"
+        dataset = Dataset.from_list(synthetic_dataset(n, seed=recipe.seed, split="train", fmt=fmt))
+        holdout = synthetic_dataset(TINY_DEMO_TRAINING.get("n_test", 200), seed=recipe.seed, split="test", fmt="alpaca")
+        detected = datasets_io.detect_format(dataset.column_names, dataset[0])
+        log(f"data: {BUILTIN_DATA} ({n} generated {fmt} examples, {len(holdout)} held-out problems)")
+    else:
+        dataset, detected = datasets_io.load_data(recipe.data.path, fmt=None if recipe.data.format == "auto" else
+                                                  recipe.data.format, columns=recipe.data.columns or None)
+        if recipe.data.max_examples:
+            dataset = dataset.select(range(min(recipe.data.max_examples, len(dataset))))
+        log(f"data: {recipe.data.path} ({len(dataset)} examples, format {detected})")
+    train, evaluation = datasets_io.split_eval(dataset, recipe.data.eval_fraction, recipe.seed)
+    if tokenizer is None:  # dry run without the tokenizer: how the loss is masked is decided at run time
+        return train, evaluation, detected, {}, "loss masking decided when the tokenizer is loaded", holdout
+    supported = datasets_io.chat_template_supports_assistant_mask(tokenizer)
+    train, trl_kwargs, note = datasets_io.to_trl_dataset(train, detected, assistant_mask_supported=supported)
+    if evaluation is not None:
+        evaluation, _, _ = datasets_io.to_trl_dataset(evaluation, detected, assistant_mask_supported=supported)
+    if note:
+        log(f"data: {note}")
+    return train, evaluation, detected, trl_kwargs, note, holdout
+
+
+def load_tokenizer(model_path: str, recipe: Recipe, log: Callable[[str], None]):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    except OSError as exc:
+        raise FinetuneHelperError("model.name", f"cannot load the tokenizer of {model_path!r} "
+                                  f"({str(exc).splitlines()[0]}); give a local directory or a reachable Hub id") from None
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        log("tokenizer: no chat template of its own; using the default ChatML template (saved with the tokenizer)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *,
+            dry_run: bool = False) -> tuple[Prepared, Any]:
+    """Resolve model, data and plan; return the preparation and the tokenizer.
+
+    A dry run of a Hub model that is not available offline plans from the catalog config without its tokenizer
+    (nothing is downloaded); the loss-masking settings are then decided at run time.
+    """
+    from .export import training_kwargs
+    from .gpu_spec import resolve_gpu
+    from .model_spec import resolve_model
+    from .plan import PlanRequest, recommend_plan
+
+    model_path = _resolve_model_path(recipe, log)
+    spec = resolve_model(model_path)
+    try:
+        tokenizer = load_tokenizer(model_path, recipe, log)
+    except FinetuneHelperError:
+        if not dry_run:
+            raise
+        tokenizer = None
+        log(f"tokenizer: {model_path} is not available here; dry run plans without it")
+    train, evaluation, fmt, trl_kwargs, note, holdout = _load_data(recipe, tokenizer, log)
+
+    device = _device()
+    adaptations: list[str] = []
+    gpu_name = recipe.hardware.gpu
+    if gpu_name == "auto" and device == "cpu":
+        raise FinetuneHelperError("hardware.gpu", "auto found no CUDA GPU; name the GPU to plan for (e.g. 24GB) -- "
+                                  "the run then trains on the CPU")
+    gpu = resolve_gpu(gpu_name)
+    max_len = recipe.data.max_length or min(2048, spec.max_position_embeddings)
+    req = PlanRequest(
+        model=spec, gpu=gpu, gpus=recipe.hardware.gpus, method=recipe.method.type, seq_len=max_len,
+        dataset_size=recipe.recommend.dataset_size or len(train), epochs=recipe.recommend.epochs,
+        target_effective_batch=recipe.recommend.target_effective_batch, lr_min=recipe.recommend.lr_min,
+        lr_max=recipe.recommend.lr_max, lora_r=recipe.method.lora_r, lora_alpha=recipe.method.lora_alpha,
+        lora_dropout=recipe.method.lora_dropout, attn_implementation=recipe.model.attn_implementation,
+    )
+    plan = recommend_plan(req)
+    overrides = dict(recipe.training)
+    kwargs = training_kwargs(plan, str(run_dir), **overrides)
+    if device == "cpu" and dry_run:
+        adaptations.append("no CUDA GPU on this machine: a run here would train on the CPU in fp32")
+    elif device == "cpu":
+        kwargs.update(use_cpu=True, bf16=False, fp16=False)
+        adaptations.append("no CUDA GPU: training on the CPU in fp32 (use_cpu=True, bf16/fp16 off)")
+        if plan.optim not in ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor") and "optim" not in overrides:
+            kwargs["optim"] = "adamw_torch"
+            adaptations.append(f"optim {plan.optim} needs bitsandbytes on CUDA: adamw_torch on the CPU")
+    # keep checkpoints on logging steps, so a diverged loss is seen before it can be saved
+    logging_steps = int(kwargs.get("logging_steps", 10))
+    if "save_steps" in kwargs and "save_steps" not in overrides:
+        kwargs["save_steps"] = max(logging_steps, math.ceil(kwargs["save_steps"] / logging_steps) * logging_steps)
+    kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
+    kwargs.setdefault("disable_tqdm", True)
+    kwargs.setdefault("seed", recipe.seed)
+    kwargs.setdefault("save_total_limit", 3)
+    if evaluation is not None:
+        kwargs.setdefault("eval_strategy", "steps")
+        kwargs.setdefault("eval_steps", kwargs.get("save_steps", 100))
+        kwargs.setdefault("per_device_eval_batch_size", kwargs["per_device_train_batch_size"])
+    sft = {"max_length": max_len, "packing": recipe.data.packing, **trl_kwargs}
+    if recipe.data.packing:
+        sft["padding_free"] = True
+    sft_kwargs = {**kwargs, **sft, **{k: v for k, v in overrides.items() if k in sft}}
+    prepared = Prepared(recipe=recipe, run_dir=run_dir, model_path=model_path, plan=plan, sft_kwargs=sft_kwargs,
+                        overrides=overrides, adaptations=adaptations, train_dataset=train, eval_dataset=evaluation,
+                        data_format=fmt, data_note=note, holdout=holdout)
+    return prepared, tokenizer
+
+
+def write_run_files(prep: Prepared) -> None:
+    prep.run_dir.mkdir(parents=True, exist_ok=True)
+    (prep.run_dir / "recipe.yaml").write_text("# fully resolved recipe, as run\n" + prep.recipe.to_yaml())
+    plan = prep.plan.to_dict()
+    plan["overrides"] = prep.overrides
+    plan["adaptations"] = prep.adaptations
+    plan["data_format"] = prep.data_format
+    plan["data_note"] = prep.data_note
+    plan["train_examples"] = len(prep.train_dataset)
+    plan["eval_examples"] = len(prep.eval_dataset) if prep.eval_dataset is not None else 0
+    (prep.run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    (prep.run_dir / "training_args.json").write_text(json.dumps(prep.sft_kwargs, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- callbacks
+def _callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str, Any]):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """Steps, loss, tokens/s and ETA on every log, and one JSON line per log in metrics.jsonl."""
+
+        def on_train_begin(self, args, st, control, **kw):
+            self.t0 = time.time()
+            self.start_step = st.global_step
+            self.tokens0 = st.num_input_tokens_seen or 0
+
+        def on_log(self, args, st, control, logs=None, **kw):
+            logs = dict(logs or {})
+            elapsed = time.time() - self.t0
+            done = st.global_step - self.start_step
+            eta = elapsed / done * (st.max_steps - st.global_step) if done else float("nan")
+            tokens = (st.num_input_tokens_seen or 0) - self.tokens0
+            record = {"step": st.global_step, "max_steps": st.max_steps, "time": round(elapsed, 3), **logs,
+                      "tokens_per_second": tokens / elapsed if elapsed > 0 else None}
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if "loss" in logs:
+                log(f"step {st.global_step}/{st.max_steps} | loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e}"
+                    f" | {record['tokens_per_second'] or 0:,.0f} tok/s | ETA {_fmt_time(eta)}")
+            elif "eval_loss" in logs:
+                log(f"step {st.global_step}/{st.max_steps} | eval loss {logs['eval_loss']:.4f}")
+
+    class Guard(TrainerCallback):
+        """Divergence stop (NaN/inf/exploding loss) and a clean stop on SIGINT/SIGTERM."""
+
+        def on_log(self, args, st, control, logs=None, **kw):
+            loss = (logs or {}).get("loss")
+            if loss is None:
+                return
+            first = state.setdefault("first_loss", loss)
+            if not math.isfinite(loss) or (math.isfinite(first) and loss > EXPLODE_FACTOR * first):
+                state["diverged"] = {"step": st.global_step, "loss": loss, "first_loss": first,
+                                     "learning_rate": args.learning_rate}
+                control.should_save = False  # never save the diverged weights
+                control.should_training_stop = True
+
+        def on_step_end(self, args, st, control, **kw):
+            if state.get("signal"):
+                control.should_save = True
+                control.should_training_stop = True
+
+    return [Progress(), Guard()]
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------- training
+def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    method = prep.recipe.method.type
+    on_cpu = sft_kwargs.get("use_cpu", False)
+    dtype = torch.float32 if on_cpu or (sft_kwargs.get("fp16") and method == "full") else (
+        torch.float16 if sft_kwargs.get("fp16") else torch.bfloat16)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": prep.recipe.model.trust_remote_code}
+    attn = prep.recipe.model.attn_implementation or prep.plan.request.model.default_attn_implementation
+    kwargs["attn_implementation"] = attn
+    if method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise FinetuneHelperError("method.type", "qlora needs the bitsandbytes package (pip install "
+                                      "bitsandbytes) and a CUDA GPU; use lora or full here") from None
+        if on_cpu:
+            raise FinetuneHelperError("method.type", "qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora here")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float16 if sft_kwargs.get("fp16") else torch.bfloat16)
+    try:
+        return AutoModelForCausalLM.from_pretrained(prep.model_path, **kwargs)
+    except OSError as exc:
+        raise FinetuneHelperError("model.name", f"cannot load weights of {prep.model_path!r} "
+                                  f"({str(exc).splitlines()[0]})") from None
+
+
+def _peft_config(recipe: Recipe):
+    if recipe.method.type == "full":
+        return None
+    from peft import LoraConfig
+
+    targets = recipe.method.target_modules
+    return LoraConfig(r=recipe.method.lora_r, lora_alpha=recipe.method.lora_alpha,
+                      lora_dropout=recipe.method.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=targets if isinstance(targets, str) else list(targets))
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def _trainer(prep: Prepared, tokenizer, sft_kwargs: dict[str, Any], callbacks: list) -> Any:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.utils import logging as hf_logging
+    from trl import SFTConfig, SFTTrainer
+
+    hf_logging.disable_progress_bar()
+    args = SFTConfig(**sft_kwargs)
+    model = _load_model(prep, sft_kwargs)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=prep.train_dataset, eval_dataset=prep.eval_dataset,
+                         processing_class=tokenizer, peft_config=_peft_config(prep.recipe), callbacks=callbacks)
+    for printer in (PrinterCallback, ProgressCallback):  # our Progress callback prints one line per log instead
+        trainer.remove_callback(printer)
+    return trainer
+
+
+def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str], None] = print,
+          extra_callbacks: list | None = None) -> RunResult:
+    import torch
+
+    run_dir = prep.run_dir
+    state: dict[str, Any] = {}
+    callbacks = _callbacks(run_dir, log, state) + list(extra_callbacks or [])
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        state["signal"] = signal.Signals(signum).name
+        log(f"{state['signal']}: saving a checkpoint at the end of this step, then stopping")
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    sft_kwargs = dict(prep.sft_kwargs)
+    oom_events: list[dict[str, Any]] = []
+    before = _exact_match(prep, None, tokenizer) if prep.holdout else None
+    t0 = time.time()
+    try:
+        resume_from = str(last_checkpoint(run_dir)) if resume and last_checkpoint(run_dir) else None
+        while True:
+            trainer = _trainer(prep, tokenizer, sft_kwargs, callbacks)
+            if before is None and prep.holdout:
+                before = _exact_match(prep, trainer.model, tokenizer)
+            try:
+                output = trainer.train(resume_from_checkpoint=resume_from)
+                break
+            except torch.OutOfMemoryError:
+                batch, accum = sft_kwargs["per_device_train_batch_size"], sft_kwargs["gradient_accumulation_steps"]
+                del trainer
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if batch == 1:
+                    raise RunStopped(EXIT_OOM, "out of memory at per-device batch 1: enable gradient checkpointing "
+                                     "(training.gradient_checkpointing=true), use method.type=qlora, a shorter "
+                                     "data.max_length, or more GPUs") from None
+                ckpt = last_checkpoint(run_dir)
+                sft_kwargs["per_device_train_batch_size"] = batch // 2
+                sft_kwargs["gradient_accumulation_steps"] = accum * 2
+                event = {"per_device_train_batch_size": [batch, batch // 2],
+                         "gradient_accumulation_steps": [accum, accum * 2],
+                         "resumed_from": ckpt.name if ckpt else None}
+                oom_events.append(event)
+                log(f"CUDA out of memory: per-device batch {batch} -> {batch // 2}, accumulation {accum} -> "
+                    f"{accum * 2} (effective batch and learning rate unchanged); continuing from "
+                    f"{ckpt.name if ckpt else 'the start'}")
+                resume_from = str(ckpt) if ckpt else None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.state.global_step,
+                               "max_steps": trainer.state.max_steps, "oom_backoffs": oom_events,
+                               "wall_seconds": round(time.time() - t0, 2)}
+    metrics = output.metrics
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary["train_loss_first"] = losses[0] if losses else None
+    summary["train_loss_last"] = losses[-1] if losses else None
+    summary["train_loss_mean"] = metrics.get("train_loss")
+    runtime = metrics.get("train_runtime") or 0
+    tokens = trainer.state.num_input_tokens_seen or 0
+    summary["tokens_per_second"] = round(tokens / runtime, 1) if runtime else None
+    if torch.cuda.is_available():
+        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        summary["estimated_peak_memory_bytes"] = prep.plan.estimate.allocated_peak
+
+    if state.get("diverged"):
+        d = state["diverged"]
+        lr = d["learning_rate"]
+        ckpt = last_checkpoint(run_dir)
+        message = (f"loss diverged at step {d['step']} ({d['loss']:.4g}, first logged {d['first_loss']:.4g}): "
+                   f"learning rate {lr:.2g} is likely too high: try {lr / 10:.2g}; last good checkpoint: "
+                   f"{ckpt if ckpt else 'none'}")
+        summary.update(status="diverged", message=message)
+        _write_summary(run_dir, summary)
+        raise RunStopped(EXIT_DIVERGED, message)
+    if state.get("signal"):
+        ckpt = last_checkpoint(run_dir)
+        message = (f"interrupted by {state['signal']} at step {trainer.state.global_step}; checkpoint {ckpt}; "
+                   "run again with --resume to continue")
+        summary.update(status="interrupted", message=message)
+        _write_summary(run_dir, summary)
+        raise RunStopped(EXIT_INTERRUPTED, message)
+
+    if prep.eval_dataset is not None:
+        last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if last_eval and last_eval[-1]["step"] == trainer.state.global_step:
+            summary["eval_loss"] = last_eval[-1]["eval_loss"]
+        else:
+            summary["eval_loss"] = trainer.evaluate().get("eval_loss")
+    final = run_dir / "final"
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(str(final))
+    summary["final"] = str(final)
+    if prep.holdout:
+        summary["exact_match_before"] = before
+        summary["exact_match_after"] = _exact_match(prep, trainer.model, tokenizer)
+    summary["status"] = "done"
+    _write_summary(run_dir, summary)
+    return RunResult(run_dir, EXIT_OK, summary)
+
+
+def _exact_match(prep: Prepared, model, tokenizer) -> float | None:
+    from .tiny import exact_match
+
+    if model is None:
+        return None
+    was_training = model.training
+    acc = exact_match(model, tokenizer, prep.holdout)
+    model.train(was_training)
+    return acc
+
+
+def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    def f(v, fmt="{:.4f}"):
+        return "-" if v is None else fmt.format(v)
+
+    lines = [f"run: {summary.get('status', '?')} at step {summary.get('global_step')}/{summary.get('max_steps')} "
+             f"in {summary.get('wall_seconds')} s -> {summary.get('run_dir')}",
+             f"train loss: first {f(summary.get('train_loss_first'))}, last {f(summary.get('train_loss_last'))}; "
+             f"eval loss: {f(summary.get('eval_loss'))}; tokens/s: {f(summary.get('tokens_per_second'), '{:,.0f}')}"]
+    if "exact_match_after" in summary:
+        lines.append(f"exact match on held-out problems: before {f(summary.get('exact_match_before'), '{:.1%}')}, "
+                     f"after {f(summary.get('exact_match_after'), '{:.1%}')}")
+    if "peak_memory_bytes" in summary:
+        from .units import fmt_gib
+
+        lines.append(f"peak GPU memory (torch.cuda.max_memory_allocated): {fmt_gib(summary['peak_memory_bytes'])}; "
+                     f"estimated {fmt_gib(summary['estimated_peak_memory_bytes'])}")
+    for event in summary.get("oom_backoffs", []):
+        lines.append(f"out-of-memory back-off: batch {event['per_device_train_batch_size']}, accumulation "
+                     f"{event['gradient_accumulation_steps']}, resumed from {event['resumed_from']}")
+    if summary.get("final"):
+        lines.append(f"saved: {summary['final']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, output_dir: str | None = None,
+        dry_run: bool = False, resume: bool = False, log: Callable[[str], None] = print,
+        extra_callbacks: list | None = None) -> RunResult:
+    recipe = load_recipe(recipe_path, overrides)
+    run_dir = Path(output_dir or recipe.output_dir or Path("runs") / Path(recipe_path).stem)
+    if not resume and not dry_run and last_checkpoint(run_dir) is not None:
+        raise FinetuneHelperError("output-dir", f"{run_dir} already holds checkpoints; pass --resume to continue "
+                                  "that run, or --output-dir for a new one (nothing was overwritten)")
+    if resume and last_checkpoint(run_dir) is None:
+        raise FinetuneHelperError("resume", f"no checkpoint in {run_dir} to resume from")
+    prep, tokenizer = prepare(recipe, run_dir, log, dry_run=dry_run)
+    write_run_files(prep)
+    log(f"wrote {run_dir}/recipe.yaml, plan.json, training_args.json")
+    if dry_run:
+        return RunResult(run_dir, EXIT_OK, {"status": "dry-run", "run_dir": str(run_dir)})
+    return train(prep, tokenizer, resume=resume, log=log, extra_callbacks=extra_callbacks)
+
+
+__all__ = ["run", "prepare", "train", "RunResult", "RunStopped", "format_summary"]

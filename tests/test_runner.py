@@ -1,0 +1,163 @@
+"""Real fine-tunes of the tiny offline model through `finetune-helper run`: full, LoRA, every data format, the
+out-of-memory back-off, the divergence stop, interrupt and resume. No mocks: the Trainer, PEFT and TRL run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from finetune_helper import cli
+from finetune_helper.runner import EXIT_DIVERGED, EXIT_INTERRUPTED, RunStopped, last_checkpoint, run
+
+TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny-demo.yaml"
+QUIET = {"log": lambda _: None}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    """Tiny assets are built once per test session into a private cache."""
+    old = os.environ.get("FINETUNE_HELPER_CACHE")
+    os.environ["FINETUNE_HELPER_CACHE"] = str(tmp_path_factory.mktemp("fh-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FINETUNE_HELPER_CACHE", None)
+    else:
+        os.environ["FINETUNE_HELPER_CACHE"] = old
+
+
+def steps(n: int, *more: str) -> list[str]:
+    return [f"training.max_steps={n}", "training.logging_steps=1", *more]
+
+
+def test_full_run_writes_a_complete_run_folder(tmp_path):
+    out = tmp_path / "run"
+    result = run(TINY, steps(12, "training.save_steps=6", "data.max_examples=400"), output_dir=str(out), **QUIET)
+    s = result.summary
+    assert result.exit_code == 0 and s["status"] == "done" and s["global_step"] == 12
+    for name in ("recipe.yaml", "plan.json", "training_args.json", "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
+    assert (out / "checkpoint-6" / "model.safetensors").is_file()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["overrides"]["max_steps"] == 12 and plan["reasons"]["learning_rate"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x][:3] == [1, 2, 3]
+    assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
+    assert s["tokens_per_second"] > 0 and s["train_loss_last"] < s["train_loss_first"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")  # the saved model reloads
+
+
+def test_lora_run_saves_an_adapter(tmp_path):
+    out = tmp_path / "lora"
+    result = run(TINY, steps(6, "method.type=lora", "method.lora_r=8", "data.max_examples=200"), output_dir=str(out),
+                 **QUIET)
+    assert result.exit_code == 0
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 8
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "prompt_completion", "text"])
+def test_each_data_format_trains(fmt, tmp_path):
+    from finetune_helper.tiny import synthetic_dataset, write_dataset
+
+    data = write_dataset(tmp_path / f"{fmt}.jsonl", synthetic_dataset(120, fmt=fmt))
+    out = tmp_path / "run"
+    result = run(TINY, steps(3, f"data.path={data}", "data.eval_fraction=0.1"), output_dir=str(out), **QUIET)
+    assert result.exit_code == 0 and result.summary["global_step"] == 3
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["data_format"] == fmt
+    args = json.loads((out / "training_args.json").read_text())
+    if fmt == "text":
+        assert args["dataset_text_field"] == "text"
+    else:  # answers only: completion-only or assistant-only loss
+        assert args.get("completion_only_loss") or args.get("assistant_only_loss")
+
+
+class RaiseOOMOnce:
+    """Raises the real torch.OutOfMemoryError once, at a given step: drives the back-off code path on CPU."""
+
+    def __init__(self, at_step: int):
+        from transformers import TrainerCallback
+
+        self.at_step, self.fired = at_step, False
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if not outer.fired and state.global_step == outer.at_step:
+                    outer.fired = True
+                    import torch
+
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
+
+        self.callback = _CB()
+
+
+def test_out_of_memory_halves_batch_and_continues(tmp_path):
+    out = tmp_path / "oom"
+    oom = RaiseOOMOnce(at_step=5)
+    result = run(TINY, steps(8, "training.save_steps=4", "training.per_device_train_batch_size=8",
+                             "training.gradient_accumulation_steps=2", "data.max_examples=400"),
+                 output_dir=str(out), extra_callbacks=[oom.callback], **QUIET)
+    assert oom.fired and result.exit_code == 0 and result.summary["global_step"] == 8
+    (event,) = result.summary["oom_backoffs"]
+    assert event["per_device_train_batch_size"] == [8, 4] and event["gradient_accumulation_steps"] == [2, 4]
+    assert event["resumed_from"] == "checkpoint-4"
+
+
+def test_divergence_stops_with_advice_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    from transformers import TrainerCallback
+
+    class PoisonWeights(TrainerCallback):
+        """At step 5 the weights become NaN, as after an overflow: the next loss is NaN."""
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 5:
+                import torch
+
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float("nan"))
+
+    out = tmp_path / "nan"
+    with pytest.raises(RunStopped) as stop:
+        run(TINY, steps(20, "training.save_steps=4", "data.max_examples=300"), output_dir=str(out),
+            extra_callbacks=[PoisonWeights()], **QUIET)
+    assert stop.value.code == EXIT_DIVERGED
+    assert "too high" in str(stop.value) and "checkpoint-4" in str(stop.value)
+    assert last_checkpoint(out).name == "checkpoint-4"  # nothing saved after the weights went bad
+    assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_too_high_learning_rate_exits_3_from_the_cli(tmp_path, capsys):
+    code = cli.main(["run", str(TINY), "--output-dir", str(tmp_path / "hot"), *steps(30),
+                     "training.learning_rate=50.0", "training.warmup_steps=0", "data.max_examples=300"])
+    err = capsys.readouterr().err
+    assert code == EXIT_DIVERGED and "learning rate 50 is likely too high: try 5" in err
+
+
+def test_interrupt_saves_and_resume_reaches_the_same_final_step(tmp_path):
+    from transformers import TrainerCallback
+
+    class SigtermAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "int"
+    with pytest.raises(RunStopped) as stop:
+        run(TINY, steps(10, "training.save_steps=100", "data.max_examples=300"), output_dir=str(out),
+            extra_callbacks=[SigtermAt()], **QUIET)
+    assert stop.value.code == EXIT_INTERRUPTED and last_checkpoint(out).name == "checkpoint-4"
+    with pytest.raises(Exception, match="already holds checkpoints"):  # nothing is overwritten by accident
+        run(TINY, steps(10, "data.max_examples=300"), output_dir=str(out), **QUIET)
+    result = run(TINY, steps(10, "training.save_steps=100", "data.max_examples=300"), output_dir=str(out),
+                 resume=True, **QUIET)
+    assert result.exit_code == 0 and result.summary["global_step"] == 10
