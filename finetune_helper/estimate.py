@@ -34,6 +34,11 @@ FRAGMENTATION = 0.05
 #: fp32 absmax without double quantization, an 8-bit absmax plus one fp32 scale per 256 blocks with it.
 NF4_BLOCK = 64
 NF4_DQ_BLOCK = 256
+#: Per quantized tensor, bitsandbytes' QuantState also holds the 16-entry fp32 NF4 code table, and with double
+#: quantization the 256-entry fp32 code of the 8-bit scales and an fp32 offset (measured with
+#: bitsandbytes.functional.quantize_4bit, tests/test_estimate.py).
+NF4_CODE_BYTES = 16 * 4
+NF4_DQ_CONST_BYTES = 256 * 4 + 4
 #: LLM.int8() (Dettmers et al. 2022): 1 byte per weight plus an fp32 scale per output row.
 INT8_BYTES = 1
 
@@ -102,8 +107,12 @@ def weight_bytes(spec: ModelSpec, setup: TrainingSetup) -> dict[str, int]:
     parts: dict[str, int] = {}
     if setup.method == "qlora":
         quantized = spec.linear_weight_parameters()
-        blocks = -(-quantized // NF4_BLOCK)
-        scales = blocks * 1 + -(-blocks // NF4_DQ_BLOCK) * 4 if setup.double_quant else blocks * 4
+        scales = 0
+        for lin in spec.layer_linears():  # blocks never span two tensors
+            blocks = -(-lin.weight_numel // NF4_BLOCK)
+            per_tensor = (blocks + -(-blocks // NF4_DQ_BLOCK) * 4 + NF4_DQ_CONST_BYTES if setup.double_quant
+                          else blocks * 4)
+            scales += spec.num_hidden_layers * (per_tensor + NF4_CODE_BYTES)
         parts["nf4_weights"] = quantized // 2
         parts["nf4_block_scales"] = scales
         # embeddings, lm_head, norms and biases stay in 16 bit (bitsandbytes quantizes only nn.Linear weights)

@@ -109,10 +109,10 @@ def _load_data(recipe: Recipe, tokenizer, log: Callable[[str], None]):
     if recipe.data.path == BUILTIN_DATA:
         from .tiny import TINY_DEMO_TRAINING, synthetic_dataset
 
-        n = recipe.data.max_examples or TINY_DEMO_TRAINING.get("n_train", 4000)
+        n = recipe.data.max_examples or TINY_DEMO_TRAINING["n_train"]
         fmt = recipe.data.format if recipe.data.format != "auto" else "alpaca"
         dataset = Dataset.from_list(synthetic_dataset(n, seed=recipe.seed, split="train", fmt=fmt))
-        holdout = synthetic_dataset(TINY_DEMO_TRAINING.get("n_test", 200), seed=recipe.seed, split="test", fmt="alpaca")
+        holdout = synthetic_dataset(TINY_DEMO_TRAINING["n_test"], seed=recipe.seed, split="test", fmt="alpaca")
         detected = datasets_io.detect_format(dataset.column_names, dataset[0])
         log(f"data: {BUILTIN_DATA} ({n} generated {fmt} examples, {len(holdout)} held-out problems)")
     else:
@@ -203,6 +203,7 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
     if "save_steps" in kwargs and "save_steps" not in overrides:
         kwargs["save_steps"] = max(logging_steps, math.ceil(kwargs["save_steps"] / logging_steps) * logging_steps)
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
+    kwargs.setdefault("logging_nan_inf_filter", False)  # the Trainer would hide NaN/inf losses from the guard
     kwargs.setdefault("disable_tqdm", True)
     kwargs.setdefault("seed", recipe.seed)
     kwargs.setdefault("save_total_limit", 3)
@@ -269,6 +270,9 @@ def _callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str, Any])
             loss = (logs or {}).get("loss")
             if loss is None:
                 return
+            grad_norm = (logs or {}).get("grad_norm")
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                loss = float("nan") if math.isfinite(loss) else loss
             first = state.setdefault("first_loss", loss)
             if not math.isfinite(loss) or (math.isfinite(first) and loss > EXPLODE_FACTOR * first):
                 state["diverged"] = {"step": st.global_step, "loss": loss, "first_loss": first,
@@ -308,14 +312,14 @@ def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise FinetuneHelperError("method.type", "qlora needs the bitsandbytes package (pip install "
-                                      "bitsandbytes) and a CUDA GPU; use lora or full here") from None
-        if on_cpu:
-            raise FinetuneHelperError("method.type", "qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora here")
+                                      "bitsandbytes); use lora or full without it") from None
         from transformers import BitsAndBytesConfig
 
+        # bitsandbytes >= 0.45 quantizes and runs 4-bit layers on the CPU too (slowly): tiny models train there
+        compute = torch.float32 if on_cpu else torch.float16 if sft_kwargs.get("fp16") else torch.bfloat16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float16 if sft_kwargs.get("fp16") else torch.bfloat16)
+            bnb_4bit_compute_dtype=compute)
     try:
         return AutoModelForCausalLM.from_pretrained(prep.model_path, **kwargs)
     except OSError as exc:
@@ -360,7 +364,7 @@ def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str
 
     run_dir = prep.run_dir
     state: dict[str, Any] = {}
-    callbacks = _callbacks(run_dir, log, state) + list(extra_callbacks or [])
+    callbacks = list(extra_callbacks or []) + _callbacks(run_dir, log, state)
 
     def on_signal(signum, frame):  # noqa: ARG001
         state["signal"] = signal.Signals(signum).name

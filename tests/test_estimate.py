@@ -117,16 +117,35 @@ def test_lora_bytes_are_exact(model_type, targets):
     assert measure.optimizer_state_bytes(optimizer) == est.optimizer_states
 
 
-def test_qlora_weights_use_nf4_with_scales():
-    spec = ModelSpec.from_config(tiny_config("llama", hidden_size=256, intermediate_size=768, head_dim=64))
-    parts = weight_bytes(spec, TrainingSetup(method="qlora", lora_r=8))
-    q = spec.linear_weight_parameters()
-    assert parts["nf4_weights"] == q // 2
-    blocks = q // 64
-    assert parts["nf4_block_scales"] == blocks + -(-blocks // 256) * 4  # 8-bit absmax + fp32 per 256 blocks
-    assert parts["base_weights"] == (spec.num_parameters() - q) * 2  # embeddings, lm_head, norms stay 16-bit
-    no_dq = weight_bytes(spec, TrainingSetup(method="qlora", lora_r=8, double_quant=False))
-    assert no_dq["nf4_block_scales"] == blocks * 4
+def _quant_state_bytes(state) -> int:
+    tensors = [state.absmax, state.code]
+    if state.nested:
+        tensors += [state.offset, state.state2.absmax, state.state2.code]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi3"])
+def test_qlora_weights_equal_bitsandbytes_nf4_storage(model_type, double_quant):
+    """Quantize every linear of a real model with bitsandbytes (its CPU path) and count the bytes it stores."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    config = tiny_config(model_type, hidden_size=128, intermediate_size=352, head_dim=32)
+    spec = ModelSpec.from_config(config)
+    model = measure.build_model(config, dtype="bf16")
+    packed = scales = quantized = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:  # bnb leaves lm_head unquantized
+            q, state = bnb_functional.quantize_4bit(module.weight.data, blocksize=64, quant_type="nf4",
+                                                    compress_statistics=double_quant)
+            packed += q.numel() * q.element_size()
+            scales += _quant_state_bytes(state)
+            quantized += module.weight.numel()
+    parts = weight_bytes(spec, TrainingSetup(method="qlora", lora_r=8, double_quant=double_quant))
+    assert parts["nf4_weights"] == packed
+    assert parts["nf4_block_scales"] == scales
+    # embeddings, lm_head, norms and biases stay in 16 bit
+    unquantized = sum(p.numel() for p in model.parameters()) - quantized
+    assert parts["base_weights"] == 2 * unquantized
 
 
 def test_breakdown_adds_up_and_sharding_divides():

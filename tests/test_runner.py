@@ -161,3 +161,28 @@ def test_interrupt_saves_and_resume_reaches_the_same_final_step(tmp_path):
     result = run(TINY, steps(10, "training.save_steps=100", "data.max_examples=300"), output_dir=str(out),
                  resume=True, **QUIET)
     assert result.exit_code == 0 and result.summary["global_step"] == 10
+
+
+def test_qlora_run_quantizes_the_base_with_bitsandbytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    result = run(TINY, steps(4, "method.type=qlora", "method.lora_r=8", "data.max_examples=200"), output_dir=str(out),
+                 **QUIET)
+    assert result.exit_code == 0 and (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_packing_runs_padding_free(tmp_path):
+    out = tmp_path / "packed"
+    result = run(TINY, steps(3, "data.packing=true", "data.max_examples=200"), output_dir=str(out), **QUIET)
+    assert result.exit_code == 0
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["packing"] is True and args["padding_free"] is True
+
+
+@pytest.mark.slow
+def test_tiny_demo_learns_the_task(tmp_path):
+    """The whole embedded demo, as `make demo` runs it: the loss falls and held-out exact match rises clearly."""
+    result = run(TINY, [], output_dir=str(tmp_path / "demo"), **QUIET)
+    s = result.summary
+    assert s["status"] == "done" and s["train_loss_last"] < 0.2 * s["train_loss_first"]
+    assert s["exact_match_before"] <= 0.05 and s["exact_match_after"] >= 0.5
