@@ -59,12 +59,12 @@ def cpu_grid() -> int:
         for method in ("full", "lora"):
             for gc_on in (False, True):
                 for b, s in ((1, 64), (2, 128), (4, 256)):
-                    model = measure.build_model(config, dtype="bf16", attn_implementation=attn)
-                    if method == "lora":
-                        model = measure.apply_lora(model, r=8)
-                    measured = measure.saved_tensor_bytes(model, b, s, gradient_checkpointing=gc_on)
                     setup = TrainingSetup(method=method, micro_batch_size=b, seq_len=s, gradient_checkpointing=gc_on,
-                                          lora_r=8, attn_implementation=attn)
+                                          lora_r=8, lora_alpha=16, attn_implementation=attn)
+                    # what the Trainer trains: fp32 masters (full) or a bf16 base with fp32 adapters (LoRA), under
+                    # bf16 autocast
+                    model = measure.model_for_setup(config, setup)
+                    measured = measure.saved_tensor_bytes(model, b, s, gradient_checkpointing=gc_on)
                     est = estimate_activations(spec, setup, device="cpu").saved()
                     err = 100 * (est - measured) / measured
                     worst = max(worst, abs(err))
@@ -122,8 +122,10 @@ def cuda_measure(model_id: str, method: str, batch: int, seq: int, gc_on: bool, 
         model = replace_with_bnb_linear(model, quantization_config=qconf)
         model = model.cuda()  # Params4bit quantize on the move to the GPU
     else:
+        # full fine-tuning keeps fp32 master weights (mixed precision); LoRA's frozen base is bf16
+        weights = torch.float32 if method == "full" else torch.bfloat16
         with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(tf_config, attn_implementation=attn, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(tf_config, attn_implementation=attn, dtype=weights)
     model.train()
     if method in ("lora", "qlora"):
         model = measure.apply_lora(model, r=16, alpha=32)
@@ -137,7 +139,8 @@ def cuda_measure(model_id: str, method: str, batch: int, seq: int, gc_on: bool, 
     for _ in range(steps):
         for _ in range(accum):
             ids = torch.randint(3, spec.vocab_size, (batch, seq), device="cuda")
-            loss = model(input_ids=ids, labels=ids).loss / accum
+            with torch.autocast("cuda", dtype=torch.bfloat16):  # as accelerate runs the forward for bf16=True
+                loss = model(input_ids=ids, labels=ids).loss / accum
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

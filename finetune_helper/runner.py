@@ -214,6 +214,12 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
     sft = {"max_length": max_len, "packing": recipe.data.packing, **trl_kwargs}
     if recipe.data.packing:
         sft["padding_free"] = True
+        attn = recipe.model.attn_implementation or spec.default_attn_implementation
+        if attn != "flash_attention_2" or device == "cpu":
+            adaptations.append(
+                "data.packing: padding-free rows are attended as one masked sequence without flash_attention_2, "
+                "quadratic in the packed length (benchmarks/train_throughput.py: 2.7x slower than padded batches on "
+                "the CPU); on a GPU set model.attn_implementation=flash_attention_2")
     sft_kwargs = {**kwargs, **sft, **{k: v for k, v in overrides.items() if k in sft}}
     prepared = Prepared(recipe=recipe, run_dir=run_dir, model_path=model_path, plan=plan, sft_kwargs=sft_kwargs,
                         overrides=overrides, adaptations=adaptations, train_dataset=train, eval_dataset=evaluation,
@@ -511,6 +517,16 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     if resume and last_checkpoint(run_dir) is None:
         raise FinetuneHelperError("resume", f"no checkpoint in {run_dir} to resume from")
     prep, tokenizer = prepare(recipe, run_dir, log, dry_run=dry_run)
+    plan = prep.plan
+    log(f"plan: per-device batch {plan.per_device_train_batch_size} x accumulation "
+        f"{plan.gradient_accumulation_steps} x {plan.request.gpus} GPU = {plan.effective_batch_size}, lr "
+        f"{plan.learning_rate:.2e}, warmup {plan.warmup_ratio:.1%}, {plan.optim}, checkpointing "
+        f"{'on' if plan.gradient_checkpointing else 'off'} ({'fits' if plan.fits else 'DOES NOT FIT'}: "
+        f"{plan.reasons['fits']})")
+    for key, value in prep.overrides.items():
+        log(f"override from the recipe's training section: {key}={value!r} (wins over the recommendation)")
+    for note in prep.adaptations:
+        log(f"adapted: {note}")
     write_run_files(prep)
     log(f"wrote {run_dir}/recipe.yaml, plan.json, training_args.json")
     if dry_run:

@@ -43,6 +43,16 @@ def make_optimizer(name: str, params):
     raise AssertionError(name)
 
 
+def assert_state_bytes_exact(model, spec, setup, optim="adamw_torch"):
+    """Weights before, gradients and optimizer states after a real step, each equal to the estimate's bytes."""
+    assert measure.parameter_bytes(model) == sum(weight_bytes(spec, setup).values())
+    optimizer = make_optimizer(optim, model.parameters())
+    train_one_step(model, optimizer)
+    est = estimate_memory(spec, setup)
+    assert measure.gradient_bytes(model) == est.gradients
+    assert measure.optimizer_state_bytes(optimizer) == est.optimizer_states
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gemma2", "phi3"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp16"])
 def test_full_finetune_bytes_are_exact(model_type, dtype):
@@ -52,12 +62,7 @@ def test_full_finetune_bytes_are_exact(model_type, dtype):
     setup = TrainingSetup(method="full", dtype=dtype, optim="adamw_torch", attn_implementation=attn)
     # mixed precision keeps fp32 master weights (bf16/fp16 autocast), so the model is loaded in fp32
     model = measure.build_model(config, dtype="fp32", attn_implementation=attn)
-    assert measure.parameter_bytes(model) == sum(weight_bytes(spec, setup).values())
-    optimizer = make_optimizer("adamw_torch", model.parameters())
-    train_one_step(model, optimizer)
-    est = estimate_memory(spec, setup)
-    assert measure.gradient_bytes(model) == est.gradients
-    assert measure.optimizer_state_bytes(optimizer) == est.optimizer_states
+    assert_state_bytes_exact(model, spec, setup)
 
 
 def test_pure_bf16_full_finetune_bytes_are_exact():
@@ -65,12 +70,8 @@ def test_pure_bf16_full_finetune_bytes_are_exact():
     spec = ModelSpec.from_config(config)
     setup = TrainingSetup(method="full", dtype="bf16", weights_dtype="bf16", optim="adamw_torch")
     model = measure.build_model(config, dtype="bf16", weights_dtype="bf16")
-    assert measure.parameter_bytes(model) == sum(weight_bytes(spec, setup).values()) == 2 * spec.num_parameters()
-    optimizer = make_optimizer("adamw_torch", model.parameters())
-    train_one_step(model, optimizer)
-    est = estimate_memory(spec, setup)
-    assert measure.gradient_bytes(model) == est.gradients
-    assert measure.optimizer_state_bytes(optimizer) == est.optimizer_states  # bf16 states: 4 B per parameter
+    assert sum(weight_bytes(spec, setup).values()) == 2 * spec.num_parameters()
+    assert_state_bytes_exact(model, spec, setup)  # bf16 gradients, bf16 AdamW states: 4 B per parameter
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor"])
@@ -109,12 +110,7 @@ def test_lora_bytes_are_exact(model_type, targets):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == spec.lora_parameters(8, targets)
     assert {p.dtype for p in trainable} == {torch.float32}  # PEFT's autocast_adapter_dtype
-    assert measure.parameter_bytes(model) == sum(weight_bytes(spec, setup).values())
-    optimizer = make_optimizer("adamw_torch", model.parameters())
-    train_one_step(model, optimizer)
-    est = estimate_memory(spec, setup)
-    assert measure.gradient_bytes(model) == est.gradients
-    assert measure.optimizer_state_bytes(optimizer) == est.optimizer_states
+    assert_state_bytes_exact(model, spec, setup)
 
 
 def _quant_state_bytes(state) -> int:
