@@ -57,7 +57,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--gpu", required=True, help="catalog GPU (see `gpus`; case, spaces and hyphens ignored), an "
                    "amount such as 24GB (10^9 bytes) or 80GiB (2^30 bytes), or auto")
-    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (default: %(default)s)")
+    p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: 1, or all local GPUs with "
+                   "--gpu auto)")
     p.add_argument("--dataset-size", type=int, default=None, help="training examples (default: 10000 assumed)")
     p.add_argument("--epochs", type=float, default=3.0, help="default: %(default)s")
     p.add_argument("--target-batch", type=int, default=64, help="target effective batch in sequences (default: "
@@ -155,7 +156,12 @@ def gather_plan(args: argparse.Namespace):  # -> Plan
 
     spec = resolve_model(args.model)
     gpu = resolve_gpu(args.gpu)
-    req = PlanRequest(model=spec, gpu=gpu, gpus=args.gpus, method=args.method, seq_len=args.seq_len,
+    gpus = args.gpus
+    if gpus is None:
+        from .gpu_spec import detect_gpu_count
+
+        gpus = detect_gpu_count() if args.gpu.strip().lower() == "auto" else 1
+    req = PlanRequest(model=spec, gpu=gpu, gpus=gpus, method=args.method, seq_len=args.seq_len,
                       dataset_size=args.dataset_size, epochs=args.epochs, target_effective_batch=args.target_batch,
                       optim=args.optim, lr_min=args.lr_min, lr_max=args.lr_max,
                       gradient_checkpointing=args.gradient_checkpointing, safety_margin=args.safety_margin,
