@@ -11,7 +11,7 @@ across micro-steps, and from the second optimizer step on the states exist durin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .activations import ActivationEstimate, estimate_activations
@@ -171,7 +171,13 @@ def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sha
     n_train, _, elem = trainable(spec, setup)
     gradients = n_train * elem
     optim = optimizer_state_bytes(spec, setup)
-    acts: ActivationEstimate = estimate_activations(spec, setup)
+    act_setup = setup
+    if sharding == "fsdp" and gpus > 1 and setup.method == "full" and setup.autocast:
+        # FSDP mixed precision (accelerate's FSDP path, no torch.autocast): each layer's parameters are gathered in
+        # the 16-bit compute dtype and freed after use, so activations are those of 16-bit weights -- no autocast
+        # cache of whole-model weight copies.
+        act_setup = replace(setup, dtype="bf16", weights_dtype="bf16")
+    acts: ActivationEstimate = estimate_activations(spec, act_setup)
     transient = acts.peak_extra()
     details: dict[str, int] = {**weight_parts, **{f"activations.{k}": v for k, v in acts.as_dict().items()}}
 

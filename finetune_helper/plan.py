@@ -265,13 +265,24 @@ def _largest_batch(req: PlanRequest, gc: bool, optim: str, sharding: str | None,
     return lo
 
 
-def _escalate(req: PlanRequest, optim: str) -> tuple[Escalation, ...]:
-    """Batch 1 does not fit with checkpointing and an 8-bit optimizer: what would?"""
+def _escalate(req: PlanRequest) -> tuple[Escalation, ...]:
+    """Batch 1 does not fit: the ladder gradient checkpointing -> 8-bit optimizer -> LoRA -> QLoRA -> more GPUs,
+    each rung with its peak at batch 1, up to the first that fits."""
     steps: list[Escalation] = []
+    optim = req.optim or DEFAULT_OPTIM
+    sharding = "fsdp" if req.gpus > 1 else None
+    if req.gradient_checkpointing is None:
+        est = _estimate(req, 1, True, optim, sharding=sharding)
+        steps.append(Escalation("gradient checkpointing", False, est.total_bytes))
+    if req.optim is None:
+        est = _estimate(req, 1, req.gradient_checkpointing is not False, EIGHT_BIT_FALLBACK, sharding=sharding)
+        steps.append(Escalation(f"--optim {EIGHT_BIT_FALLBACK}" + (" (with gradient checkpointing)"
+                                if req.gradient_checkpointing is not False else ""), False, est.total_bytes))
     ladder = {"full": ["lora", "qlora"], "lora": ["qlora"], "qlora": []}[req.method]
     for method in ladder:
-        est = _estimate(req, 1, True, optim, method=method)
-        steps.append(Escalation(f"--method {method} (with gradient checkpointing)", est.total_bytes <= req.budget_bytes,
+        est = _estimate(req, 1, True, optim, method=method, sharding=sharding)
+        steps.append(Escalation(f"--method {method} (with gradient checkpointing"
+                                + (", FSDP)" if sharding == "fsdp" else ")"), est.total_bytes <= req.budget_bytes,
                                 est.total_bytes))
         if steps[-1].fits:
             return tuple(steps)
@@ -376,7 +387,7 @@ def recommend_plan(req: PlanRequest) -> Plan:
         fits = False
         gc, opt, shard = options[-1]
         micro = 1
-        escalation = _escalate(req, opt)
+        escalation = _escalate(req)
         first = next((e for e in escalation if e.fits), None)
         est = _estimate(req, 1, gc, opt, sharding=shard)
         tried = ", ".join(x for x in ("gradient checkpointing" if gc else "", opt,
