@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from typing import Any, Sequence
@@ -292,6 +293,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunStopped as stop:
         print(f"{PROG}: stopped: {stop}", file=sys.stderr)
         return stop.code
+    except (FinetuneHelperError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # a failure inside the training stack: one line here, the traceback in a file
+        import tempfile
+        import traceback
+
+        fd, path = tempfile.mkstemp(prefix="finetune-helper-error-", suffix=".log")
+        with os.fdopen(fd, "w") as fh:
+            traceback.print_exc(file=fh)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"{PROG}: error: run failed: {type(exc).__name__}: {first} (traceback in {path}; checkpoints in the "
+              "run folder are kept)", file=sys.stderr)
+        return 1
     if result.summary.get("status") == "done":
         print()
         print(format_summary(result.summary))

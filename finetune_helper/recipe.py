@@ -170,6 +170,9 @@ def _check_training_keys(training: dict[str, Any]) -> None:
         return
     known = known | ALIASES
     for key in training:
+        if key == "output_dir":
+            raise FinetuneHelperError("training.output_dir", "is set by --output-dir or the recipe's top-level "
+                                      "output_dir (checkpoints must land in the run folder)")
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
             raise FinetuneHelperError(f"training.{key}", "is not a TrainingArguments field"

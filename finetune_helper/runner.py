@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
 import signal
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import FinetuneHelperError
+
+# bitsandbytes (imported by transformers / TRL when installed) warns on every CPU import about an optional kernel
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 from .recipe import BUILTIN_DATA, BUILTIN_MODEL, Recipe, load_recipe
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
@@ -90,8 +94,11 @@ def _device() -> str:
 def _resolve_model_path(recipe: Recipe, log: Callable[[str], None]) -> str:
     name = recipe.model.name
     if name == BUILTIN_MODEL:
+        from transformers.utils import logging as hf_logging
+
         from .tiny import build_tiny_assets
 
+        hf_logging.disable_progress_bar()
         path = build_tiny_assets(cache_dir() / "tiny-llama", seed=0)
         log(f"model: {BUILTIN_MODEL} (random-init tiny Llama and locally trained tokenizer in {path})")
         return str(path)
@@ -178,7 +185,10 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
     if gpu_name == "auto" and device == "cpu":
         raise FinetuneHelperError("hardware.gpu", "auto found no CUDA GPU; name the GPU to plan for (e.g. 24GB) -- "
                                   "the run then trains on the CPU")
-    gpu = resolve_gpu(gpu_name)
+    try:
+        gpu = resolve_gpu(gpu_name)
+    except FinetuneHelperError as exc:
+        raise FinetuneHelperError("hardware.gpu", exc.message) from None
     max_len = recipe.data.max_length or min(2048, spec.max_position_embeddings)
     req = PlanRequest(
         model=spec, gpu=gpu, gpus=recipe.hardware.gpus, method=recipe.method.type, seq_len=max_len,
@@ -220,11 +230,48 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
                 "data.packing: padding-free rows are attended as one masked sequence without flash_attention_2, "
                 "quadratic in the packed length (benchmarks/train_throughput.py: 2.7x slower than padded batches on "
                 "the CPU); on a GPU set model.attn_implementation=flash_attention_2")
-    sft_kwargs = {**kwargs, **sft, **{k: v for k, v in overrides.items() if k in sft}}
+    sft_kwargs = _check_sft_config({**kwargs, **sft}, overrides, device)
     prepared = Prepared(recipe=recipe, run_dir=run_dir, model_path=model_path, plan=plan, sft_kwargs=sft_kwargs,
                         overrides=overrides, adaptations=adaptations, train_dataset=train, eval_dataset=evaluation,
                         data_format=fmt, data_note=note, holdout=holdout)
     return prepared, tokenizer
+
+
+#: TrainingArguments fields that must be positive when a recipe sets them
+_POSITIVE_FIELDS = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps", "max_length"}
+
+
+def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], device: str) -> dict[str, Any]:
+    """Type-check the recipe's ``training:`` values against the SFTConfig fields and build the SFTConfig once, before
+    anything is written, so a bad value is a one-line error naming it. Returns the kwargs with coerced values."""
+    import typing
+    import warnings
+
+    from trl import SFTConfig
+
+    from .recipe import _coerce
+
+    hints = typing.get_type_hints(SFTConfig)
+    simple = (int, float, bool, int | None, float | None, bool | None)
+    sft_kwargs = dict(sft_kwargs)
+    for key in overrides:
+        tp = hints.get(key)
+        if tp in simple:
+            sft_kwargs[key] = _coerce(sft_kwargs[key], tp, f"training.{key}")
+        if key in _POSITIVE_FIELDS and not (isinstance(sft_kwargs[key], (int, float)) and sft_kwargs[key] > 0):
+            raise FinetuneHelperError(f"training.{key}", f"must be > 0, got {sft_kwargs[key]!r}")
+    probe = dict(sft_kwargs)
+    if device == "cpu":  # a dry run on a machine without the planned GPU: check the values, not the hardware
+        probe.update(use_cpu=True, bf16=False, fp16=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            SFTConfig(**probe)
+    except (TypeError, ValueError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FinetuneHelperError("training", f"the TrainingArguments do not build: {text}") from None
+    return sft_kwargs
 
 
 def write_run_files(prep: Prepared) -> None:
@@ -251,7 +298,7 @@ def _callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str, Any])
         def on_train_begin(self, args, st, control, **kw):
             self.t0 = time.time()
             self.start_step = st.global_step
-            self.tokens0 = st.num_input_tokens_seen or 0
+            self.tokens0 = state["tokens_at_start"] = st.num_input_tokens_seen or 0
 
         def on_log(self, args, st, control, logs=None, **kw):
             logs = dict(logs or {})
@@ -364,56 +411,77 @@ def _trainer(prep: Prepared, tokenizer, sft_kwargs: dict[str, Any], callbacks: l
     return trainer
 
 
+def _first_logged_loss(run_dir: Path) -> float | None:
+    """The first loss a resumed run logged before (the divergence guard's reference must not restart)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record.get("loss"), (int, float)):
+            return float(record["loss"])
+    return None
+
+
 def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str], None] = print,
-          extra_callbacks: list | None = None) -> RunResult:
+          extra_callbacks: list | None = None, state: dict[str, Any] | None = None) -> RunResult:
+    """Train with OOM back-off; ``state`` is shared with the signal handler ``run`` installs."""
     import torch
 
     run_dir = prep.run_dir
-    state: dict[str, Any] = {}
+    state = state if state is not None else {}
+    if resume and (first := _first_logged_loss(run_dir)) is not None:
+        state["first_loss"] = first
     callbacks = list(extra_callbacks or []) + _callbacks(run_dir, log, state)
-
-    def on_signal(signum, frame):  # noqa: ARG001
-        state["signal"] = signal.Signals(signum).name
-        log(f"{state['signal']}: saving a checkpoint at the end of this step, then stopping")
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     sft_kwargs = dict(prep.sft_kwargs)
     oom_events: list[dict[str, Any]] = []
-    before = _exact_match(prep, None, tokenizer) if prep.holdout else None
+    before = None
     t0 = time.time()
-    try:
-        resume_from = str(last_checkpoint(run_dir)) if resume and last_checkpoint(run_dir) else None
-        while True:
-            trainer = _trainer(prep, tokenizer, sft_kwargs, callbacks)
-            if before is None and prep.holdout:
-                before = _exact_match(prep, trainer.model, tokenizer)
-            try:
-                output = trainer.train(resume_from_checkpoint=resume_from)
-                break
-            except torch.OutOfMemoryError:
-                batch, accum = sft_kwargs["per_device_train_batch_size"], sft_kwargs["gradient_accumulation_steps"]
-                del trainer
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if batch == 1:
-                    raise RunStopped(EXIT_OOM, "out of memory at per-device batch 1: enable gradient checkpointing "
-                                     "(training.gradient_checkpointing=true), use method.type=qlora, a shorter "
-                                     "data.max_length, or more GPUs") from None
-                ckpt = last_checkpoint(run_dir)
-                sft_kwargs["per_device_train_batch_size"] = batch // 2
-                sft_kwargs["gradient_accumulation_steps"] = accum * 2
-                event = {"per_device_train_batch_size": [batch, batch // 2],
-                         "gradient_accumulation_steps": [accum, accum * 2],
-                         "resumed_from": ckpt.name if ckpt else None}
-                oom_events.append(event)
-                log(f"CUDA out of memory: per-device batch {batch} -> {batch // 2}, accumulation {accum} -> "
-                    f"{accum * 2} (effective batch and learning rate unchanged); continuing from "
-                    f"{ckpt.name if ckpt else 'the start'}")
-                resume_from = str(ckpt) if ckpt else None
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    resume_from = str(last_checkpoint(run_dir)) if resume and last_checkpoint(run_dir) else None
+    while True:
+        trainer = _trainer(prep, tokenizer, sft_kwargs, callbacks)
+        if len(trainer.train_dataset) == 0:
+            raise FinetuneHelperError("data.max_length", f"{sft_kwargs.get('max_length')} tokens leave no answer token "
+                                      "in any example (TRL drops those): raise data.max_length")
+        if before is None and prep.holdout:
+            before = _exact_match(prep, trainer.model, tokenizer)
+        state["phase"] = "training"
+        oom = False
+        try:
+            output = trainer.train(resume_from_checkpoint=resume_from)
+        except torch.OutOfMemoryError:
+            oom = True
+        if not oom:
+            break
+        batch, accum = sft_kwargs["per_device_train_batch_size"], sft_kwargs["gradient_accumulation_steps"]
+        del trainer  # outside the except block, so the traceback no longer holds it
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if batch == 1:
+            raise RunStopped(EXIT_OOM, "out of memory at per-device batch 1: enable gradient checkpointing "
+                             "(training.gradient_checkpointing=true), use method.type=qlora, a shorter "
+                             "data.max_length, or more GPUs")
+        ckpt = last_checkpoint(run_dir)
+        new_batch = batch // 2
+        new_accum = math.ceil(batch * accum / new_batch)
+        sft_kwargs["per_device_train_batch_size"] = new_batch
+        sft_kwargs["gradient_accumulation_steps"] = new_accum
+        sft_kwargs["per_device_eval_batch_size"] = min(sft_kwargs.get("per_device_eval_batch_size", new_batch),
+                                                       new_batch)
+        same = new_batch * new_accum == batch * accum
+        oom_events.append({"per_device_train_batch_size": [batch, new_batch],
+                           "gradient_accumulation_steps": [accum, new_accum],
+                           "resumed_from": ckpt.name if ckpt else None})
+        log(f"CUDA out of memory: per-device batch {batch} -> {new_batch}, accumulation {accum} -> {new_accum} "
+            + ("(effective batch and learning rate unchanged)" if same else
+               f"(effective batch {batch * accum} -> {new_batch * new_accum}, learning rate unchanged)")
+            + f"; continuing from {ckpt.name if ckpt else 'the start'}")
+        resume_from = str(ckpt) if ckpt else None
+    state["phase"] = "finishing"
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.state.global_step,
                                "max_steps": trainer.state.max_steps, "oom_backoffs": oom_events,
@@ -424,7 +492,7 @@ def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str
     summary["train_loss_last"] = losses[-1] if losses else None
     summary["train_loss_mean"] = metrics.get("train_loss")
     runtime = metrics.get("train_runtime") or 0
-    tokens = trainer.state.num_input_tokens_seen or 0
+    tokens = (trainer.state.num_input_tokens_seen or 0) - state.get("tokens_at_start", 0)  # this session's tokens
     summary["tokens_per_second"] = round(tokens / runtime, 1) if runtime else None
     if torch.cuda.is_available():
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
@@ -511,11 +579,72 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         extra_callbacks: list | None = None) -> RunResult:
     recipe = load_recipe(recipe_path, overrides)
     run_dir = Path(output_dir or recipe.output_dir or Path("runs") / Path(recipe_path).stem)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FinetuneHelperError("output-dir", f"{run_dir} is a file, not a folder")
     if not resume and not dry_run and last_checkpoint(run_dir) is not None:
         raise FinetuneHelperError("output-dir", f"{run_dir} already holds checkpoints; pass --resume to continue "
                                   "that run, or --output-dir for a new one (nothing was overwritten)")
-    if resume and last_checkpoint(run_dir) is None:
-        raise FinetuneHelperError("resume", f"no checkpoint in {run_dir} to resume from")
+    if resume:
+        if last_checkpoint(run_dir) is None:
+            raise FinetuneHelperError("resume", f"no checkpoint in {run_dir} to resume from")
+        _check_resume_matches(recipe, run_dir)
+    state: dict[str, Any] = {"phase": "preparing"}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        name = signal.Signals(signum).name
+        if state["phase"] == "preparing":
+            raise RunStopped(EXIT_INTERRUPTED, f"interrupted by {name} before training started; nothing to resume")
+        if state["phase"] == "finishing":
+            log(f"{name}: finishing the final save first")
+            return
+        state["signal"] = name
+        log(f"{name}: saving a checkpoint at the end of this step, then stopping")
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(recipe, run_dir, dry_run=dry_run, resume=resume, log=log, extra_callbacks=extra_callbacks,
+                    state=state)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+#: recipe settings a resumed run may change: only how long it trains
+_RESUMABLE_CHANGES = {"recommend.epochs", "training.max_steps", "training.num_train_epochs"}
+
+
+def _check_resume_matches(recipe: Recipe, run_dir: Path) -> None:
+    """``--resume`` continues the same run: its saved recipe.yaml must agree but for the training length."""
+    import yaml
+
+    saved_file = run_dir / "recipe.yaml"
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    now = recipe.to_dict()
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and key != "columns":
+                out.update(flat(value, name + "."))
+            else:
+                out[name] = value
+        return out
+
+    a, b = flat(saved), flat(now)
+    for key in sorted(set(a) | set(b)):
+        if key in _RESUMABLE_CHANGES or key == "output_dir":
+            continue
+        if a.get(key) != b.get(key):
+            raise FinetuneHelperError(key, f"differs from the run being resumed ({a.get(key)!r} in {saved_file}, "
+                                      f"{b.get(key)!r} now); --resume continues the same run (only the training "
+                                      "length may change): use a new --output-dir for a different recipe")
+
+
+def _run(recipe: Recipe, run_dir: Path, *, dry_run: bool, resume: bool, log: Callable[[str], None],
+         extra_callbacks: list | None, state: dict[str, Any]) -> RunResult:
     prep, tokenizer = prepare(recipe, run_dir, log, dry_run=dry_run)
     plan = prep.plan
     log(f"plan: per-device batch {plan.per_device_train_batch_size} x accumulation "
@@ -531,7 +660,7 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     log(f"wrote {run_dir}/recipe.yaml, plan.json, training_args.json")
     if dry_run:
         return RunResult(run_dir, EXIT_OK, {"status": "dry-run", "run_dir": str(run_dir)})
-    return train(prep, tokenizer, resume=resume, log=log, extra_callbacks=extra_callbacks)
+    return train(prep, tokenizer, resume=resume, log=log, extra_callbacks=extra_callbacks, state=state)
 
 
 __all__ = ["run", "prepare", "train", "RunResult", "RunStopped", "format_summary"]

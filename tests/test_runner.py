@@ -186,3 +186,38 @@ def test_tiny_demo_learns_the_task(tmp_path):
     s = result.summary
     assert s["status"] == "done" and s["train_loss_last"] < 0.2 * s["train_loss_first"]
     assert s["exact_match_before"] <= 0.05 and s["exact_match_after"] >= 0.5
+
+
+@pytest.mark.parametrize("override,field", [
+    ("training.max_steps=abc", "training.max_steps"),
+    ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size"),
+    ("training.output_dir=/tmp/elsewhere", "training.output_dir"),
+    ("training.optim=bogus", "training"),
+    ("data.max_length=4", "data.max_length"),
+    ("hardware.gpu=H1000", "hardware.gpu"),
+])
+def test_bad_training_values_are_one_line_errors_before_anything_is_written(override, field, tmp_path, capsys):
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", str(TINY), "--output-dir", str(out), "training.max_steps=3", override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"finetune-helper: error: {field}"), err
+    if field != "data.max_length":  # that one is only known once TRL has tokenized the data
+        assert not (out / "plan.json").exists()
+
+
+def test_resume_refuses_a_different_recipe_and_keeps_the_run_files(tmp_path):
+    from finetune_helper.errors import FinetuneHelperError
+
+    out = tmp_path / "run"
+    run(TINY, steps(4, "training.save_steps=2", "data.max_examples=200"), output_dir=str(out), **QUIET)
+    before = (out / "plan.json").read_text()
+    with pytest.raises(FinetuneHelperError) as err:
+        run(TINY, steps(6, "training.save_steps=2", "data.max_examples=200", "method.type=lora"), output_dir=str(out),
+            resume=True, **QUIET)
+    assert err.value.field == "method.type"
+    assert (out / "plan.json").read_text() == before and last_checkpoint(out).name == "checkpoint-4"
+    longer = run(TINY, steps(6, "training.save_steps=2", "data.max_examples=200"), output_dir=str(out), resume=True,
+                 **QUIET)
+    assert longer.summary["global_step"] == 6  # only the training length may change on resume
