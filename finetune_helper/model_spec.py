@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,7 @@ class ModelSpec:
             config=dict(config),
         )
         if counted is not None:
-            spec = _replace(spec, counted_parameters=counted[0], counted_tensors=counted[1])
+            spec = replace(spec, counted_parameters=counted[0], counted_tensors=counted[1])
         return spec
 
     # ----------------------------------------------------------------- shapes
@@ -253,12 +253,6 @@ class ModelSpec:
         return (f"{self.name} ({self.model_type}, {fmt_count(self.num_parameters())} parameters, "
                 f"{self.num_hidden_layers} layers, hidden {self.hidden_size}, heads {self.num_attention_heads}/"
                 f"{self.num_key_value_heads} kv, vocab {self.vocab_size})")
-
-
-def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:
-    from dataclasses import replace
-
-    return replace(spec, **changes)
 
 
 # --------------------------------------------------------------------- meta-device fallback

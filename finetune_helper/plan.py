@@ -14,7 +14,7 @@ spec -> estimate -> **plan** -> export.  Rules, in the order they are applied:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import catalog
@@ -475,7 +475,3 @@ def recommend_plan(req: PlanRequest) -> Plan:
         fits=fits, estimate=est, total_steps=steps, distributed=distributed, weight_decay=WEIGHT_DECAY[req.method],
         reasons=reasons, escalation=escalation,
     )
-
-
-def with_overrides(req: PlanRequest, **changes: Any) -> PlanRequest:
-    return replace(req, **changes)
