@@ -275,6 +275,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     notes = check_references(recipe)
+    if recipe.training:
+        from .runner import check_training_values
+
+        check_training_values(recipe.training)
     print(f"{args.recipe}: ok ({recipe.model.name}, {recipe.method.type}, data {recipe.data.path}, "
           f"gpu {recipe.hardware.gpu} x {recipe.hardware.gpus})")
     for note in notes:

@@ -242,11 +242,10 @@ _POSITIVE_FIELDS = {"per_device_train_batch_size", "per_device_eval_batch_size",
                     "learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps", "max_length"}
 
 
-def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], device: str) -> dict[str, Any]:
-    """Type-check the recipe's ``training:`` values against the SFTConfig fields and build the SFTConfig once, before
-    anything is written, so a bad value is a one-line error naming it. Returns the kwargs with coerced values."""
+def check_training_values(training: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``training:`` values typed as the SFTConfig fields they set (``"3e-4"`` -> float), with
+    one-line errors naming ``training.<key>``; needs no plan (``finetune-helper validate`` uses it)."""
     import typing
-    import warnings
 
     from trl import SFTConfig
 
@@ -254,13 +253,24 @@ def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], dev
 
     hints = typing.get_type_hints(SFTConfig)
     simple = (int, float, bool, int | None, float | None, bool | None)
-    sft_kwargs = dict(sft_kwargs)
-    for key in overrides:
+    out = dict(training)
+    for key, value in training.items():
         tp = hints.get(key)
         if tp in simple:
-            sft_kwargs[key] = _coerce(sft_kwargs[key], tp, f"training.{key}")
-        if key in _POSITIVE_FIELDS and not (isinstance(sft_kwargs[key], (int, float)) and sft_kwargs[key] > 0):
-            raise FinetuneHelperError(f"training.{key}", f"must be > 0, got {sft_kwargs[key]!r}")
+            out[key] = value = _coerce(value, tp, f"training.{key}")
+        if key in _POSITIVE_FIELDS and not (isinstance(value, (int, float)) and value > 0):
+            raise FinetuneHelperError(f"training.{key}", f"must be > 0, got {value!r}")
+    return out
+
+
+def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], device: str) -> dict[str, Any]:
+    """Type-check the recipe's ``training:`` values against the SFTConfig fields and build the SFTConfig once, before
+    anything is written, so a bad value is a one-line error naming it. Returns the kwargs with coerced values."""
+    import warnings
+
+    from trl import SFTConfig
+
+    sft_kwargs = {**sft_kwargs, **check_training_values({k: sft_kwargs[k] for k in overrides})}
     probe = dict(sft_kwargs)
     if device == "cpu":  # a dry run on a machine without the planned GPU: check the values, not the hardware
         probe.update(use_cpu=True, bf16=False, fp16=False)

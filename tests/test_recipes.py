@@ -69,6 +69,10 @@ BAD = {
     "bad_method": ("model:\n  name: x\nmethod:\n  type: prefix\ndata:\n  path: a.jsonl\n", "method.type"),
     "training_field": ("model:\n  name: x\ndata:\n  path: a.jsonl\ntraining:\n  learning_rat: 1.0e-4\n",
                        "learning_rate"),
+    "training_type": ("model:\n  name: x\ndata:\n  path: builtin:arithmetic\ntraining:\n  max_steps: abc\n",
+                      "training.max_steps"),
+    "training_positive": ("model:\n  name: x\ndata:\n  path: builtin:arithmetic\ntraining:\n"
+                          "  per_device_train_batch_size: 0\n", "training.per_device_train_batch_size"),
 }
 
 
