@@ -309,28 +309,40 @@ def apply_overrides(raw: Any, overrides: list[str] | tuple[str, ...]) -> dict[st
     return data
 
 
+def resolve_recipe_gpu(recipe: Recipe):  # -> GPUSpec
+    """``hardware.gpu`` resolved, its errors named after the recipe field."""
+    from .gpu_spec import resolve_gpu
+
+    try:
+        return resolve_gpu(recipe.hardware.gpu)
+    except FinetuneHelperError as exc:
+        raise FinetuneHelperError("hardware.gpu", exc.message) from None
+
+
+def resolve_recipe_model(name: str):  # -> ModelSpec
+    """A model name or path from the recipe resolved, its errors named ``model.name``."""
+    from .model_spec import resolve_model
+
+    try:
+        return resolve_model(name)
+    except FinetuneHelperError as exc:
+        raise FinetuneHelperError("model.name", exc.message) from None
+
+
 def check_references(recipe: Recipe) -> list[str]:
     """Check what can be checked offline and without torch: the GPU, a catalog / local / built-in model, a local data
     file. Returns notes on what only the run can check (Hub models and datasets)."""
     from . import catalog
-    from .gpu_spec import resolve_gpu
-    from .model_spec import resolve_model
 
     notes: list[str] = []
     if recipe.hardware.gpu != "auto":
-        try:
-            resolve_gpu(recipe.hardware.gpu)
-        except FinetuneHelperError as exc:
-            raise FinetuneHelperError("hardware.gpu", exc.message) from None
+        resolve_recipe_gpu(recipe)
     name = recipe.model.name
     if name.startswith("builtin:"):
         if name != BUILTIN_MODEL:
             raise FinetuneHelperError("model.name", f"unknown built-in model {name!r}; the built-in is {BUILTIN_MODEL}")
     elif catalog.find_model(name) is not None or Path(name).expanduser().is_dir():
-        try:
-            resolve_model(name)
-        except FinetuneHelperError as exc:
-            raise FinetuneHelperError("model.name", exc.message) from None
+        resolve_recipe_model(name)
     else:
         notes.append(f"model.name {name!r} is not in the catalog: its config.json is fetched from the Hub at run time")
     path = recipe.data.path

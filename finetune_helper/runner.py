@@ -29,7 +29,8 @@ from .errors import FinetuneHelperError
 
 # bitsandbytes (imported by transformers / TRL when installed) warns on every CPU import about an optional kernel
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-from .recipe import BUILTIN_DATA, BUILTIN_MODEL, Recipe, load_recipe
+from .recipe import (BUILTIN_DATA, BUILTIN_MODEL, Recipe, load_recipe, resolve_recipe_gpu,
+                     resolve_recipe_model)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 #: A loss this many times the first logged loss counts as exploding (a run that ends up worse than the random
@@ -94,11 +95,8 @@ def _device() -> str:
 def _resolve_model_path(recipe: Recipe, log: Callable[[str], None]) -> str:
     name = recipe.model.name
     if name == BUILTIN_MODEL:
-        from transformers.utils import logging as hf_logging
-
         from .tiny import build_tiny_assets
 
-        hf_logging.disable_progress_bar()
         path = build_tiny_assets(cache_dir() / "tiny-llama", seed=0)
         log(f"model: {BUILTIN_MODEL} (random-init tiny Llama and locally trained tokenizer in {path})")
         return str(path)
@@ -107,11 +105,9 @@ def _resolve_model_path(recipe: Recipe, log: Callable[[str], None]) -> str:
 
 def _load_data(recipe: Recipe, tokenizer, log: Callable[[str], None]):
     from datasets import Dataset
-    from datasets.utils.logging import disable_progress_bar
 
     from . import datasets_io
 
-    disable_progress_bar()
     holdout = None
     if recipe.data.path == BUILTIN_DATA:
         from .tiny import TINY_DEMO_TRAINING, synthetic_dataset
@@ -163,13 +159,17 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
     A dry run of a Hub model that is not available offline plans from the catalog config without its tokenizer
     (nothing is downloaded); the loss-masking settings are then decided at run time.
     """
+    from datasets.utils.logging import disable_progress_bar as datasets_quiet
+    from transformers.utils.logging import disable_progress_bar as transformers_quiet
+
     from .export import training_kwargs
-    from .gpu_spec import resolve_gpu
-    from .model_spec import resolve_model
     from .plan import PlanRequest, recommend_plan
 
+    datasets_quiet()  # one progress line per log from us, no download / shard bars
+    transformers_quiet()
+    gpu = resolve_recipe_gpu(recipe)  # before any slow work: a misspelt GPU fails at once
     model_path = _resolve_model_path(recipe, log)
-    spec = resolve_model(model_path)
+    spec = resolve_recipe_model(model_path)
     try:
         tokenizer = load_tokenizer(model_path, recipe, log)
     except FinetuneHelperError:
@@ -181,14 +181,6 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
 
     device = _device()
     adaptations: list[str] = []
-    gpu_name = recipe.hardware.gpu
-    if gpu_name == "auto" and device == "cpu":
-        raise FinetuneHelperError("hardware.gpu", "auto found no CUDA GPU; name the GPU to plan for (e.g. 24GB) -- "
-                                  "the run then trains on the CPU")
-    try:
-        gpu = resolve_gpu(gpu_name)
-    except FinetuneHelperError as exc:
-        raise FinetuneHelperError("hardware.gpu", exc.message) from None
     max_len = recipe.data.max_length or min(2048, spec.max_position_embeddings)
     req = PlanRequest(
         model=spec, gpu=gpu, gpus=recipe.hardware.gpus, method=recipe.method.type, seq_len=max_len,
@@ -408,10 +400,8 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 def _trainer(prep: Prepared, tokenizer, sft_kwargs: dict[str, Any], callbacks: list) -> Any:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
-    hf_logging.disable_progress_bar()
     args = SFTConfig(**sft_kwargs)
     model = _load_model(prep, sft_kwargs)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prep.train_dataset, eval_dataset=prep.eval_dataset,
@@ -450,7 +440,8 @@ def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str
     oom_events: list[dict[str, Any]] = []
     before = None
     t0 = time.time()
-    resume_from = str(last_checkpoint(run_dir)) if resume and last_checkpoint(run_dir) else None
+    start = last_checkpoint(run_dir) if resume else None
+    resume_from = str(start) if start else None
     while True:
         trainer = _trainer(prep, tokenizer, sft_kwargs, callbacks)
         if len(trainer.train_dataset) == 0:
