@@ -10,8 +10,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export GRADIO_ANALYTICS_ENABLED := False
+# The browser tests drive Debian's chromium through Playwright; `playwright install` cannot download here.
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean chromium app
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +35,15 @@ demo: setup
 	@echo "== finetune-helper run recipes/tiny-demo.yaml: the embedded tiny default, offline, on the CPU =="
 	$(VENV)/bin/finetune-helper run recipes/tiny-demo.yaml --output-dir runs/tiny-demo-$$(date +%Y%m%d-%H%M%S)
 
-test: setup
+# apt needs root: as root (CI, the dev machines) it installs chromium; elsewhere install it yourself
+chromium:
+	@test -x $(CHROMIUM) || (apt-get install -y -q chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium >/dev/null)) || (echo "install Debian's chromium (apt-get install chromium) for the browser tests" && exit 1)
+
+test: setup chromium
 	$(PY) -m pytest -q
+
+app: setup
+	$(VENV)/bin/finetune-helper app
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

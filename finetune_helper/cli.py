@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     run.set_defaults(func=cmd_run)
 
+    app = sub.add_parser("app", help="the Gradio app: recommend, export, start / watch / stop runs")
+    from finetune_helper_app.options import add_arguments as add_app_arguments
+
+    add_app_arguments(app)
+    app.set_defaults(func=cmd_app)
+
     gpus = sub.add_parser("gpus", help="the GPU catalog")
     gpus.add_argument("--json", action="store_true")
     gpus.set_defaults(func=cmd_gpus)
@@ -218,23 +224,7 @@ def _print_plan(plan) -> None:
           f"{fmt_count(d['trainable_parameters'])} trainable) on {r.gpus} x {r.gpu.describe()}, {r.method}, "
           f"seq {d['seq_len']}")
     print()
-    precision = "bf16" if plan.bf16 else "fp16"
-    rows = [
-        ["per_device_train_batch_size", plan.per_device_train_batch_size, plan.reasons["per_device_train_batch_size"]],
-        ["gradient_accumulation_steps", plan.gradient_accumulation_steps, plan.reasons["gradient_accumulation_steps"]],
-        ["effective_batch_size", plan.effective_batch_size, "per-device batch x accumulation x GPUs"],
-        ["learning_rate", f"{plan.learning_rate:.2e}", plan.reasons["learning_rate"]],
-        ["warmup_ratio", f"{plan.warmup_ratio:g}", plan.reasons["warmup_ratio"]],
-        ["lr_scheduler_type", plan.lr_scheduler_type, plan.reasons["lr_scheduler_type"]],
-        ["precision", precision, plan.reasons["precision"]],
-        ["optim", plan.optim, plan.reasons["optim"]],
-        ["gradient_checkpointing", plan.gradient_checkpointing, plan.reasons["gradient_checkpointing"]],
-        ["weight_decay", plan.weight_decay, plan.reasons["weight_decay"]],
-        ["max_grad_norm", plan.max_grad_norm, plan.reasons["max_grad_norm"]],
-        ["total_steps", plan.total_steps, plan.reasons["total_steps"]],
-    ]
-    if "distributed" in plan.reasons:
-        rows.append(["distributed", plan.distributed, plan.reasons["distributed"]])
+    rows = plan.settings_rows()
     print(_table(rows, ["setting", "value", "reason"]))
     print()
     print(_table(_breakdown_rows(d["breakdown"], d["peak_memory_bytes"]), ["peak memory per GPU", "GiB (2^30 B)", "share"]))
@@ -314,6 +304,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print()
         print(format_summary(result.summary))
     return result.exit_code
+
+
+def cmd_app(args: argparse.Namespace) -> None:
+    from finetune_helper_app.app import launch
+
+    launch(args)
 
 
 def cmd_gpus(args: argparse.Namespace) -> None:

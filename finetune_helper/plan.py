@@ -197,6 +197,27 @@ class Plan:
             **({"fsdp": "full_shard auto_wrap"} if self.distributed == "fsdp" else {}),
         }
 
+    def settings_rows(self) -> list[tuple[str, str, str]]:
+        """(setting, value, reason) for every recommended value, in the order the CLI and the app show them."""
+        r = self.reasons
+        rows = [
+            ("per_device_train_batch_size", str(self.per_device_train_batch_size), r["per_device_train_batch_size"]),
+            ("gradient_accumulation_steps", str(self.gradient_accumulation_steps), r["gradient_accumulation_steps"]),
+            ("effective_batch_size", str(self.effective_batch_size), "per-device batch x accumulation x GPUs"),
+            ("learning_rate", f"{self.learning_rate:.2e}", r["learning_rate"]),
+            ("warmup_ratio", f"{self.warmup_ratio:g}", r["warmup_ratio"]),
+            ("lr_scheduler_type", self.lr_scheduler_type, r["lr_scheduler_type"]),
+            ("precision", "bf16" if self.bf16 else "fp16", r["precision"]),
+            ("optim", self.optim, r["optim"]),
+            ("gradient_checkpointing", str(self.gradient_checkpointing), r["gradient_checkpointing"]),
+            ("weight_decay", f"{self.weight_decay:g}", r["weight_decay"]),
+            ("max_grad_norm", f"{self.max_grad_norm:g}", r["max_grad_norm"]),
+            ("total_steps", str(self.total_steps), r["total_steps"]),
+        ]
+        if "distributed" in r:
+            rows.append(("distributed", self.distributed, r["distributed"]))
+        return rows
+
     def to_training_arguments(self, output_dir: str, **overrides: Any) -> Any:
         """A real ``transformers.TrainingArguments`` for the installed version (imports transformers)."""
         from .export import to_training_arguments

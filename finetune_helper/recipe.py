@@ -156,6 +156,21 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
 
+#: the data path a recipe made from a recommendation starts with, until the user names their own dataset
+PLACEHOLDER_DATA = "train.jsonl"
+
+
+def recipe_from_settings(*, model: str, gpu: str, gpus: int = 1, method: str = "lora", seq_len: int | None = None,
+                         dataset_size: int | None = None, epochs: float = 3.0, target_effective_batch: int = 64,
+                         lr_min: float = 1e-5, lr_max: float = 5e-5, data_path: str = PLACEHOLDER_DATA) -> Recipe:
+    """A recipe that reproduces a recommendation (the app's "recipe YAML" download and its Train tab)."""
+    return Recipe(model=ModelSection(name=model), method=MethodSection(type=method),
+                  data=DataSection(path=data_path, max_length=seq_len),
+                  hardware=HardwareSection(gpu=gpu, gpus=gpus),
+                  recommend=RecommendSection(target_effective_batch=target_effective_batch, lr_min=lr_min,
+                                             lr_max=lr_max, epochs=epochs, dataset_size=dataset_size))
+
+
 _SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection, "hardware": HardwareSection,
              "recommend": RecommendSection}
 _TOP_LEVEL = {f.name for f in dataclasses.fields(Recipe)}
@@ -349,7 +364,7 @@ def check_references(recipe: Recipe) -> list[str]:
     if path.startswith("builtin:"):
         if path != BUILTIN_DATA:
             raise FinetuneHelperError("data.path", f"unknown built-in data {path!r}; the built-in is {BUILTIN_DATA}")
-    elif Path(path).suffix in DATA_SUFFIXES or path.startswith((".", "/", "~")):
+    elif Path(path).suffix.lower() in DATA_SUFFIXES or path.startswith((".", "/", "~")):
         if not Path(path).expanduser().exists():
             raise FinetuneHelperError("data.path", f"no such file: {path}")
     else:

@@ -309,7 +309,13 @@ def _callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str, Any])
             eta = elapsed / done * (st.max_steps - st.global_step) if done else float("nan")
             tokens = (st.num_input_tokens_seen or 0) - self.tokens0
             record = {"step": st.global_step, "max_steps": st.max_steps, "time": round(elapsed, 3), **logs,
-                      "tokens_per_second": tokens / elapsed if elapsed > 0 else None}
+                      "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+                      "eta_seconds": round(eta, 1) if math.isfinite(eta) else None}
+            if state.get("cuda"):  # measured vs estimated, live in the app
+                import torch
+
+                record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+                record["estimated_peak_memory_bytes"] = state.get("estimated_peak_memory_bytes")
             with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
             if "loss" in logs:
@@ -435,6 +441,8 @@ def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str
     state = state if state is not None else {}
     if resume and (first := _first_logged_loss(run_dir)) is not None:
         state["first_loss"] = first
+    if torch.cuda.is_available():
+        state.update(cuda=True, estimated_peak_memory_bytes=prep.plan.estimate.allocated_peak)
     callbacks = list(extra_callbacks or []) + _callbacks(run_dir, log, state)
     sft_kwargs = dict(prep.sft_kwargs)
     oom_events: list[dict[str, Any]] = []

@@ -1,0 +1,526 @@
+"""finetune-helper's Gradio app: recommend settings, export them, launch, watch and stop the fine-tune.
+
+Start it with ``finetune-helper app [--host 127.0.0.1] [--port 7860] [--auth user:password] [--workspace DIR]``
+or ``python app/app.py`` (same flags).  Loopback only and no share link unless asked; analytics off.
+
+A thin front end: the recommendation comes from ``finetune_helper.plan``, exports from ``finetune_helper.export``,
+runs from ``finetune_helper.runs`` (each one a ``finetune-helper run`` process writing its run folder).  Core errors
+(:class:`FinetuneHelperError`) become ``gr.Error`` messages here and nowhere else; the app keeps working.
+
+Named endpoints for ``gradio_client``: ``/recommend``, ``/export``, ``/start_run``, ``/run_status``, ``/stop_run``,
+``/resume_run``, ``/list_runs``, ``/run_details``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import html
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # also stops Gradio's Hub telemetry (STACK-NOTES.md)
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from finetune_helper import catalog  # noqa: E402
+from finetune_helper.errors import FinetuneHelperError  # noqa: E402
+from finetune_helper.recipe import BUILTIN_MODEL, PLACEHOLDER_DATA, recipe_from_settings  # noqa: E402
+from finetune_helper.runs import RunManager, build_recipe  # noqa: E402
+from finetune_helper.schedule import logged_lr, schedule_points, warmup_steps_for  # noqa: E402
+from finetune_helper.units import GiB, fmt_gib  # noqa: E402
+from finetune_helper.workspace import Workspace  # noqa: E402
+from finetune_helper_app.options import LOOPBACK, add_arguments, parse_auth  # noqa: E402
+
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+FROM_RECOMMENDATION = "(the current recommendation)"
+EXPORT_FORMATS = {"python": "python", "json": "json", "yaml": "yaml", "cli": "shell", "recipe": "yaml"}
+CSS = """
+.fh-bar {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; margin: 4px 0 8px}
+.fh-bar > div {height: 100%; background: var(--color-accent); transition: width .5s}
+.fh-fits {color: #15803d; font-weight: 600} .fh-nofit {color: #b91c1c; font-weight: 600}
+"""
+
+
+def _errors_shown(fn):
+    """Core errors become a visible ``gr.Error`` (one line, named field); the app keeps serving."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FinetuneHelperError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------- recommend
+def _opt_int(value: Any, field: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise FinetuneHelperError(field, f"must be a whole number, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise FinetuneHelperError(field, f"must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _seq_len(value: Any) -> int | None:
+    """0 or empty: the planner's default, min(2048, the model's maximum)."""
+    return _opt_int(value, "seq-len") or None
+
+
+def _number(value: Any, field: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise FinetuneHelperError(field, f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise FinetuneHelperError(field, f"must be a finite number, got {value!r}")
+    return number
+
+
+class App:
+    """The handlers, bound to one workspace and its run manager."""
+
+    def __init__(self, workspace: Workspace, detected_gpu: str | None = None) -> None:
+        self.workspace = workspace
+        self.runs = RunManager(workspace)
+        self.detected_gpu = detected_gpu
+        self.exports = workspace.root / "exports"
+        self.exports.mkdir(exist_ok=True)
+
+    # --------------------------------------------------------------------------------- recommendation
+    def _model_spec(self, model: str):
+        from finetune_helper.model_spec import ModelSpec, resolve_model
+
+        source = self.workspace.model_source(model, field="model")
+        if source == BUILTIN_MODEL:
+            from finetune_helper.tiny import TINY_LLAMA_CONFIG
+
+            return ModelSpec.from_config(TINY_LLAMA_CONFIG, name=BUILTIN_MODEL, origin="builtin")
+        return resolve_model(source)
+
+    def plan(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max):
+        from finetune_helper.gpu_spec import resolve_gpu
+        from finetune_helper.plan import PlanRequest, recommend_plan
+
+        spec = self._model_spec(model)
+        gpu_spec = resolve_gpu(str(gpu or "").strip() or "")
+        n_gpus = _opt_int(gpus, "gpus") or 1
+        req = PlanRequest(model=spec, gpu=gpu_spec, gpus=n_gpus, method=str(method), seq_len=_seq_len(seq_len),
+                          dataset_size=_opt_int(dataset_size, "dataset-size"), epochs=_number(epochs, "epochs"),
+                          target_effective_batch=_opt_int(target_batch, "target-batch") or 0,
+                          lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"))
+        return recommend_plan(req)
+
+    def recommend(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max):
+        plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max)
+        settings = pd.DataFrame(plan.settings_rows(), columns=["setting", "value", "reason"])
+        return (verdict_markdown(plan), settings, memory_frame(plan), schedule_frame(plan), plan.to_dict())
+
+    def export(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
+               fmt="python"):
+        from finetune_helper.export import render
+
+        if fmt not in EXPORT_FORMATS:
+            raise FinetuneHelperError("format", f"{fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
+        plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max)
+        output_dir = f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
+        texts = {f: render(plan, f, output_dir=output_dir) for f in ("python", "json", "yaml", "cli")}
+        texts["recipe"] = self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
+                                           lr_min, lr_max)
+        folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=self.exports))
+        names = {"python": "train_args.py", "json": "training_args.json", "yaml": "training_args.yaml",
+                 "recipe": "recipe.yaml"}
+        files = []
+        for key, name in names.items():
+            path = folder / name
+            path.write_text(texts[key], encoding="utf-8")
+            files.append(str(path))
+        return texts[fmt], files
+
+    def recipe_text(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
+                    data_path: str = PLACEHOLDER_DATA) -> str:
+        self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max)  # checks
+        recipe = recipe_from_settings(
+            model=str(model).strip(), gpu=str(gpu).strip(), gpus=_opt_int(gpus, "gpus") or 1, method=str(method),
+            seq_len=_seq_len(seq_len), dataset_size=_opt_int(dataset_size, "dataset-size"),
+            epochs=_number(epochs, "epochs"), target_effective_batch=_opt_int(target_batch, "target-batch") or 0,
+            lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"), data_path=data_path)
+        header = ("# Made by the finetune-helper app from its recommendation.\n"
+                  f"# data.path: replace {PLACEHOLDER_DATA} with your dataset (or upload one in the Train tab).\n"
+                  "# Run: finetune-helper run recipe.yaml\n")
+        return header + recipe.to_yaml()
+
+    # --------------------------------------------------------------------------------- train
+    def load_recipe(self, choice, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
+                    lr_max) -> str:
+        if choice == FROM_RECOMMENDATION:
+            return self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
+                                    lr_max)
+        names = {p.name: p for p in shipped_recipes()}
+        if choice not in names:
+            raise FinetuneHelperError("recipe", f"{choice!r} is not a shipped recipe; choose from "
+                                      f"{', '.join(names) or 'none'}")
+        return names[choice].read_text(encoding="utf-8")
+
+    def start_run(self, recipe_yaml, data_file, data_path, trust_remote_code, run_name):
+        recipe = build_recipe(self.workspace, recipe_yaml, data_file=data_file, data_path=data_path or "",
+                              trust_remote_code=bool(trust_remote_code))
+        run_id = self.runs.start(recipe, name=(run_name or "").strip() or None)
+        return run_id, f"Started **{run_id}**: preparing (loading the model and data takes a few seconds)."
+
+    def run_status(self, run_id) -> dict[str, Any]:
+        return self.runs.status(run_id)
+
+    def stop_run(self, run_id) -> str:
+        st = self.runs.stop(run_id)
+        return f"Stopping **{st['run_id']}**: it saves a checkpoint at the end of the current step, then exits."
+
+    def resume_run(self, run_id) -> str:
+        self.runs.resume(run_id)
+        return f"Resumed **{run_id}** from its last checkpoint."
+
+    def run_ids(self) -> list[str]:
+        return [r["run_id"] for r in self.runs.list_runs()]
+
+    def refresh(self, run_id, last_fingerprint):
+        """The Train tab's live view (timer tick): skipped when nothing changed since the last tick."""
+        if not run_id:
+            return (*[gr.skip()] * 6, last_fingerprint)
+        try:
+            st = self.runs.status(run_id)
+        except FinetuneHelperError as exc:
+            return (f"<p>{html.escape(str(exc))}</p>", *[gr.skip()] * 5, None)
+        fingerprint = (run_id, st["state"], len(st["metrics"]), st["log_tail"][-200:])
+        if fingerprint == last_fingerprint:
+            return (*[gr.skip()] * 6, last_fingerprint)
+        return (progress_html(st), _or_none(loss_frame(st["metrics"])), _or_none(live_lr_frame(st)),
+                memory_markdown(st), st["log_tail"], _status_json(st), fingerprint)
+
+    # --------------------------------------------------------------------------------- runs
+    def list_runs(self):
+        rows = self.runs.list_runs()
+        columns = ["run_id", "state", "model", "method", "step", "max_steps", "train_loss_last", "eval_loss", "started"]
+        frame = pd.DataFrame(rows, columns=columns)
+        return frame, gr.Dropdown(choices=[r["run_id"] for r in rows], value=rows[0]["run_id"] if rows else None)
+
+    def run_details(self, run_id):
+        d = self.runs.details(run_id)
+        summary = d["summary"] or {}
+        lines = [f"### {d['run_id']}: {d['state']}", f"step {d['step']}/{d['max_steps'] or '?'}; "
+                 f"final train loss {_fmt(summary.get('train_loss_last', d['loss']))}; "
+                 f"eval loss {_fmt(summary.get('eval_loss', d['eval_loss']))}"]
+        if summary.get("exact_match_after") is not None:
+            lines.append(f"held-out exact match: {_fmt(summary.get('exact_match_before'), '{:.1%}')} before, "
+                         f"{_fmt(summary['exact_match_after'], '{:.1%}')} after")
+        if d["message"]:
+            lines.append(f"message: {d['message']}")
+        return ("\n\n".join(lines), _or_none(loss_frame(d["metrics"])), d["plan"] or {}, d["training_args"] or {},
+                d["recipe"] or "")
+
+
+def _or_none(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """No points yet: clear the chart. (Sent an empty frame first, a Gradio 6 line chart never draws the lines of
+    the later frames; measured in the browser test's screenshots.)"""
+    return frame if len(frame) else None
+
+
+def _fmt(value, fmt="{:.4f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _status_json(st: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in st.items() if k not in ("metrics", "log_tail")}
+
+
+# ------------------------------------------------------------------------------------------- views
+def verdict_markdown(plan) -> str:
+    r = plan.request
+    head = (f"**{r.model.name}** ({r.model.model_type}, {r.model.num_parameters() / 1e9:.3g}B parameters) on "
+            f"{r.gpus} x {r.gpu.describe()}, {r.method}, seq {r.resolved_seq_len}: per-device batch "
+            f"**{plan.per_device_train_batch_size}** x accumulation **{plan.gradient_accumulation_steps}** = effective "
+            f"**{plan.effective_batch_size}**, lr **{plan.learning_rate:.2e}**, warmup **{plan.warmup_ratio:.1%}** "
+            f"({plan.warmup_steps} of {plan.total_steps} steps)")
+    verdict = ('<span class="fh-fits">Fits</span>' if plan.fits else '<span class="fh-nofit">Does not fit</span>')
+    total = plan.peak_memory_bytes
+    parts = " + ".join(f"{MEMORY_PARTS.get(k, k)} {b / GiB:.2f}" for k, b in plan.estimate.breakdown.items() if b)
+    lines = [head, f"{verdict}: {plan.reasons['fits']}",
+             f"Peak per GPU {fmt_gib(total)} = {parts} GiB; GPU {fmt_gib(r.gpu.memory_bytes)}, usable "
+             f"{fmt_gib(r.budget_bytes)} ({1 - r.safety_margin:.0%})."]
+    for step in plan.escalation:
+        lines.append(f"- tried {step.change}: {fmt_gib(step.peak_memory_bytes)}: "
+                     f"{'fits' if step.fits else 'does not fit'}")
+    return "\n\n".join(lines)
+
+
+#: the memory chart's names for MemoryEstimate.breakdown (estimate.py documents each part)
+MEMORY_PARTS = {"weights": "weights", "gradients": "gradients", "optimizer_states": "optimizer states",
+                "activations": "activations", "transient": "transient peak", "overhead": "CUDA ctx + fragm."}
+MEMORY_COLORS = {"estimate, by part": "#2563eb", "estimated peak": "#ea580c", "GPU": "#16a34a"}
+#: fixed colour domains: a Gradio line chart keeps the colour domain of the first data it drew, so a series that
+#: appears later (eval loss, or any series after an empty first frame) would get no colour and stay invisible
+LOSS_COLORS = {"train": "#2563eb", "eval": "#ea580c"}
+LR_COLORS = {"logged": "#2563eb", "planned": "#9ca3af"}
+MEMORY_BARS = [*MEMORY_PARTS.values(), "estimated peak", "usable budget", "GPU memory"]
+
+
+def memory_frame(plan) -> pd.DataFrame:
+    """One bar per part of the estimated peak, then the peak itself next to the GPU's usable budget and capacity."""
+    rows = [{"part": MEMORY_PARTS.get(part, part), "GiB": round(b / GiB, 3), "kind": "estimate, by part"}
+            for part, b in plan.estimate.breakdown.items()]
+    rows.append({"part": "estimated peak", "GiB": round(plan.peak_memory_bytes / GiB, 3), "kind": "estimated peak"})
+    rows.append({"part": "usable budget",
+                 "GiB": round(plan.request.budget_bytes / GiB, 3), "kind": "GPU"})
+    rows.append({"part": "GPU memory", "GiB": round(plan.request.gpu.memory_bytes / GiB, 3), "kind": "GPU"})
+    return pd.DataFrame(rows)
+
+
+def schedule_frame(plan) -> pd.DataFrame:
+    """The learning rate at every optimizer step, as the Trainer schedules it (finetune_helper.schedule)."""
+    warmup = warmup_steps_for(plan.warmup_ratio, plan.total_steps)
+    points = schedule_points(plan.learning_rate, plan.total_steps, warmup, plan.lr_scheduler_type)
+    return pd.DataFrame(points, columns=["step", "learning_rate"])
+
+
+def _typed(rows: list[dict[str, Any]], y: str) -> pd.DataFrame:
+    """Plot data with numeric axes even when empty: Gradio types an empty column as nominal, and the chart keeps
+    the types of the first data it drew."""
+    return pd.DataFrame(rows, columns=["step", y, "series"]).astype({"step": "int64", y: "float64", "series": "str"})
+
+
+def loss_frame(metrics: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = [{"step": m["step"], "loss": m["loss"], "series": "train"} for m in metrics if m.get("loss") is not None]
+    rows += [{"step": m["step"], "loss": m["eval_loss"], "series": "eval"} for m in metrics
+             if m.get("eval_loss") is not None]
+    return _typed(rows, "loss")
+
+
+def live_lr_frame(st: dict[str, Any]) -> pd.DataFrame:
+    """Logged learning rates, over the schedule planned for this run's steps (they should lie on it)."""
+    rows = [{"step": m["step"], "learning_rate": m["learning_rate"], "series": "logged"} for m in st["metrics"]
+            if m.get("learning_rate") is not None]
+    args = _training_args(st["run_dir"])
+    if st.get("max_steps") and args.get("learning_rate"):
+        total = int(st["max_steps"])
+        warmup = warmup_steps_for(args.get("warmup_steps", args.get("warmup_ratio", 0)) or 0, total)
+        sched = args.get("lr_scheduler_type", "linear")
+        for step, _ in schedule_points(args["learning_rate"], total, warmup, sched, max_points=200):
+            if step >= 1:
+                rows.append({"step": step, "learning_rate": logged_lr(step, args["learning_rate"], total, warmup, sched),
+                             "series": "planned"})
+    return _typed(rows, "learning_rate")
+
+
+def _training_args(run_dir: str) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads((Path(run_dir) / "training_args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def progress_html(st: dict[str, Any]) -> str:
+    pct = 100 * st["progress"]
+    parts = [f"<b>{html.escape(st['run_id'])}</b>: {html.escape(st['state'])}",
+             f"step {st['step']}/{st['max_steps'] or '?'} ({pct:.0f}%)"]
+    if st.get("eta_seconds") is not None:
+        eta = int(st["eta_seconds"])
+        parts.append(f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
+    if st.get("loss") is not None:
+        parts.append(f"loss {st['loss']:.4f}")
+    if st.get("tokens_per_second"):
+        parts.append(f"{st['tokens_per_second']:,.0f} tok/s")
+    text = " · ".join(parts)
+    if st.get("message"):
+        text += f"<br>{html.escape(st['message'])}"
+    return f'<div class="fh-bar"><div style="width:{pct:.1f}%"></div></div><div id="fh-status">{text}</div>'
+
+
+def memory_markdown(st: dict[str, Any]) -> str:
+    measured, estimated = st.get("peak_memory_bytes"), st.get("estimated_peak_memory_bytes")
+    if measured:
+        ratio = f" ({measured / estimated - 1:+.1%})" if estimated else ""
+        return (f"GPU memory: measured peak {fmt_gib(measured)} (torch.cuda.max_memory_allocated) vs estimated "
+                f"{fmt_gib(estimated) if estimated else '-'}{ratio}")
+    return "GPU memory: measured on CUDA runs only (this run has no GPU)."
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(REPO_RECIPES.glob("*.yaml")) if REPO_RECIPES.is_dir() else []
+
+
+def _detect_gpu_label() -> str | None:
+    try:
+        from finetune_helper.gpu_spec import detect_gpu
+
+        gpu = detect_gpu()
+    except (FinetuneHelperError, ImportError, RuntimeError):
+        return None
+    return gpu.describe()
+
+
+# ------------------------------------------------------------------------------------------- layout
+def build_app(workspace: Workspace, *, detect: bool = True) -> gr.Blocks:
+    app = App(workspace, _detect_gpu_label() if detect else None)
+    models = [BUILTIN_MODEL] + [m["id"] for m in catalog.model_entries()]
+    gpus = [g["name"] for g in catalog.gpu_entries()]
+    gpu_choices = ([(f"auto (detected: {app.detected_gpu})", "auto")] if app.detected_gpu else []) + gpus
+    recipes = [FROM_RECOMMENDATION] + [p.name for p in shipped_recipes()]
+
+    with gr.Blocks(title="finetune-helper") as demo:
+        gr.Markdown("# finetune-helper\nWith this model on this GPU: which batch, accumulation, learning rate and "
+                    "warmup, and will it fit? Then run it.")
+        with gr.Tab("Recommend"):
+            with gr.Row():
+                model = gr.Dropdown(models, value="meta-llama/Llama-3.1-8B", allow_custom_value=True,
+                                    label="Model", info="catalog, Hub id (owner/name), or a folder in the workspace")
+                gpu = gr.Dropdown(gpu_choices, value="auto" if app.detected_gpu else "RTX 4090",
+                                  allow_custom_value=True, label="GPU", info="catalog name, or memory such as 24GB")
+                n_gpus = gr.Number(1, precision=0, minimum=1, label="GPUs")
+                method = gr.Radio(["full", "lora", "qlora"], value="lora", label="Method")
+            with gr.Row():
+                seq_len = gr.Number(0, precision=0, minimum=0, label="Sequence length",
+                                    info="0: min(2048, the model's maximum)")
+                dataset_size = gr.Number(20000, precision=0, label="Training examples")
+                epochs = gr.Number(2, label="Epochs")
+                target_batch = gr.Number(64, precision=0, label="Target effective batch")
+                lr_min = gr.Number(1e-5, label="LR min")
+                lr_max = gr.Number(5e-5, label="LR max")
+            recommend_btn = gr.Button("Recommend", variant="primary", elem_id="recommend-btn")
+            verdict = gr.Markdown(elem_id="verdict")
+            settings = gr.Dataframe(headers=["setting", "value", "reason"], label="Recommended settings",
+                                    interactive=False, wrap=True, elem_id="settings-table",
+                                    column_widths=["18%", "12%", "70%"], max_height=900)
+            with gr.Row():
+                memory_plot = gr.BarPlot(x="part", y="GiB", color="kind", label="Peak memory per GPU vs capacity",
+                                         elem_id="memory-plot", height=400, color_map=MEMORY_COLORS, sort=MEMORY_BARS,
+                                         x_title=" ", y_title="GiB (2^30 bytes)", x_label_angle=-35)
+                lr_plot = gr.LinePlot(x="step", y="learning_rate", label="Learning-rate schedule (as the Trainer "
+                                      "schedules it)", elem_id="lr-plot", height=470, x_title="optimizer step",
+                                      y_title="learning rate")
+            with gr.Row():
+                export_format = gr.Radio(list(EXPORT_FORMATS), value="python", label="Export format")
+            code = gr.Code(language="python", label="TrainingArguments", elem_id="export-code")
+            downloads = gr.File(label="Downloads: Python, JSON, YAML, recipe", file_count="multiple",
+                                elem_id="downloads")
+            with gr.Accordion("Plan as JSON", open=False):
+                plan_json = gr.JSON()
+
+        form = [model, gpu, n_gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max]
+
+        with gr.Tab("Train"):
+            with gr.Row():
+                recipe_choice = gr.Dropdown(recipes, value="tiny-demo.yaml" if "tiny-demo.yaml" in recipes
+                                            else FROM_RECOMMENDATION, label="Start from")
+                load_btn = gr.Button("Load recipe", elem_id="load-recipe-btn")
+            recipe_yaml = gr.Code(language="yaml", label="Recipe (editable)", interactive=True, elem_id="recipe-yaml")
+            with gr.Row():
+                data_file = gr.File(label="Dataset upload (.json/.jsonl/.csv/.parquet)", type="filepath",
+                                    file_types=[".json", ".jsonl", ".csv", ".parquet"])
+                with gr.Column():
+                    data_path = gr.Textbox(label="or dataset path in the workspace / Hub dataset id",
+                                           placeholder="empty: the recipe's data.path")
+                    trust = gr.Checkbox(False, label="Trust remote code (run the model repository's own Python code)")
+                    run_name = gr.Textbox(label="Run name (optional)")
+            with gr.Row():
+                start_btn = gr.Button("Start", variant="primary", elem_id="start-btn")
+                stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop-btn")
+                resume_btn = gr.Button("Resume", elem_id="resume-btn")
+                refresh_btn = gr.Button("Refresh")
+            run_id = gr.Dropdown(app.run_ids(), value=None, allow_custom_value=True, label="Run", elem_id="run-id")
+            message = gr.Markdown(elem_id="train-message")
+            status = gr.HTML(elem_id="run-status")
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="loss-plot",
+                                        height=300, color_map=LOSS_COLORS)
+                live_lr = gr.LinePlot(x="step", y="learning_rate", color="series", label="Learning rate",
+                                      elem_id="live-lr-plot", height=300, color_map=LR_COLORS)
+            memory = gr.Markdown(elem_id="run-memory")
+            log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, autoscroll=True, elem_id="run-log")
+            with gr.Accordion("Run status as JSON", open=False):
+                status_json = gr.JSON()
+            fingerprint = gr.State(None)
+            timer = gr.Timer(1.0)
+
+        with gr.Tab("Runs"):
+            runs_refresh = gr.Button("Refresh list", elem_id="runs-refresh")
+            runs_table = gr.Dataframe(interactive=False, label="Runs in the workspace", wrap=True)
+            with gr.Row():
+                past_run = gr.Dropdown([], label="Run", allow_custom_value=True)
+                show_btn = gr.Button("Show")
+            past_summary = gr.Markdown()
+            past_loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=300, color_map=LOSS_COLORS,
+                                    elem_id="past-loss-plot")
+            with gr.Row():
+                past_plan = gr.JSON(label="plan.json")
+                past_args = gr.JSON(label="training_args.json")
+            past_recipe = gr.Code(language="yaml", label="recipe.yaml")
+
+        # ----------------------------------------------------------------------- events
+        recommend_btn.click(_errors_shown(app.recommend), form, [verdict, settings, memory_plot, lr_plot, plan_json],
+                            api_name="recommend").then(
+            _errors_shown(app.export), [*form, export_format], [code, downloads], api_name="export")
+        export_format.change(lambda fmt: gr.Code(language=EXPORT_FORMATS.get(fmt, "python")), export_format, code,
+                             api_visibility="private").then(
+            _errors_shown(app.export), [*form, export_format], [code, downloads], api_visibility="private")
+        load_btn.click(_errors_shown(app.load_recipe), [recipe_choice, *form], recipe_yaml, api_name="load_recipe")
+        start_btn.click(_errors_shown(app.start_run), [recipe_yaml, data_file, data_path, trust, run_name],
+                        [run_id, message], api_name="start_run").success(
+            lambda current: gr.Dropdown(choices=app.run_ids(), value=current), run_id, run_id, api_visibility="private")
+        stop_btn.click(_errors_shown(app.stop_run), run_id, message, api_name="stop_run")
+        resume_btn.click(_errors_shown(app.resume_run), run_id, message, api_name="resume_run")
+        refresh_btn.click(_errors_shown(app.run_status), run_id, status_json, api_name="run_status")
+        timer.tick(app.refresh, [run_id, fingerprint], [status, loss_plot, live_lr, memory, log, status_json,
+                                                         fingerprint], api_visibility="private", show_progress="hidden")
+        runs_refresh.click(_errors_shown(app.list_runs), None, [runs_table, past_run], api_name="list_runs")
+        show_btn.click(_errors_shown(app.run_details), past_run, [past_summary, past_loss, past_plan, past_args,
+                                                                   past_recipe], api_name="run_details")
+        demo.load(_errors_shown(app.list_runs), None, [runs_table, past_run], api_visibility="private")
+        demo.load(_errors_shown(app.load_recipe), [recipe_choice, *form], recipe_yaml, api_visibility="private")
+    demo.finetune_helper_app = app  # for tests and embedding
+    return demo
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def launch(args: argparse.Namespace, *, block: bool = True) -> gr.Blocks:
+    auth = parse_auth(args.auth)
+    if not 0 < args.port < 65536:
+        raise FinetuneHelperError("port", f"must be in 1..65535, got {args.port}")
+    workspace = Workspace(args.workspace)
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(workspace.root / ".gradio"))
+    if args.host not in LOOPBACK and auth is None:
+        print(f"finetune-helper: warning: listening on {args.host} without --auth: anyone who can reach this port "
+              "can start runs", file=sys.stderr)
+    demo = build_app(workspace)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share, css=CSS,
+                theme=gr.themes.Soft(), allowed_paths=[str(workspace.root / "exports")], prevent_thread_lock=not block,
+                quiet=not block)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune-helper app", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        launch(args)
+    except FinetuneHelperError as exc:
+        print(f"finetune-helper: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The app's named endpoints, through a real ``gradio_client.Client`` against a real server (``python app/app.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_helper.gpu_spec import resolve_gpu
+from finetune_helper.model_spec import resolve_model
+from finetune_helper.plan import PlanRequest, recommend_plan
+from finetune_helper.schedule import lr_at, warmup_steps_for
+from finetune_helper.units import GiB
+
+from .conftest import FAKE_TOKEN, REPO, AppServer, wait_for
+
+FORM = ("meta-llama/Llama-3.1-8B", "RTX 4090", 1, "lora", 0, 20000, 2, 64, 1e-5, 5e-5)
+
+
+def core_plan():
+    req = PlanRequest(model=resolve_model("meta-llama/Llama-3.1-8B"), gpu=resolve_gpu("RTX 4090"), method="lora",
+                      dataset_size=20000, epochs=2, target_effective_batch=64, lr_min=1e-5, lr_max=5e-5)
+    return recommend_plan(req)
+
+
+def tiny_recipe(max_steps: int, **training) -> str:
+    raw = yaml.safe_load((REPO / "recipes" / "tiny-demo.yaml").read_text())
+    raw["training"] = {"max_steps": max_steps, "logging_steps": 5, "save_steps": 50, **training}
+    return yaml.safe_dump(raw)
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    return app_server.client()
+
+
+def test_named_endpoints_are_listed(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/recommend", "/export", "/start_run", "/run_status", "/stop_run", "/resume_run", "/list_runs",
+            "/run_details"} <= names
+
+
+def test_recommend_matches_the_core_planner(client):
+    verdict, table, memory, schedule, plan_json = client.predict(*FORM, api_name="/recommend")
+    plan = core_plan()
+    assert table["data"] == [list(row) for row in plan.settings_rows()]
+    assert plan_json == json.loads(json.dumps(plan.to_dict()))
+    assert "Fits" in verdict and plan.reasons["fits"] in verdict
+    # memory chart: every part of the estimate, the peak, the usable budget and the GPU's capacity, in GiB
+    bars = {row[0]: row[1] for row in memory["data"]}
+    for part, value in plan.estimate.breakdown.items():
+        assert any(abs(v - value / GiB) < 1e-3 for v in bars.values()), part
+    assert bars["estimated peak"] == pytest.approx(plan.peak_memory_bytes / GiB, abs=1e-3)
+    assert bars["GPU memory"] == pytest.approx(plan.request.gpu.memory_bytes / GiB, abs=1e-3)
+    # LR schedule: the Trainer's schedule (finetune_helper.schedule is checked against it in test_schedule.py)
+    points = schedule["data"]
+    warmup = warmup_steps_for(plan.warmup_ratio, plan.total_steps)
+    assert points[0] == [0, 0.0] and points[-1][0] == plan.total_steps - 1
+    for step, lr in points:
+        assert lr == pytest.approx(lr_at(step, plan.learning_rate, plan.total_steps, warmup, "cosine"), abs=1e-10)  # Gradio rounds plot data
+    assert max(lr for _, lr in points) == pytest.approx(plan.learning_rate)
+
+
+def test_export_files_read_back(client, tmp_path):
+    from transformers import HfArgumentParser, TrainingArguments
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    text, files = client.predict(*FORM, "yaml", api_name="/export")
+    by_name = {Path(f).name: Path(f) for f in files}
+    assert set(by_name) == {"train_args.py", "training_args.json", "training_args.yaml", "recipe.yaml"}
+    assert by_name["training_args.yaml"].read_text().rstrip("\n") == text.rstrip("\n")  # gr.Code drops the last newline
+    # transformers refuses bf16 without a bf16 GPU unless use_cpu=True (as in tests/test_export.py)
+    machine = {} if is_torch_bf16_gpu_available() else {"use_cpu": True}
+    yaml_file, json_file = tmp_path / "args.yaml", tmp_path / "args.json"
+    yaml_file.write_text(text + "".join(f"\n{k}: {str(v).lower()}" for k, v in machine.items()) + "\n")
+    json_file.write_text(json.dumps({**json.loads(by_name["training_args.json"].read_text()), **machine}))
+    (from_yaml,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(yaml_file))
+    (from_json,) = HfArgumentParser(TrainingArguments).parse_json_file(str(json_file))
+    expected = core_plan().to_training_arguments(output_dir="outputs/Llama-3.1-8B", **machine)
+    assert from_yaml.to_dict() == expected.to_dict() == from_json.to_dict()
+    # the Python snippet runs and builds the same arguments
+    snippet = by_name["train_args.py"].read_text()
+    assert snippet.count("TrainingArguments(") == 1
+    snippet = snippet.replace("TrainingArguments(", "TrainingArguments(" + "".join(f"{k}={v!r}, " for k, v in
+                                                                                  machine.items()))
+    namespace: dict = {"__name__": "snippet"}
+    exec(compile(snippet, "train_args.py", "exec"), namespace)  # noqa: S102
+    assert namespace["args"].to_dict() == expected.to_dict()
+    # the recipe reproduces the recommendation
+    from finetune_helper.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(yaml.safe_load(by_name["recipe.yaml"].read_text()))
+    assert (recipe.model.name, recipe.method.type, recipe.hardware.gpu, recipe.recommend.epochs) == (
+        "meta-llama/Llama-3.1-8B", "lora", "RTX 4090", 2)
+
+
+@pytest.mark.parametrize("form, field", [
+    (("nobody/no-such-model",) + FORM[1:], "model"),  # unknown model, offline
+    ((FORM[0], "0GB") + FORM[2:], "gpu"),  # memory <= 0
+    ((FORM[0], "-24GB") + FORM[2:], "gpu"),
+    (("/etc",) + FORM[1:], "model"),  # a path outside the workspace
+    (FORM[:4] + (10**6,) + FORM[5:], "seq-len"),
+    (FORM[:8] + (1e-3, 1e-5), "lr-min"),
+])
+def test_bad_recommend_input_is_a_visible_error_and_the_app_keeps_working(client, form, field):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict(*form, api_name="/recommend")
+    message = str(info.value)
+    assert message.startswith(f"{field}: ") and "\n" not in message and "Traceback" not in message
+    assert client.predict(*FORM, api_name="/recommend")[4]["fits"] is True
+
+
+def test_bad_run_input_is_refused_before_any_process_starts(client, app_workspace, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    garbage = tmp_path / "broken.jsonl"
+    garbage.write_text("{not json at all\n")
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text('{"instruction": "a", "output": "b"}\n')
+    cases = [
+        ((tiny_recipe(10), handle_file(str(garbage)), "", False, ""), "data"),  # unreadable upload
+        ((tiny_recipe(10), None, str(outside), False, ""), "dataset path"),  # outside the workspace
+        ((tiny_recipe(10), None, "../../etc/passwd", False, ""), "dataset path"),
+        ((tiny_recipe(10).replace("name: builtin:tiny-llama", "name: builtin:tiny-llama\n  trust_remote_code: true"),
+          None, "", False, ""), "model.trust_remote_code"),
+        (("model: [unclosed", None, "", False, ""), "recipe"),
+        ((tiny_recipe(10).replace("gpu: 16GiB", "gpu: 0GB"), None, "", False, ""), "hardware.gpu"),
+    ]
+    before = sorted(p.name for p in (app_workspace / "runs").iterdir())
+    for args, field in cases:
+        with pytest.raises(AppError) as info:
+            client.predict(*args, api_name="/start_run")
+        assert str(info.value).startswith(field), (field, str(info.value))
+    assert sorted(p.name for p in (app_workspace / "runs").iterdir()) == before  # nothing was started
+    with pytest.raises(AppError, match="^run: no run named"):
+        client.predict("no-such-run", api_name="/run_status")
+
+
+@pytest.mark.slow
+def test_tiny_run_start_poll_stop_resume_and_read_after_restart(client, app_server, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    run_id, message = client.predict(tiny_recipe(200), None, "", False, "api test", api_name="/start_run")
+    assert run_id.startswith("api-test-") and run_id in message
+    with pytest.raises(AppError, match="still training"):  # one run at a time per GPU
+        client.predict(tiny_recipe(200), None, "", False, "second", api_name="/start_run")
+
+    def status():
+        return client.predict(run_id, api_name="/run_status")
+
+    st = wait_for(lambda: (s := status())["loss"] is not None and s, 300, "the first logged loss")
+    assert st["state"] == "training" and st["step"] > 0 and st["max_steps"] == 200
+    assert 0 < st["progress"] < 1 and st["eta_seconds"] is not None
+
+    client.predict(run_id, api_name="/stop_run")
+    st = wait_for(lambda: not (s := status())["active"] and s, 60, "the run to stop")
+    assert st["state"] == "stopped" and st["can_resume"], st
+    stopped_at = st["step"]
+    assert stopped_at < 200 and "checkpoint" in st["message"]
+
+    client.predict(run_id, api_name="/resume_run")
+    st = wait_for(lambda: not (s := status())["active"] and s["state"] != "stopped" and s, 300, "the resumed run")
+    assert st["state"] == "done" and st["step"] == 200, st["log_tail"]
+    assert st["summary"]["status"] == "done" and st["summary"]["train_loss_last"] < st["summary"]["train_loss_first"]
+    log = (Path(st["run_dir"]) / "train.log").read_text()
+    assert log.count("$ finetune-helper run ") == 2 and log.rstrip().splitlines()[-1].startswith("saved:")
+    assert "--resume" in log.split("$ finetune-helper run ")[2].splitlines()[0]
+    assert FAKE_TOKEN not in json.dumps(st)
+
+    # the run is readable by a fresh app on the same workspace (a restart)
+    again = AppServer(app_server.workspace, tmp_path / "app2.log")
+    try:
+        second = again.client()
+        table, _ = second.predict(api_name="/list_runs")
+        row = next(r for r in table["data"] if r[0] == run_id)
+        assert row[1] == "done" and row[4] == 200
+        summary, loss, plan, args, recipe = second.predict(run_id, api_name="/run_details")
+        assert run_id in summary and "done" in summary
+        assert len(loss["data"]) >= 200 // 5 and plan["method"] == "full"
+        assert args["max_steps"] == 200 and "builtin:tiny-llama" in recipe
+    finally:
+        again.close()
+
+
+def test_auth_is_required_when_asked(tmp_path):
+    server = AppServer(tmp_path / "ws", tmp_path / "auth.log", "--auth", "alice:s3cret")
+    try:
+        with pytest.raises(Exception):
+            server.client().predict(*FORM, api_name="/recommend")
+        assert server.client(auth=("alice", "s3cret")).predict(*FORM, api_name="/recommend")[4]["fits"]
+    finally:
+        server.close()
