@@ -33,7 +33,7 @@ from finetune_helper import catalog  # noqa: E402
 from finetune_helper.errors import FinetuneHelperError  # noqa: E402
 from finetune_helper.recipe import BUILTIN_MODEL, PLACEHOLDER_DATA, recipe_from_settings  # noqa: E402
 from finetune_helper.runs import RunManager, build_recipe  # noqa: E402
-from finetune_helper.schedule import logged_lr, schedule_points, warmup_steps_for  # noqa: E402
+from finetune_helper.schedule import logged_schedule_points, schedule_points, warmup_steps_for  # noqa: E402
 from finetune_helper.units import GiB, fmt_gib  # noqa: E402
 from finetune_helper.workspace import Workspace  # noqa: E402
 from finetune_helper_app.options import LOOPBACK, add_arguments, parse_auth  # noqa: E402
@@ -314,10 +314,11 @@ def live_lr_frame(st: dict[str, Any]) -> pd.DataFrame:
         total = int(st["max_steps"])
         warmup = warmup_steps_for(args.get("warmup_steps", args.get("warmup_ratio", 0)) or 0, total)
         sched = args.get("lr_scheduler_type", "linear")
-        for step, _ in schedule_points(args["learning_rate"], total, warmup, sched, max_points=200):
-            if step >= 1:
-                rows.append({"step": step, "learning_rate": logged_lr(step, args["learning_rate"], total, warmup, sched),
-                             "series": "planned"})
+        try:
+            points = logged_schedule_points(args["learning_rate"], total, warmup, sched, max_points=400)
+        except FinetuneHelperError:  # a scheduler schedule.py does not model: show the logged values only
+            points = []
+        rows += [{"step": step, "learning_rate": lr, "series": "planned"} for step, lr in points]
     return _typed(rows, "learning_rate")
 
 

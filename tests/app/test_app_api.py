@@ -171,6 +171,15 @@ def test_tiny_run_start_poll_stop_resume_and_read_after_restart(client, app_serv
     assert log.count("$ finetune-helper run ") == 2 and log.rstrip().splitlines()[-1].startswith("saved:")
     assert "--resume" in log.split("$ finetune-helper run ")[2].splitlines()[0]
     assert FAKE_TOKEN not in json.dumps(st)
+    # the live LR plot's planned curve is what the Trainer logged, step by step, across the stop and the resume
+    from finetune_helper_app.app import live_lr_frame
+
+    frame = live_lr_frame(st)
+    logged = frame[frame.series == "logged"].set_index("step").learning_rate
+    planned = frame[frame.series == "planned"].set_index("step").learning_rate
+    assert len(logged) >= 200 // 5 - 1
+    for step, lr in logged.items():
+        assert lr == pytest.approx(planned[step], rel=1e-6, abs=1e-12), step
 
     # the run is readable by a fresh app on the same workspace (a restart)
     again = AppServer(app_server.workspace, tmp_path / "app2.log")
@@ -195,3 +204,31 @@ def test_auth_is_required_when_asked(tmp_path):
         assert server.client(auth=("alice", "s3cret")).predict(*FORM, api_name="/recommend")[4]["fits"]
     finally:
         server.close()
+
+
+def test_files_outside_the_workspace_are_not_served(app_server, client):
+    import urllib.error
+    import urllib.request
+
+    client.predict(*FORM, "json", api_name="/export")  # something legitimately downloadable exists
+    secret = app_server.workspace.parent / "secret.txt"
+    secret.write_text("not for the browser")
+    for target in ("/etc/passwd", str(secret), str(REPO / "pyproject.toml")):
+        try:
+            with urllib.request.urlopen(f"{app_server.url}gradio_api/file={target}", timeout=10) as resp:
+                body = resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            assert exc.code in (403, 404), (target, exc.code)
+        else:
+            raise AssertionError(f"{target} was served: {body[:80]!r}")
+
+
+@pytest.mark.parametrize("argv, field", [(["--auth", "alice"], "--auth"), (["--port", "0"], "--port")])
+def test_app_command_rejects_bad_options_in_one_line(argv, field, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "finetune_helper", "app", "--workspace", str(tmp_path), *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and field in proc.stderr and "Traceback" not in proc.stderr
