@@ -40,6 +40,7 @@ from finetune_helper_app.options import LOOPBACK, add_arguments, parse_auth  # n
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FROM_RECOMMENDATION = "(the current recommendation)"
+LOG_LINES = 12
 EXPORT_FORMATS = {"python": "python", "json": "json", "yaml": "yaml", "cli": "shell", "recipe": "yaml"}
 CSS = """
 .fh-bar {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; margin: 4px 0 8px}
@@ -199,13 +200,19 @@ class App:
             return (*[gr.skip()] * 6, last_fingerprint)
         try:
             st = self.runs.status(run_id)
-        except FinetuneHelperError as exc:
+        except (FinetuneHelperError, OSError) as exc:
             return (f"<p>{html.escape(str(exc))}</p>", *[gr.skip()] * 5, None)
         fingerprint = (run_id, st["state"], len(st["metrics"]), st["log_tail"][-200:])
         if fingerprint == last_fingerprint:
             return (*[gr.skip()] * 6, last_fingerprint)
+        log = "\n".join(st["log_tail"].splitlines()[-LOG_LINES:])  # the newest lines, all in view
         return (progress_html(st), _or_none(loss_frame(st["metrics"])), _or_none(live_lr_frame(st)),
-                memory_markdown(st), st["log_tail"], _status_json(st), fingerprint)
+                memory_markdown(st), log, _status_json(st), fingerprint)
+
+    def current_runs(self):
+        """On page load: every run in the list, the one training now (or the newest) selected."""
+        ids = self.run_ids()
+        return gr.Dropdown(choices=ids, value=self.runs.active_run() or (ids[0] if ids else None))
 
     # --------------------------------------------------------------------------------- runs
     def list_runs(self):
@@ -270,7 +277,8 @@ MEMORY_COLORS = {"estimate, by part": "#2563eb", "estimated peak": "#ea580c", "G
 #: fixed colour domains: a Gradio line chart keeps the colour domain of the first data it drew, so a series that
 #: appears later (eval loss, or any series after an empty first frame) would get no colour and stay invisible
 LOSS_COLORS = {"train": "#2563eb", "eval": "#ea580c"}
-LR_COLORS = {"logged": "#2563eb", "planned": "#9ca3af"}
+#: "schedule" sorts before "trainer", so the logged values are drawn over the planned curve
+LR_COLORS = {"schedule": "#cbd5e1", "trainer": "#2563eb"}
 MEMORY_BARS = [*MEMORY_PARTS.values(), "estimated peak", "usable budget", "GPU memory"]
 
 
@@ -307,7 +315,7 @@ def loss_frame(metrics: list[dict[str, Any]]) -> pd.DataFrame:
 
 def live_lr_frame(st: dict[str, Any]) -> pd.DataFrame:
     """Logged learning rates, over the schedule planned for this run's steps (they should lie on it)."""
-    rows = [{"step": m["step"], "learning_rate": m["learning_rate"], "series": "logged"} for m in st["metrics"]
+    rows = [{"step": m["step"], "learning_rate": m["learning_rate"], "series": "trainer"} for m in st["metrics"]
             if m.get("learning_rate") is not None]
     args = _training_args(st["run_dir"])
     if st.get("max_steps") and args.get("learning_rate"):
@@ -318,7 +326,7 @@ def live_lr_frame(st: dict[str, Any]) -> pd.DataFrame:
             points = logged_schedule_points(args["learning_rate"], total, warmup, sched, max_points=400)
         except FinetuneHelperError:  # a scheduler schedule.py does not model: show the logged values only
             points = []
-        rows += [{"step": step, "learning_rate": lr, "series": "planned"} for step, lr in points]
+        rows += [{"step": step, "learning_rate": lr, "series": "schedule"} for step, lr in points]
     return _typed(rows, "learning_rate")
 
 
@@ -439,16 +447,18 @@ def build_app(workspace: Workspace, *, detect: bool = True) -> gr.Blocks:
                 stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop-btn")
                 resume_btn = gr.Button("Resume", elem_id="resume-btn")
                 refresh_btn = gr.Button("Refresh")
-            run_id = gr.Dropdown(app.run_ids(), value=None, allow_custom_value=True, label="Run", elem_id="run-id")
+            run_id = gr.Dropdown([], value=None, allow_custom_value=True, label="Run", elem_id="run-id")
             message = gr.Markdown(elem_id="train-message")
             status = gr.HTML(elem_id="run-status")
             with gr.Row():
-                loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="loss-plot",
+                loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss (blue: train, orange: eval)",
+                                        elem_id="loss-plot",
                                         height=300, color_map=LOSS_COLORS)
-                live_lr = gr.LinePlot(x="step", y="learning_rate", color="series", label="Learning rate",
+                live_lr = gr.LinePlot(x="step", y="learning_rate", color="series",
+                                      label="Learning rate (blue: logged by the Trainer, grey: the planned schedule)",
                                       elem_id="live-lr-plot", height=300, color_map=LR_COLORS)
             memory = gr.Markdown(elem_id="run-memory")
-            log = gr.Textbox(label="Log (last lines)", lines=12, max_lines=12, autoscroll=True, elem_id="run-log")
+            log = gr.Textbox(label="Log (newest lines)", lines=LOG_LINES, max_lines=2 * LOG_LINES, elem_id="run-log")
             with gr.Accordion("Run status as JSON", open=False):
                 status_json = gr.JSON()
             fingerprint = gr.State(None)
@@ -461,7 +471,7 @@ def build_app(workspace: Workspace, *, detect: bool = True) -> gr.Blocks:
                 past_run = gr.Dropdown([], label="Run", allow_custom_value=True)
                 show_btn = gr.Button("Show")
             past_summary = gr.Markdown()
-            past_loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=300, color_map=LOSS_COLORS,
+            past_loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss (blue: train, orange: eval)", height=300, color_map=LOSS_COLORS,
                                     elem_id="past-loss-plot")
             with gr.Row():
                 past_plan = gr.JSON(label="plan.json")
@@ -488,6 +498,7 @@ def build_app(workspace: Workspace, *, detect: bool = True) -> gr.Blocks:
         show_btn.click(_errors_shown(app.run_details), past_run, [past_summary, past_loss, past_plan, past_args,
                                                                    past_recipe], api_name="run_details")
         demo.load(_errors_shown(app.list_runs), None, [runs_table, past_run], api_visibility="private")
+        demo.load(app.current_runs, None, run_id, api_visibility="private")
         demo.load(_errors_shown(app.load_recipe), [recipe_choice, *form], recipe_yaml, api_visibility="private")
     demo.finetune_helper_app = app  # for tests and embedding
     return demo
@@ -500,6 +511,9 @@ def launch(args: argparse.Namespace, *, block: bool = True) -> gr.Blocks:
         raise FinetuneHelperError("port", f"must be in 1..65535, got {args.port}")
     workspace = Workspace(args.workspace)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(workspace.root / ".gradio"))
+    # Work from inside the workspace: whatever a library resolves relative to the working directory (a Hub-id-shaped
+    # name that is also a relative folder, a dataset id) then lands in the workspace, never beside the app.
+    os.chdir(workspace.root)
     if args.host not in LOOPBACK and auth is None:
         print(f"finetune-helper: warning: listening on {args.host} without --auth: anyone who can reach this port "
               "can start runs", file=sys.stderr)

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -363,10 +364,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except FinetuneHelperError as exc:
+        _record_exit(args, 2)
         _fail(f"{_flag(exc.field)}: {exc.message}")
     except BrokenPipeError:  # `finetune-helper models | head`
         return 0
+    _record_exit(args, code or 0)
     return code or 0
+
+
+def _record_exit(args: argparse.Namespace, code: int) -> None:
+    """``run --output-dir DIR`` leaves its exit code in DIR (the app reads it: how a run ended, even unwatched)."""
+    folder = getattr(args, "output_dir", None) if getattr(args, "command", None) == "run" else None
+    if folder and os.path.isdir(folder):
+        from .runs import EXIT_FILE
+
+        with open(os.path.join(folder, EXIT_FILE), "w", encoding="utf-8") as fh:
+            json.dump({"returncode": code, "time": time.time()}, fh)
 
 
 if __name__ == "__main__":  # pragma: no cover

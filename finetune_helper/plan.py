@@ -48,6 +48,9 @@ MAX_MICRO_BATCH = 128
 ASSUMED_DATASET_SIZE = 10_000
 #: The most GPUs the "more GPUs" escalation considers.
 MAX_GPUS = 64
+#: the most GPUs a request may name: beyond this the data-parallel model (one replica or FSDP shard per GPU, a
+#: global batch of thousands of sequences) is no longer a fine-tuning setup this planner describes
+MAX_GPUS_REQUEST = 4096
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,8 @@ class PlanRequest:
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or self.gpus < 1:
-            raise FinetuneHelperError("gpus", f"must be an integer >= 1, got {self.gpus!r}")
+        if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or not 1 <= self.gpus <= MAX_GPUS_REQUEST:
+            raise FinetuneHelperError("gpus", f"must be an integer from 1 to {MAX_GPUS_REQUEST}, got {self.gpus!r}")
         if self.seq_len is not None:
             if not isinstance(self.seq_len, int) or self.seq_len <= 0:
                 raise FinetuneHelperError("seq-len", f"must be a positive integer, got {self.seq_len!r}")

@@ -308,7 +308,8 @@ def _callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str, Any])
             done = st.global_step - self.start_step
             eta = elapsed / done * (st.max_steps - st.global_step) if done else float("nan")
             tokens = (st.num_input_tokens_seen or 0) - self.tokens0
-            record = {"step": st.global_step, "max_steps": st.max_steps, "time": round(elapsed, 3), **logs,
+            record = {"step": st.global_step, "max_steps": st.max_steps, "time": round(elapsed, 3),
+                      "wall_time": round(time.time(), 3), **logs,
                       "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
                       "eta_seconds": round(eta, 1) if math.isfinite(eta) else None}
             if state.get("cuda"):  # measured vs estimated, live in the app

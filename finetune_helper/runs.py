@@ -13,6 +13,8 @@ both win, not even from two app processes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -33,11 +35,19 @@ from .workspace import Workspace
 RECIPE_FILE = "input-recipe.yaml"  # the recipe as the app submitted it; the runner writes its own recipe.yaml
 PROCESS_FILE = "process.json"
 LOG_FILE = "train.log"
+#: ``finetune-helper run --output-dir DIR`` leaves its exit code here (cli.py), so the app knows how a run ended even
+#: when no app was watching it
+EXIT_FILE = "exit.json"
 #: exit codes of ``finetune-helper run`` (runner.py) and what the app calls them
 EXIT_STATES = {0: "done", 1: "failed", 2: "failed", 3: "diverged", 4: "out of memory", 130: "stopped"}
 #: Hub user-access tokens start with ``hf_`` (huggingface_hub docs, "User access tokens")
 TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 LOG_TAIL_LINES = 40
+#: TrainingArguments / SFTConfig fields a run started from the app may not set: they name files (``deepspeed``,
+#: ``accelerator_config``, ``logging_dir``, ...), push to the Hub with the server's token (``push_to_hub``,
+#: ``hub_*``) or send metrics out (``report_to``). The CLI, run by the file's owner, allows them all.
+APP_REFUSED_TRAINING = re.compile(r"^(hub_|push_to_hub|deepspeed$|resume_from_checkpoint$)|"
+                                  r"(_dir|_config|_path|_file|_url)$")
 #: how long a lock written by a start in progress (before the run's pid is known) counts as held
 STARTING_GRACE_S = 60.0
 
@@ -79,8 +89,14 @@ def build_recipe(workspace: Workspace, text: str, *, data_file: str | None = Non
     else:
         recipe.data.path = workspace.data_source(recipe.data.path)
     recipe.output_dir = None  # the app decides the run folder
+    refused = sorted(k for k, v in recipe.training.items() if APP_REFUSED_TRAINING.search(k)
+                     or (k == "report_to" and v not in ("none", [], ["none"])))
+    if refused:
+        raise FinetuneHelperError(f"training.{refused[0]}", "is not allowed in runs started from the app: settings "
+                                  "that name files or talk to the Hub or a tracker (" + ", ".join(refused) + ") "
+                                  "could reach outside the workspace; run `finetune-helper run` for them")
     check_references(recipe)
-    if Path(recipe.data.path).is_file():  # read it now: an unreadable file is an error here, not a failed run
+    if Path(recipe.data.path).exists():  # read it now: an unreadable file is an error here, not a failed run
         from .datasets_io import load_data
 
         load_data(recipe.data.path, fmt=None if recipe.data.format == "auto" else recipe.data.format,
@@ -210,9 +226,21 @@ class RunManager:
         path.unlink(missing_ok=True)
         return None
 
+    @contextlib.contextmanager
+    def _mutex(self):
+        """Serialises lock checks and changes across app processes sharing the workspace (``flock``; not
+        re-entrant: take it once per operation)."""
+        with open(self.workspace.runs / ".locks.mutex", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def active_run(self) -> str | None:
         """The run training on any of this manager's GPUs, or None."""
-        return next((holder for d in self.devices if (holder := self._holder(d)) is not None), None)
+        with self._mutex():
+            return next((holder for d in self.devices if (holder := self._holder(d)) is not None), None)
 
     def _alive(self, run_id: str | None, pid: int | None) -> bool:
         proc = self._procs.get(run_id or "")
@@ -223,6 +251,10 @@ class RunManager:
     def _take_locks(self, run_id: str) -> None:
         """One lock file per GPU (``O_EXCL``): a run needs all of its GPUs free."""
         taken: list[Path] = []
+        with self._mutex():
+            self._take_each(run_id, taken)
+
+    def _take_each(self, run_id: str, taken: list[Path]) -> None:
         try:
             for device in self.devices:
                 path = self._lock_file(device)
@@ -248,6 +280,10 @@ class RunManager:
             raise
 
     def _release_locks(self, pid: int | None, run_id: str | None = None) -> None:
+        with self._mutex():
+            self._release_each(pid, run_id)
+
+    def _release_each(self, pid: int | None, run_id: str | None) -> None:
         for device in self.devices:
             path = self._lock_file(device)
             info = _read_json(path) or {}
@@ -267,8 +303,9 @@ class RunManager:
         info = {"run_id": run_id, "pid": proc.pid, "started": time.time(), "args": args, "returncode": None,
                 "stop_requested": False, "devices": self.devices}
         (run_dir / PROCESS_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        for device in self.devices:
-            self._lock_file(device).write_text(json.dumps({"run_id": run_id, "pid": proc.pid}))
+        with self._mutex():
+            for device in self.devices:
+                self._lock_file(device).write_text(json.dumps({"run_id": run_id, "pid": proc.pid}))
         threading.Thread(target=self._reap, args=(run_id, proc), daemon=True, name=f"reap-{run_id}").start()
 
     def _reap(self, run_id: str, proc: subprocess.Popen) -> None:
@@ -321,39 +358,46 @@ class RunManager:
             return run_id
 
     def stop(self, run_id: str) -> dict[str, Any]:
-        """Ask a run to stop: SIGTERM, on which the runner saves a checkpoint after the current step and exits."""
+        """Ask a run to stop: SIGTERM, on which the runner saves a checkpoint after the current step and exits.
+        Asked again while it still runs, kill it (SIGKILL to its process group; the last saved checkpoint stays)."""
         run_dir = self.run_dir(run_id)
         with self._lock:  # the reaper thread rewrites process.json too
             info = _read_json(run_dir / PROCESS_FILE) or {}
             if not self._alive(run_id, info.get("pid")):
                 raise FinetuneHelperError("run", f"{run_id} is not running")
+            if info.get("stop_requested"):  # a second Stop: the run did not stop (a hung data loader, NCCL, ...)
+                os.killpg(info["pid"], signal.SIGKILL)  # its own session: the group id is its pid
+                info["killed"] = True
+            else:
+                os.kill(info["pid"], signal.SIGTERM)
             info["stop_requested"] = True
             (run_dir / PROCESS_FILE).write_text(json.dumps(info, indent=2) + "\n")
-            os.kill(info["pid"], signal.SIGTERM)
         return self.status(run_id)
 
     # ------------------------------------------------------------------------------------------- reading
     def status(self, run_id: str) -> dict[str, Any]:
-        """Everything the app shows about a run, from its folder."""
+        """Everything the app shows about a run, from its folder (the current attempt's files only where an earlier
+        attempt, stopped and now resumed, left its own)."""
         run_dir = self.run_dir(run_id)
         info = _read_json(run_dir / PROCESS_FILE) or {}
+        started = info.get("started") or 0
         alive = self._alive(run_id, info.get("pid"))
         metrics = read_metrics(run_dir)
-        summary = _read_json(run_dir / "summary.json")
-        started = info.get("started") or 0
-        if summary is not None and (run_dir / "summary.json").stat().st_mtime < started:
-            summary_now = None  # written by an earlier attempt (e.g. the one that was stopped and is now resumed)
-        else:
-            summary_now = summary
+        current = [m for m in metrics if m.get("wall_time", started) >= started]  # this attempt's records
+        summary = _fresh_json(run_dir / "summary.json", started)
+        code = info.get("returncode")
+        if code is None and not alive:  # ended while no app was watching: the CLI recorded its exit code
+            code = (_fresh_json(run_dir / EXIT_FILE, started) or {}).get("returncode")
         train = [m for m in metrics if "loss" in m]
         last = train[-1] if train else {}
-        code = info.get("returncode")
         message = None
         if alive:
-            state = "stopping" if info.get("stop_requested") else "training" if metrics else "preparing"
-        elif summary_now is not None:
-            state = {"interrupted": "stopped"}.get(summary_now.get("status"), summary_now.get("status", "ended"))
-            message = summary_now.get("message")
+            state = "stopping" if info.get("stop_requested") else "training" if current else "preparing"
+        elif summary is not None:
+            state = {"interrupted": "stopped"}.get(summary.get("status"), summary.get("status", "ended"))
+            message = summary.get("message")
+        elif info.get("killed"):
+            state, message = "killed", "killed by a second Stop; the checkpoints it saved before are kept"
         elif code is not None and code != 0 and info.get("stop_requested"):
             state = "stopped"  # Stop pressed while the runner was still starting (no checkpoint yet)
         elif code is not None:
@@ -364,16 +408,17 @@ class RunManager:
             message = _last_error(run_dir)
         step = max((m.get("step", 0) for m in metrics), default=0)
         max_steps = max((m.get("max_steps", 0) for m in metrics), default=0) or None
+        now = [m for m in current if "loss" in m]
         return {
             "run_id": run_id, "run_dir": str(run_dir), "state": state, "active": alive, "returncode": code,
             "message": message, "step": step, "max_steps": max_steps,
             "progress": min(1.0, step / max_steps) if max_steps else 0.0,
-            "eta_seconds": last.get("eta_seconds") if alive else None,
+            "eta_seconds": now[-1].get("eta_seconds") if alive and now else None,
             "loss": last.get("loss"), "learning_rate": last.get("learning_rate"),
-            "tokens_per_second": last.get("tokens_per_second"),
+            "tokens_per_second": now[-1].get("tokens_per_second") if now else None,
             "eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),
-            "peak_memory_bytes": (summary_now or {}).get("peak_memory_bytes") or last.get("peak_memory_bytes"),
-            "estimated_peak_memory_bytes": ((summary_now or {}).get("estimated_peak_memory_bytes")
+            "peak_memory_bytes": (summary or {}).get("peak_memory_bytes") or last.get("peak_memory_bytes"),
+            "estimated_peak_memory_bytes": ((summary or {}).get("estimated_peak_memory_bytes")
                                             or last.get("estimated_peak_memory_bytes")),
             "metrics": metrics, "summary": summary, "log_tail": log_tail(run_dir),
             "started": started or None,
@@ -381,12 +426,15 @@ class RunManager:
         }
 
     def list_runs(self) -> list[dict[str, Any]]:
-        """Every run folder in the workspace, newest first, with what the runs table shows."""
+        """Every run folder in the workspace, newest first, with what the runs table shows; a folder that cannot be
+        read (hand-edited, a link out of the workspace) is left out rather than breaking the list."""
         rows = []
-        for run_dir in sorted(self.workspace.runs.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
-            if not run_dir.is_dir() or not (run_dir / PROCESS_FILE).exists():
+        folders = [p for p in self.workspace.runs.iterdir() if p.is_dir() and (p / PROCESS_FILE).exists()]
+        for run_dir in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                st = self.status(run_dir.name)
+            except (FinetuneHelperError, OSError, ValueError, TypeError, AttributeError):
                 continue
-            st = self.status(run_dir.name)
             summary = st["summary"] or {}
             plan = _read_json(run_dir / "plan.json") or {}
             rows.append({"run_id": st["run_id"], "state": st["state"], "model": _recipe_model(run_dir) or plan.get("model"),
@@ -404,7 +452,17 @@ class RunManager:
         recipe = run_dir / "recipe.yaml"
         return {**st, "plan": _read_json(run_dir / "plan.json"),
                 "training_args": _read_json(run_dir / "training_args.json"),
-                "recipe": recipe.read_text(encoding="utf-8") if recipe.exists() else None}
+                "recipe": redact(recipe.read_text(encoding="utf-8")) if recipe.exists() else None}
+
+
+def _fresh_json(path: Path, since: float) -> Any:
+    """``path`` as JSON if it was written by the current attempt (at or after ``since``), else None."""
+    try:
+        if path.stat().st_mtime < since:
+            return None
+    except OSError:
+        return None
+    return _read_json(path)
 
 
 def _recipe_model(run_dir: Path) -> str | None:

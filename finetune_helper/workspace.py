@@ -25,6 +25,24 @@ def _is_hub_id(text: str) -> bool:
     return bool(HUB_ID.fullmatch(text)) and ".." not in text
 
 
+#: longest name a file system takes (POSIX NAME_MAX) and a sane bound on a whole path
+NAME_MAX, PATH_MAX = 255, 1024
+#: a model size as ``resolve_model`` reads it (``7B``, ``500M``)
+SIZE = re.compile(r"\d+(\.\d+)?[BbMm]")
+
+
+def _named(text: str, field: str, builtin: str, kind: str, choices: str) -> str:
+    """``text`` stripped; refused when empty, too long for a file system, or an unknown ``builtin:`` name."""
+    text = str(text or "").strip()
+    if not text:
+        raise FinetuneHelperError(field, f"is empty: {choices}, or {builtin}")
+    if len(text) > PATH_MAX or any(len(part) > NAME_MAX for part in text.split("/")):
+        raise FinetuneHelperError(field, f"is too long ({len(text)} characters; at most {NAME_MAX} per path part)")
+    if text.startswith("builtin:") and text != builtin:
+        raise FinetuneHelperError(field, f"unknown built-in {kind} {text!r}; the built-in is {builtin}")
+    return text
+
+
 class Workspace:
     """``root/uploads`` holds uploaded datasets, ``root/runs`` one folder per run."""
 
@@ -41,6 +59,8 @@ class Workspace:
         text = str(text).strip()
         if "\x00" in text:
             raise FinetuneHelperError(field, "contains a NUL byte; type a plain path")
+        if len(text) > PATH_MAX or any(len(part) > NAME_MAX for part in text.split("/")):
+            raise FinetuneHelperError(field, f"is too long ({len(text)} characters; at most {NAME_MAX} per path part)")
         raw = Path(text).expanduser()
         try:
             resolved = (raw if raw.is_absolute() else self.root / raw).resolve()
@@ -58,13 +78,9 @@ class Workspace:
     def data_source(self, text: str, field: str = "data.path") -> str:
         """A dataset reference for a recipe: ``builtin:arithmetic``, a Hub dataset id, or an existing file in the
         workspace (returned as an absolute path)."""
-        text = str(text or "").strip()
-        if not text:
-            raise FinetuneHelperError(field, "is empty: upload a dataset (.json/.jsonl/.csv/.parquet), type a path in "
-                                      f"the workspace, a Hub dataset id, or {BUILTIN_DATA}")
-        if text.startswith("builtin:"):
-            if text != BUILTIN_DATA:
-                raise FinetuneHelperError(field, f"unknown built-in data {text!r}; the built-in is {BUILTIN_DATA}")
+        text = _named(text, field, BUILTIN_DATA, "data", "upload a dataset (.json/.jsonl/.csv/.parquet), type a "
+                      "path in the workspace, a Hub dataset id")
+        if text == BUILTIN_DATA:
             return text
         if not self._looks_local(text) and Path(text).suffix.lower() not in DATA_SUFFIXES and _is_hub_id(text):
             return text
@@ -74,6 +90,9 @@ class Workspace:
         if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
             raise FinetuneHelperError(field, f"{path.name}: a dataset file must end in {', '.join(DATA_SUFFIXES)}")
         if path.is_dir():
+            if path == self.root or self.runs.is_relative_to(path) or path.is_relative_to(self.runs):
+                raise FinetuneHelperError(field, f"{path} holds the workspace's runs; name a data file or a folder "
+                                          "of data files")
             self._check_inside(path, field)
         return str(path)
 
@@ -87,18 +106,15 @@ class Workspace:
     def model_source(self, text: str, field: str = "model.name") -> str:
         """A model reference: a catalog name, ``builtin:tiny-llama``, a Hub id, a size such as ``7B``, or a local
         directory inside the workspace (returned absolute)."""
-        text = str(text or "").strip()
-        if not text:
-            raise FinetuneHelperError(field, "is empty: pick a catalog model, type a Hub id (owner/name), a folder in "
-                                      f"the workspace with config.json, or {BUILTIN_MODEL}")
-        if text.startswith("builtin:"):
-            if text != BUILTIN_MODEL:
-                raise FinetuneHelperError(field, f"unknown built-in model {text!r}; the built-in is {BUILTIN_MODEL}")
-            return text
-        if catalog.find_model(text) is not None:
+        text = _named(text, field, BUILTIN_MODEL, "model", "pick a catalog model, type a Hub id (owner/name), a "
+                      "folder in the workspace with config.json")
+        if text == BUILTIN_MODEL or catalog.find_model(text) is not None:
             return text
         if not self._looks_local(text):
-            return text  # a Hub id or a size; resolve_model checks it and says what is allowed
+            if _is_hub_id(text) or SIZE.fullmatch(text):
+                return text  # resolve_model fetches the Hub config (offline: a clear error) or sizes a generic model
+            raise FinetuneHelperError(field, f"{text!r} is not a catalog model, a Hub id (owner/name), a size such "
+                                      "as 7B, or a folder in the workspace")
         path = self.path(text, field)
         if not (path / "config.json").is_file():
             raise FinetuneHelperError(field, f"{path} is not a model folder (no config.json)")

@@ -402,6 +402,11 @@ def test_a_run_failing_inside_the_runner_ends_failed_and_releases_the_lock(ws, m
     assert rm.active_run() is None and not any(p.exists() for p in lock_files(rm))
     after_restart = RunManager(ws).status(run_id)  # read back from the run folder alone
     assert (after_restart["state"], after_restart["returncode"], after_restart["message"]) == ("failed", 2, message)
+    # the run ended while no app was watching (no reaper wrote process.json): the CLI's exit.json tells
+    process = ws.runs / run_id / "process.json"
+    process.write_text(json.dumps({**json.loads(process.read_text()), "returncode": None}))
+    unwatched = RunManager(ws).status(run_id)
+    assert (unwatched["state"], unwatched["returncode"]) == ("failed", 2)
     next_id = rm.start(build_recipe(ws, recipe_text({"max_steps": 50})))  # the lock is free
     assert next_id != run_id and rm.active_run() == next_id
 
@@ -438,7 +443,9 @@ def test_start_watch_stop_resume_to_the_end(ws, manager):
 
     assert rm.resume(run_id) == run_id
     st = rm.status(run_id)
-    assert st["active"] and st["state"] in ("preparing", "training") and not st["can_resume"]
+    assert st["active"] and not st["can_resume"]
+    # the stopped attempt's records are not this attempt's progress: no stale ETA or throughput while it loads
+    assert st["state"] == "preparing" and st["eta_seconds"] is None and st["tokens_per_second"] is None
     with pytest.raises(FinetuneHelperError) as err:
         rm.start(build_recipe(ws, recipe_text({"max_steps": 50})))
     assert run_id in err.value.message
@@ -468,3 +475,39 @@ def test_start_watch_stop_resume_to_the_end(ws, manager):
     assert details["plan"]["method"] == "full" and details["training_args"]["max_steps"] == 200
     assert "builtin:tiny-llama" in details["recipe"]
     assert restarted.active_run() is None
+
+
+@pytest.mark.parametrize("training", [{"push_to_hub": True}, {"hub_token": "hf_x"}, {"hub_model_id": "me/x"},
+                                      {"deepspeed": "ds.json"}, {"accelerator_config": "/etc/acc.json"},
+                                      {"fsdp_config": "/tmp/x.json"}, {"report_to": "wandb"},
+                                      {"resume_from_checkpoint": "/tmp/c"}])
+def test_app_runs_refuse_settings_that_reach_outside(ws, training):
+    key = next(iter(training))
+    with pytest.raises(FinetuneHelperError) as err:
+        build_recipe(ws, recipe_text({"max_steps": 5, **training}))
+    assert err.value.field == f"training.{key}" and "not allowed" in err.value.message
+
+
+def test_app_runs_allow_report_to_none(ws):
+    assert build_recipe(ws, recipe_text({"max_steps": 5, "report_to": "none"})).training["report_to"] == "none"
+
+
+def test_a_second_stop_kills_a_run_that_does_not_stop(ws, manager):
+    rm = manager(ws)
+    run_id = rm.start(build_recipe(ws, recipe_text({"max_steps": 2000, "logging_steps": 5, "save_steps": 1000})))
+    wait_for(rm, run_id, lambda s: s["loss"] is not None, "training")
+    info = json.loads((ws.runs / run_id / "process.json").read_text())
+    os.kill(info["pid"], signal.SIGSTOP)  # a hung run: it cannot act on SIGTERM
+    try:
+        rm.stop(run_id)
+        time.sleep(1)
+        assert rm.status(run_id)["active"]  # still there
+        rm.stop(run_id)  # the second Stop kills the process group
+        st = wait_for(rm, run_id, ended, "killed", timeout=30)
+    finally:
+        try:
+            os.kill(info["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert st["state"] == "killed" and st["returncode"] == -signal.SIGKILL and "kept" in st["message"]
+    assert rm.active_run() is None

@@ -262,3 +262,31 @@ def test_save_upload_accepts_upper_case_suffixes(ws, tmp_path):
     source = write_dataset(tmp_path / "EXPORT.CSV", synthetic_dataset(4))
     assert ws.save_upload(source).is_file()
 
+
+
+@pytest.mark.parametrize("name", ["a/b/c", "some folder", "x" * 300, "a/" + "b" * 300])
+def test_model_names_that_are_neither_hub_ids_nor_workspace_folders_are_refused(tmp_path, name):
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(FinetuneHelperError) as err:
+        ws.model_source(name)
+    assert err.value.field == "model.name"
+
+
+@pytest.mark.parametrize("name", ["7B", "500M", "Qwen/Qwen2.5-7B", "owner/some-model"])
+def test_sizes_and_hub_ids_pass(tmp_path, name):
+    assert Workspace(tmp_path / "ws").model_source(name) == name
+
+
+@pytest.mark.parametrize("folder", [".", "runs", "runs/x"])
+def test_the_workspace_itself_or_its_runs_is_not_a_dataset(tmp_path, folder):
+    ws = Workspace(tmp_path / "ws")
+    (ws.runs / "x").mkdir()
+    with pytest.raises(FinetuneHelperError, match="holds the workspace's runs"):
+        ws.data_source(folder)
+
+
+def test_overlong_paths_are_a_field_error(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    for call in (lambda: ws.path("a" * 300, "dataset path"), lambda: ws.data_source("d/" + "a" * 300 + ".jsonl")):
+        with pytest.raises(FinetuneHelperError, match="too long"):
+            call()

@@ -175,8 +175,8 @@ def test_tiny_run_start_poll_stop_resume_and_read_after_restart(client, app_serv
     from finetune_helper_app.app import live_lr_frame
 
     frame = live_lr_frame(st)
-    logged = frame[frame.series == "logged"].set_index("step").learning_rate
-    planned = frame[frame.series == "planned"].set_index("step").learning_rate
+    logged = frame[frame.series == "trainer"].set_index("step").learning_rate
+    planned = frame[frame.series == "schedule"].set_index("step").learning_rate
     assert len(logged) >= 200 // 5 - 1
     for step, lr in logged.items():
         assert lr == pytest.approx(planned[step], rel=1e-6, abs=1e-12), step
