@@ -499,6 +499,10 @@ def build_app(workspace: Workspace, *, detect: bool = True) -> gr.Blocks:
                                                                    past_recipe], api_name="run_details")
         demo.load(_errors_shown(app.list_runs), None, [runs_table, past_run], api_visibility="private")
         demo.load(app.current_runs, None, run_id, api_visibility="private")
+        # open on a worked example: the default form's recommendation
+        demo.load(_errors_shown(app.recommend), form, [verdict, settings, memory_plot, lr_plot, plan_json],
+                  api_visibility="private").then(
+            _errors_shown(app.export), [*form, export_format], [code, downloads], api_visibility="private")
         demo.load(_errors_shown(app.load_recipe), [recipe_choice, *form], recipe_yaml, api_visibility="private")
     demo.finetune_helper_app = app  # for tests and embedding
     return demo

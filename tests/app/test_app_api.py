@@ -145,8 +145,19 @@ def test_bad_run_input_is_refused_before_any_process_starts(client, app_workspac
 def test_tiny_run_start_poll_stop_resume_and_read_after_restart(client, app_server, tmp_path):
     from gradio_client.exceptions import AppError
 
-    run_id, message = client.predict(tiny_recipe(200), None, "", False, "api test", api_name="/start_run")
+    from gradio_client import handle_file
+
+    from finetune_helper.tiny import synthetic_dataset, write_dataset
+
+    # the data comes as an upload (a CSV of 1,000 alpaca examples), as a user's own file would
+    upload = write_dataset(tmp_path / "my data.csv", synthetic_dataset(1000, fmt="alpaca", seed=3))
+    run_id, message = client.predict(tiny_recipe(200), handle_file(str(upload)), "", False, "api test",
+                                     api_name="/start_run")
     assert run_id.startswith("api-test-") and run_id in message
+    input_recipe = yaml.safe_load((app_server.workspace / "runs" / run_id / "input-recipe.yaml").read_text())
+    data_path = Path(input_recipe["data"]["path"])
+    assert data_path.parent == app_server.workspace / "uploads" and data_path.name.endswith("my_data.csv")
+    assert data_path.read_bytes() == upload.read_bytes()
     with pytest.raises(AppError, match="still training"):  # one run at a time per GPU
         client.predict(tiny_recipe(200), None, "", False, "second", api_name="/start_run")
 
@@ -191,7 +202,7 @@ def test_tiny_run_start_poll_stop_resume_and_read_after_restart(client, app_serv
         summary, loss, plan, args, recipe = second.predict(run_id, api_name="/run_details")
         assert run_id in summary and "done" in summary
         assert len(loss["data"]) >= 200 // 5 and plan["method"] == "full"
-        assert args["max_steps"] == 200 and "builtin:tiny-llama" in recipe
+        assert args["max_steps"] == 200 and "builtin:tiny-llama" in recipe and "my_data.csv" in recipe
     finally:
         again.close()
 
@@ -204,6 +215,19 @@ def test_auth_is_required_when_asked(tmp_path):
         assert server.client(auth=("alice", "s3cret")).predict(*FORM, api_name="/recommend")[4]["fits"]
     finally:
         server.close()
+
+
+def test_recipe_from_the_current_recommendation(client):
+    from finetune_helper.recipe import PLACEHOLDER_DATA, recipe_from_dict
+
+    text = client.predict("(the current recommendation)", *FORM, api_name="/load_recipe")
+    recipe = recipe_from_dict(yaml.safe_load(text))
+    assert (recipe.model.name, recipe.hardware.gpu, recipe.method.type, recipe.recommend.dataset_size,
+            recipe.recommend.epochs, recipe.recommend.target_effective_batch) == (
+        "meta-llama/Llama-3.1-8B", "RTX 4090", "lora", 20000, 2, 64)
+    assert recipe.data.path == PLACEHOLDER_DATA and "replace" in text.splitlines()[1]
+    shipped = client.predict("tiny-demo.yaml", *FORM, api_name="/load_recipe")
+    assert shipped.rstrip("\n") == (REPO / "recipes" / "tiny-demo.yaml").read_text().rstrip("\n")  # gr.Code trims
 
 
 def test_files_outside_the_workspace_are_not_served(app_server, client):
