@@ -218,7 +218,7 @@ class App:
     def list_runs(self):
         rows = self.runs.list_runs()
         columns = ["run_id", "state", "model", "method", "step", "max_steps", "train_loss_last", "eval_loss", "started"]
-        frame = pd.DataFrame(rows, columns=columns)
+        frame = pd.DataFrame(rows, columns=columns).round({"train_loss_last": 4, "eval_loss": 4})
         return frame, gr.Dropdown(choices=[r["run_id"] for r in rows], value=rows[0]["run_id"] if rows else None)
 
     def run_details(self, run_id):
@@ -495,8 +495,9 @@ def build_app(workspace: Workspace, *, detect: bool = True) -> gr.Blocks:
         timer.tick(app.refresh, [run_id, fingerprint], [status, loss_plot, live_lr, memory, log, status_json,
                                                          fingerprint], api_visibility="private", show_progress="hidden")
         runs_refresh.click(_errors_shown(app.list_runs), None, [runs_table, past_run], api_name="list_runs")
-        show_btn.click(_errors_shown(app.run_details), past_run, [past_summary, past_loss, past_plan, past_args,
-                                                                   past_recipe], api_name="run_details")
+        details = [past_summary, past_loss, past_plan, past_args, past_recipe]
+        show_btn.click(_errors_shown(app.run_details), past_run, details, api_name="run_details")
+        past_run.change(_errors_shown(app.run_details), past_run, details, api_visibility="private")
         demo.load(_errors_shown(app.list_runs), None, [runs_table, past_run], api_visibility="private")
         demo.load(app.current_runs, None, run_id, api_visibility="private")
         # open on a worked example: the default form's recommendation

@@ -127,4 +127,6 @@ def test_runs_tab_lists_the_stopped_run(page):
     page.get_by_role("tab", name="Runs").click()
     page.get_by_role("button", name="Refresh list").click()
     page.get_by_text("stopped", exact=True).filter(visible=True).first.wait_for()
+    plot_drawn(page, "past-loss-plot")  # the newest run is selected and its loss curve drawn
+    page.get_by_text('"method": "full"').first.wait_for()  # its plan.json
     shot(page, "runs")
