@@ -79,7 +79,7 @@ def main() -> None:
             time.sleep(0.2)
         first_loss = time.perf_counter() - t0
         median, worst = timed(lambda: client.predict(run_id, api_name="/run_status"), args.repeats)
-        print(f"{"/run_status (while it trains)":34s} median {median:6.1f} ms   max {worst:6.1f} ms")
+        print(f"{'/run_status (while it trains)':34s} median {median:6.1f} ms   max {worst:6.1f} ms")
         t1 = time.perf_counter()
         client.predict(run_id, api_name="/stop_run")
         while (st := client.predict(run_id, api_name="/run_status"))["active"]:
