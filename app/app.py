@@ -138,7 +138,7 @@ class App:
         output_dir = f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
         texts = {f: render(plan, f, output_dir=output_dir) for f in ("python", "json", "yaml", "cli")}
         texts["recipe"] = self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
-                                           lr_min, lr_max)
+                                           lr_min, lr_max, checked=True)
         folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=self.exports))
         names = {"python": "train_args.py", "json": "training_args.json", "yaml": "training_args.yaml",
                  "recipe": "recipe.yaml"}
@@ -150,8 +150,10 @@ class App:
         return texts[fmt], files
 
     def recipe_text(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                    data_path: str = PLACEHOLDER_DATA) -> str:
-        self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max)  # checks
+                    data_path: str = PLACEHOLDER_DATA, checked: bool = False) -> str:
+        """The form as a recipe; ``checked``: the caller has already planned these values (so they are valid)."""
+        if not checked:
+            self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max)
         recipe = recipe_from_settings(
             model=str(model).strip(), gpu=str(gpu).strip(), gpus=_opt_int(gpus, "gpus") or 1, method=str(method),
             seq_len=_seq_len(seq_len), dataset_size=_opt_int(dataset_size, "dataset-size"),
@@ -505,7 +507,6 @@ def build_app(workspace: Workspace, *, detect: bool = True) -> gr.Blocks:
                   api_visibility="private").then(
             _errors_shown(app.export), [*form, export_format], [code, downloads], api_visibility="private")
         demo.load(_errors_shown(app.load_recipe), [recipe_choice, *form], recipe_yaml, api_visibility="private")
-    demo.finetune_helper_app = app  # for tests and embedding
     return demo
 
 
