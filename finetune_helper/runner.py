@@ -48,8 +48,12 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class RunStopped(Exception):
-    """A run that ended early on purpose; ``code`` is the exit code."""
+class RunStopped(BaseException):
+    """A run that ended early on purpose; ``code`` is the exit code.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``): raised by the signal handler while the run prepares, it must
+    not be swallowed by a library's ``except Exception`` around the code it interrupts (dataset loading, say), which
+    would turn a Stop into a "failed" run."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
