@@ -13,6 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export GRADIO_ANALYTICS_ENABLED := False
 # The browser tests drive Debian's chromium through Playwright; `playwright install` cannot download here.
 CHROMIUM ?= /usr/bin/chromium
+export FINETUNE_HELPER_CHROMIUM := $(CHROMIUM)
 
 .PHONY: setup demo test test-fast bench clean chromium app
 
