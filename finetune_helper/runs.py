@@ -81,26 +81,32 @@ def build_recipe(workspace: Workspace, text: str, *, data_file: str | None = Non
         raise FinetuneHelperError("model.trust_remote_code", "is true in the recipe: tick 'Trust remote code' to run "
                                   "the model repository's own Python code, or set it to false")
     recipe.model.trust_remote_code = bool(trust_remote_code)
-    recipe.model.name = workspace.model_source(recipe.model.name)
-    if data_file:
-        recipe.data.path = str(workspace.save_upload(data_file))
-    elif data_path and data_path.strip():
-        recipe.data.path = workspace.data_source(data_path, field="dataset path")
-    else:
-        recipe.data.path = workspace.data_source(recipe.data.path)
-    recipe.output_dir = None  # the app decides the run folder
     refused = sorted(k for k, v in recipe.training.items() if APP_REFUSED_TRAINING.search(k)
                      or (k == "report_to" and v not in ("none", [], ["none"])))
     if refused:
         raise FinetuneHelperError(f"training.{refused[0]}", "is not allowed in runs started from the app: settings "
                                   "that name files or talk to the Hub or a tracker (" + ", ".join(refused) + ") "
                                   "could reach outside the workspace; run `finetune-helper run` for them")
-    check_references(recipe)
-    if Path(recipe.data.path).exists():  # read it now: an unreadable file is an error here, not a failed run
-        from .datasets_io import load_data
+    recipe.model.name = workspace.model_source(recipe.model.name)
+    recipe.output_dir = None  # the app decides the run folder
+    upload = workspace.save_upload(data_file) if data_file else None
+    try:
+        if upload is not None:
+            recipe.data.path = str(upload)
+        elif data_path and data_path.strip():
+            recipe.data.path = workspace.data_source(data_path, field="dataset path")
+        else:
+            recipe.data.path = workspace.data_source(recipe.data.path)
+        check_references(recipe)
+        if Path(recipe.data.path).exists():  # read it now: an unreadable file is an error here, not a failed run
+            from .datasets_io import load_data
 
-        load_data(recipe.data.path, fmt=None if recipe.data.format == "auto" else recipe.data.format,
-                  columns=recipe.data.columns or None)
+            load_data(recipe.data.path, fmt=None if recipe.data.format == "auto" else recipe.data.format,
+                      columns=recipe.data.columns or None)
+    except FinetuneHelperError:
+        if upload is not None:
+            upload.unlink(missing_ok=True)  # the copy of a file that cannot be used (the user's own file is untouched)
+        raise
     return recipe
 
 

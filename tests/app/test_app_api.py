@@ -132,11 +132,13 @@ def test_bad_run_input_is_refused_before_any_process_starts(client, app_workspac
         ((tiny_recipe(10).replace("gpu: 16GiB", "gpu: 0GB"), None, "", False, ""), "hardware.gpu"),
     ]
     before = sorted(p.name for p in (app_workspace / "runs").iterdir())
+    uploads = sorted((app_workspace / "uploads").iterdir())
     for args, field in cases:
         with pytest.raises(AppError) as info:
             client.predict(*args, api_name="/start_run")
         assert str(info.value).startswith(field), (field, str(info.value))
     assert sorted(p.name for p in (app_workspace / "runs").iterdir()) == before  # nothing was started
+    assert sorted((app_workspace / "uploads").iterdir()) == uploads  # the refused upload's copy is gone
     with pytest.raises(AppError, match="^run: no run named"):
         client.predict("no-such-run", api_name="/run_status")
 
