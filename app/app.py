@@ -34,7 +34,7 @@ from finetune_helper.errors import FinetuneHelperError  # noqa: E402
 from finetune_helper.recipe import BUILTIN_MODEL, PLACEHOLDER_DATA, recipe_from_settings  # noqa: E402
 from finetune_helper.runs import RunManager, build_recipe  # noqa: E402
 from finetune_helper.schedule import logged_schedule_points, schedule_points, warmup_steps_for  # noqa: E402
-from finetune_helper.units import GiB, fmt_gib  # noqa: E402
+from finetune_helper.units import GiB, fmt_duration, fmt_gib  # noqa: E402
 from finetune_helper.workspace import Workspace  # noqa: E402
 from finetune_helper_app.options import LOOPBACK, add_arguments, parse_auth  # noqa: E402
 
@@ -194,7 +194,7 @@ class App:
         return f"Resumed **{run_id}** from its last checkpoint."
 
     def run_ids(self) -> list[str]:
-        return [r["run_id"] for r in self.runs.list_runs()]
+        return self.runs.run_ids()
 
     def refresh(self, run_id, last_fingerprint):
         """The Train tab's live view (timer tick): skipped when nothing changed since the last tick."""
@@ -346,8 +346,7 @@ def progress_html(st: dict[str, Any]) -> str:
     parts = [f"<b>{html.escape(st['run_id'])}</b>: {html.escape(st['state'])}",
              f"step {st['step']}/{st['max_steps'] or '?'} ({pct:.0f}%)"]
     if st.get("eta_seconds") is not None:
-        eta = int(st["eta_seconds"])
-        parts.append(f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
+        parts.append(f"ETA {fmt_duration(st['eta_seconds'])}")
     if st.get("loss") is not None:
         parts.append(f"loss {st['loss']:.4f}")
     if st.get("tokens_per_second"):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import FinetuneHelperError
+from .units import fmt_duration, fmt_gib
 
 # bitsandbytes (imported by transformers / TRL when installed) warns on every CPU import about an optional kernel
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -325,7 +326,7 @@ def _callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str, Any])
                 fh.write(json.dumps(record) + "\n")
             if "loss" in logs:
                 log(f"step {st.global_step}/{st.max_steps} | loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e}"
-                    f" | {record['tokens_per_second'] or 0:,.0f} tok/s | ETA {_fmt_time(eta)}")
+                    f" | {record['tokens_per_second'] or 0:,.0f} tok/s | ETA {fmt_duration(eta)}")
             elif "eval_loss" in logs:
                 log(f"step {st.global_step}/{st.max_steps} | eval loss {logs['eval_loss']:.4f}")
 
@@ -352,13 +353,6 @@ def _callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str, Any])
                 control.should_training_stop = True
 
     return [Progress(), Guard()]
-
-
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -575,8 +569,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"exact match on held-out problems: before {f(summary.get('exact_match_before'), '{:.1%}')}, "
                      f"after {f(summary.get('exact_match_after'), '{:.1%}')}")
     if "peak_memory_bytes" in summary:
-        from .units import fmt_gib
-
         lines.append(f"peak GPU memory (torch.cuda.max_memory_allocated): {fmt_gib(summary['peak_memory_bytes'])}; "
                      f"estimated {fmt_gib(summary['estimated_peak_memory_bytes'])}")
     for event in summary.get("oom_backoffs", []):

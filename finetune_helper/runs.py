@@ -431,14 +431,19 @@ class RunManager:
             "can_resume": not alive and state != "done" and _has_checkpoint(run_dir),
         }
 
+    def run_ids(self) -> list[str]:
+        """The run folders in the workspace, newest first (names only: no status is read)."""
+        folders = [p for p in self.workspace.runs.iterdir() if p.is_dir() and (p / PROCESS_FILE).exists()]
+        return [p.name for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
+
     def list_runs(self) -> list[dict[str, Any]]:
         """Every run folder in the workspace, newest first, with what the runs table shows; a folder that cannot be
         read (hand-edited, a link out of the workspace) is left out rather than breaking the list."""
         rows = []
-        folders = [p for p in self.workspace.runs.iterdir() if p.is_dir() and (p / PROCESS_FILE).exists()]
-        for run_dir in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
+        for run_id in self.run_ids():
+            run_dir = self.workspace.runs / run_id
             try:
-                st = self.status(run_dir.name)
+                st = self.status(run_id)
             except (FinetuneHelperError, OSError, ValueError, TypeError, AttributeError):
                 continue
             summary = st["summary"] or {}

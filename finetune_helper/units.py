@@ -64,3 +64,11 @@ def fmt_count(n: int) -> str:
         if abs(n) >= div:
             return f"{n / div:.3g}{suffix}" if n / div < 100 else f"{n / div:.0f}{suffix}"
     return str(n)
+
+
+def fmt_duration(seconds: float) -> str:
+    """``1:02:03`` (hours:minutes:seconds), ``?`` for an unknown (non-finite) duration."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
