@@ -143,9 +143,7 @@ def gather_estimate(args: argparse.Namespace) -> dict[str, Any]:
     from .training_setup import TrainingSetup
 
     spec = resolve_model(args.model)
-    seq = args.seq_len if args.seq_len is not None else min(2048, spec.max_position_embeddings)
-    if seq > spec.max_position_embeddings:
-        raise FinetuneHelperError("seq-len", f"{seq} exceeds the model's maximum of {spec.max_position_embeddings}")
+    seq = spec.sequence_length(args.seq_len)
     setup = TrainingSetup(method=args.method, micro_batch_size=args.batch, seq_len=seq, dtype=args.dtype,
                           optim=args.optim or DEFAULT_OPTIM, gradient_checkpointing=args.gradient_checkpointing,
                           lora_r=args.lora_r, lora_alpha=args.lora_alpha, weights_dtype=args.weights_dtype,

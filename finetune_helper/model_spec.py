@@ -35,6 +35,10 @@ class Linear:
         return self.in_features * self.out_features
 
 
+#: tokens per sequence when none is given (capped by the model's max_position_embeddings)
+DEFAULT_SEQ_LEN = 2048
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A decoder-only causal LM, as its config describes it."""
@@ -163,6 +167,16 @@ class ModelSpec:
     def default_attn_implementation(self) -> str:
         """The attention kernel transformers 5 trains this architecture with by default (Gemma 2: eager)."""
         return self.traits.attn_implementations[0] if self.traits else "sdpa"
+
+    def sequence_length(self, seq_len: int | None = None) -> int:
+        """``seq_len`` checked against the model's maximum, or the default: min(2048, max_position_embeddings)
+        (2048: Llama 2's context, which most SFT examples fit)."""
+        if seq_len is None:
+            return min(DEFAULT_SEQ_LEN, self.max_position_embeddings)
+        if seq_len > self.max_position_embeddings:
+            raise FinetuneHelperError("seq-len", f"{seq_len} exceeds the model's maximum of "
+                                      f"{self.max_position_embeddings} (max_position_embeddings)")
+        return seq_len
 
     def layer_linears(self) -> list[Linear]:
         """The ``nn.Linear`` modules of one decoder layer, named as in transformers."""

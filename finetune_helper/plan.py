@@ -87,9 +87,7 @@ class PlanRequest:
         if self.seq_len is not None:
             if not isinstance(self.seq_len, int) or self.seq_len <= 0:
                 raise FinetuneHelperError("seq-len", f"must be a positive integer, got {self.seq_len!r}")
-            if self.seq_len > self.model.max_position_embeddings:
-                raise FinetuneHelperError("seq-len", f"{self.seq_len} exceeds the model's maximum of "
-                                          f"{self.model.max_position_embeddings} (max_position_embeddings)")
+            self.model.sequence_length(self.seq_len)
         if self.dataset_size is not None and (not isinstance(self.dataset_size, int) or self.dataset_size <= 0):
             raise FinetuneHelperError("dataset-size", f"must be a positive integer, got {self.dataset_size!r}")
         if not (isinstance(self.epochs, (int, float)) and 0 < self.epochs < 1e6):
@@ -115,7 +113,7 @@ class PlanRequest:
 
     @property
     def resolved_seq_len(self) -> int:
-        return self.seq_len if self.seq_len is not None else min(2048, self.model.max_position_embeddings)
+        return self.model.sequence_length(self.seq_len)
 
     @property
     def dtype(self) -> str:

@@ -186,15 +186,15 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
 
     device = _device()
     adaptations: list[str] = []
-    max_len = recipe.data.max_length or min(2048, spec.max_position_embeddings)
     req = PlanRequest(
-        model=spec, gpu=gpu, gpus=recipe.hardware.gpus, method=recipe.method.type, seq_len=max_len,
+        model=spec, gpu=gpu, gpus=recipe.hardware.gpus, method=recipe.method.type, seq_len=recipe.data.max_length,
         dataset_size=recipe.recommend.dataset_size or len(train), epochs=recipe.recommend.epochs,
         target_effective_batch=recipe.recommend.target_effective_batch, lr_min=recipe.recommend.lr_min,
         lr_max=recipe.recommend.lr_max, lora_r=recipe.method.lora_r, lora_alpha=recipe.method.lora_alpha,
         lora_dropout=recipe.method.lora_dropout, attn_implementation=recipe.model.attn_implementation,
     )
     plan = recommend_plan(req)
+    max_len = req.resolved_seq_len  # data.max_length, else the planner's default
     overrides = dict(recipe.training)
     kwargs = training_kwargs(plan, str(run_dir), **overrides)
     if device == "cpu" and dry_run:
