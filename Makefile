@@ -15,13 +15,18 @@ export GRADIO_ANALYTICS_ENABLED := False
 CHROMIUM ?= /usr/bin/chromium
 export FINETUNE_HELPER_CHROMIUM := $(CHROMIUM)
 
-.PHONY: setup demo test test-fast bench clean chromium app
+.PHONY: setup demo test test-fast test-latest lock bench clean chromium app
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every package to the versions the tests last passed with (`make lock` rewrites it), so a
+# fresh machine installs what was tested; `make test-latest` tests the newest versions pyproject.toml allows.
+CONSTRAINTS ?= constraints.txt
+LATEST_VENV ?= .venv-latest
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -49,9 +54,23 @@ app: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# the newest releases pyproject.toml allows, in a separate venv (torch stays pinned: see TORCH_SPEC)
+test-latest: chromium
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(transformers|trl|peft|accelerate|datasets|gradio)=='
+	$(LATEST_VENV)/bin/python -m pytest -q
+
+# rewrite constraints.txt from the venv the tests just passed in (VENV=.venv-latest after `make test-latest`)
+lock:
+	( echo "# Versions the tests passed with: make setup installs these (pip -c). Rewritten by 'make lock'."; \
+	  $(VENV)/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' ) > $(CONSTRAINTS)
+
 bench: setup
 	$(PY) benchmarks/recommend_speed.py
 	$(PY) benchmarks/memory_accuracy.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache .hypothesis

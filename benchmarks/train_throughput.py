@@ -12,15 +12,15 @@
    as the runner's summary reports it.
 2. Overhead: the runner on tiny-demo (built-in model and data) for ``--steps`` steps, against the same
    ``SFTTrainer`` built by hand: ``SFTConfig(**training_args.json)`` from the runner's run folder, the model
-   directory from ``build_tiny_assets``, the same data converted with ``datasets_io``.  What is compared is the
+   directory (``tiny.base_model_dir()``), the same data converted with ``datasets_io``.  What is compared is the
    Trainer's own ``train_runtime`` (the wall time of the training loop inside ``trainer.train()``, after the
    dataloader and optimizer are set up), taken the same way in both cases; the runner adds its callbacks (progress
    line + metrics.jsonl, divergence/signal guard).  The runner's end-to-end wall time (model load, exact match
    before/after, final eval, save) is printed beside it for scale; it is not the overhead asked about.
 
 Every measurement is repeated ``--repeats`` times, interleaved (A B B A A B ...) so drift hits both sides alike,
-and the median is reported.  Everything is written under one temporary directory (run folders, the tiny assets via
-FINETUNE_HELPER_CACHE, the datasets cache via HF_HOME), removed at the end unless ``--keep``.
+and the median is reported.  Everything is written under one temporary directory (run folders,
+the datasets cache via HF_HOME), removed at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ RECIPE = ROOT / "recipes" / "tiny-demo.yaml"
 # Before anything imports huggingface_hub / datasets: nothing leaves this machine or lands outside the temp dir.
 TMP = Path(tempfile.mkdtemp(prefix="fh-train-throughput-"))
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["FINETUNE_HELPER_CACHE"] = str(TMP / "cache")
 os.environ["HF_HOME"] = str(TMP / "hf")
 os.environ["HF_DATASETS_CACHE"] = str(TMP / "hf" / "datasets")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -174,11 +173,11 @@ def padded_fraction(lengths: list[int], batch: int, seed: int) -> float:
 
 def bench_packing(steps: int, repeats: int, threads: int, max_length: int, n_examples: int) -> dict:
     from finetune_helper.runner import run
-    from finetune_helper.tiny import build_tiny_assets
+    from finetune_helper.tiny import base_model_dir
 
     data = TMP / "variable.jsonl"
     examples = variable_length_dataset(data, n_examples)
-    model_dir = build_tiny_assets(Path(os.environ["FINETUNE_HELPER_CACHE"]) / "tiny-llama", seed=0)
+    model_dir = base_model_dir()
     lengths = token_lengths(examples, model_dir)
     qs = statistics.quantiles(lengths, n=10)
     print(f"variable-length data: {len(lengths)} examples ({data.name}), tokens per example: min {min(lengths)}, "
@@ -268,15 +267,15 @@ def hand_trainer(run_dir: Path, out_dir: Path, attn: str | None, callbacks: list
 
     from finetune_helper import datasets_io
     from finetune_helper.recipe import load_recipe
-    from finetune_helper.tiny import TINY_DEMO_TRAINING, build_tiny_assets, synthetic_dataset
+    from finetune_helper.tiny import N_DEMO_TRAIN, base_model_dir, synthetic_dataset
 
     recipe = load_recipe(run_dir / "recipe.yaml")
     kwargs = json.loads((run_dir / "training_args.json").read_text())
     kwargs["output_dir"] = str(out_dir)
     args = SFTConfig(**kwargs)
-    model_dir = build_tiny_assets(Path(os.environ["FINETUNE_HELPER_CACHE"]) / "tiny-llama", seed=0)
+    model_dir = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    n = recipe.data.max_examples or TINY_DEMO_TRAINING["n_train"]
+    n = recipe.data.max_examples or N_DEMO_TRAIN
     fmt = recipe.data.format if recipe.data.format != "auto" else "alpaca"
     dataset = Dataset.from_list(synthetic_dataset(n, seed=recipe.seed, split="train", fmt=fmt))
     train, evaluation = datasets_io.split_eval(dataset, recipe.data.eval_fraction, recipe.seed)

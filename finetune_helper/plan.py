@@ -330,6 +330,11 @@ def scaled_learning_rate(req: PlanRequest, effective_batch: int, optim: str) -> 
     else:
         raw = ref["learning_rate"] * math.sqrt(ratio)
         rule = f"square-root rule (Adam family): {ref['learning_rate']:.1e} x sqrt({effective_batch}/{ref['effective_batch']})"
+    if family == "adam" and req.method == "full" and "hidden_sizes" in ref:
+        factor, note = width_factor(req.model.hidden_size, *ref["hidden_sizes"])
+        if factor != 1:
+            raw *= factor
+            rule += f" x {note}"
     if req.method != "full" and "lora_alpha" in ref:
         # The adapter's update to W is scaled by alpha/r (Hu et al. 2021, sec. 4.1: tuning alpha is roughly tuning
         # the learning rate), so a reference taken at another alpha/r is rescaled to ours.
@@ -345,6 +350,16 @@ def scaled_learning_rate(req: PlanRequest, effective_batch: int, optim: str) -> 
         if raw > 2 * lr or raw < lr / 2:
             reason += f" (the rule asks for {raw:.1e}: widen the bounds to use it)"
     return lr, reason
+
+
+def width_factor(hidden_size: int, narrowest: int, widest: int) -> tuple[float, str]:
+    """Adam's learning rate for a model outside the widths a reference covers: scaled by 1/width from the nearest
+    covered width (muP, Yang et al. 2022, "Tensor Programs V", Table 3: Adam's hidden-weight LR ~ 1/fan_in).
+    A heuristic extrapolation; 1 inside the covered range."""
+    edge = narrowest if hidden_size < narrowest else widest if hidden_size > widest else hidden_size
+    factor = edge / hidden_size
+    return factor, (f"width {edge}/{hidden_size} (the reference covers hidden sizes {narrowest}-{widest}; beyond "
+                    "them Adam's LR ~ 1/width, muP (Yang et al. 2022, Tensor Programs V, Table 3), a heuristic)")
 
 
 def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int) -> tuple[float, str]:

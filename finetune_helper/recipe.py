@@ -31,7 +31,7 @@ import yaml
 from .errors import FinetuneHelperError
 from .training_setup import METHODS
 
-#: Built-in offline assets (finetune_helper.tiny): the tiny random-init Llama and the synthetic task data.
+#: Built-in offline assets (finetune_helper.tiny): the shipped pre-trained tiny base and the synthetic task data.
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:arithmetic"
 #: local data files the runner reads (datasets_io.load_data)

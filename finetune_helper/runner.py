@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from .errors import FinetuneHelperError
 from .units import fmt_duration, fmt_gib
+from .versions import check_stack, installed_stack
 
 # bitsandbytes (imported by transformers / TRL when installed) warns on every CPU import about an optional kernel
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -68,10 +69,6 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_HELPER_CACHE", Path.home() / ".cache" / "finetune_helper"))
-
-
 # ------------------------------------------------------------------------------------------- preparation
 @dataclass
 class Prepared:
@@ -100,10 +97,13 @@ def _device() -> str:
 def _resolve_model_path(recipe: Recipe, log: Callable[[str], None]) -> str:
     name = recipe.model.name
     if name == BUILTIN_MODEL:
-        from .tiny import build_tiny_assets
+        from .tiny import check_base
 
-        path = build_tiny_assets(cache_dir() / "tiny-llama", seed=0)
-        log(f"model: {BUILTIN_MODEL} (random-init tiny Llama and locally trained tokenizer in {path})")
+        try:
+            path = check_base()
+        except ValueError as exc:
+            raise FinetuneHelperError("model.name", str(exc)) from None
+        log(f"model: {BUILTIN_MODEL} (the tiny Llama pre-trained by finetune_helper.tiny, in {path})")
         return str(path)
     return name
 
@@ -115,12 +115,12 @@ def _load_data(recipe: Recipe, tokenizer, log: Callable[[str], None]):
 
     holdout = None
     if recipe.data.path == BUILTIN_DATA:
-        from .tiny import TINY_DEMO_TRAINING, synthetic_dataset
+        from .tiny import N_DEMO_TRAIN, N_HOLDOUT, synthetic_dataset
 
-        n = recipe.data.max_examples or TINY_DEMO_TRAINING["n_train"]
+        n = recipe.data.max_examples or N_DEMO_TRAIN
         fmt = recipe.data.format if recipe.data.format != "auto" else "alpaca"
         dataset = Dataset.from_list(synthetic_dataset(n, seed=recipe.seed, split="train", fmt=fmt))
-        holdout = synthetic_dataset(TINY_DEMO_TRAINING["n_test"], seed=recipe.seed, split="test", fmt="alpaca")
+        holdout = synthetic_dataset(N_HOLDOUT, seed=recipe.seed, split="test", fmt="alpaca")
         detected = datasets_io.detect_format(dataset.column_names, dataset[0])
         log(f"data: {BUILTIN_DATA} ({n} generated {fmt} examples, {len(holdout)} held-out problems)")
     else:
@@ -172,6 +172,8 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
 
     datasets_quiet()  # one progress line per log from us, no download / shard bars
     transformers_quiet()
+    for warning in check_stack():  # a version below the supported range is refused here
+        log(f"warning: {warning}")
     gpu = resolve_recipe_gpu(recipe)  # before any slow work: a misspelt GPU fails at once
     model_path = _resolve_model_path(recipe, log)
     spec = resolve_recipe_model(model_path)
@@ -289,6 +291,7 @@ def write_run_files(prep: Prepared) -> None:
     plan["adaptations"] = prep.adaptations
     plan["data_format"] = prep.data_format
     plan["data_note"] = prep.data_note
+    plan["stack"] = installed_stack()
     plan["train_examples"] = len(prep.train_dataset)
     plan["eval_examples"] = len(prep.eval_dataset) if prep.eval_dataset is not None else 0
     (prep.run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")

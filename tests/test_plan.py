@@ -13,7 +13,7 @@ import finetune_helper as fh
 from finetune_helper.errors import FinetuneHelperError
 from finetune_helper.gpu_spec import GPUSpec
 from finetune_helper.model_spec import ModelSpec, resolve_model
-from finetune_helper.plan import PlanRequest, recommend_plan
+from finetune_helper.plan import PlanRequest, recommend_plan, width_factor
 from finetune_helper.units import GiB
 
 QWEN_05B = resolve_model("Qwen/Qwen2.5-0.5B")
@@ -83,6 +83,21 @@ def test_lr_rules_and_clamp_reasons():
     sgd = fh.recommend(QWEN_05B, gpu="H100", optim="sgd", lr_max=0.5, target_effective_batch=128)
     assert "linear rule" in sgd.reasons["learning_rate"]
     assert sgd.learning_rate == pytest.approx(1e-3 * sgd.effective_batch_size / 64)
+
+
+def test_full_fine_tuning_lr_scales_with_width_outside_the_reference_range():
+    """Llama 2's 2e-5 covers hidden 4096-8192 unchanged; narrower models get 4096/width times more (muP)."""
+    inside = fh.recommend(LLAMA_8B, gpu="H100", lr_max=1e-2, dataset_size=6400)  # hidden 4096
+    assert inside.learning_rate == pytest.approx(2e-5 * math.sqrt(inside.effective_batch_size / 64))
+    assert "width" not in inside.reasons["learning_rate"]
+    small = fh.recommend(QWEN_05B, gpu="H100", lr_max=1e-2, dataset_size=6400)  # hidden 896
+    assert small.learning_rate == pytest.approx(2e-5 * math.sqrt(small.effective_batch_size / 64) * 4096 / 896)
+    assert "width 4096/896" in small.reasons["learning_rate"] and "heuristic" in small.reasons["learning_rate"]
+    default_bounds = fh.recommend(QWEN_05B, gpu="H100", dataset_size=6400)
+    assert default_bounds.learning_rate == 5e-5 and "clamped to --lr-max" in default_bounds.reasons["learning_rate"]
+    assert width_factor(16384, 4096, 8192)[0] == 0.5 and width_factor(5120, 4096, 8192)[0] == 1
+    lora = fh.recommend(QWEN_05B, gpu="H100", method="lora", lr_max=1e-2)  # the LoRA reference has no width range
+    assert "width" not in lora.reasons["learning_rate"]
 
 
 def test_warmup_grows_for_short_runs_and_large_batches():

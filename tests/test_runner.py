@@ -18,18 +18,6 @@ TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny-demo.yaml"
 QUIET = {"log": lambda _: None}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    """Tiny assets are built once per test session into a private cache."""
-    old = os.environ.get("FINETUNE_HELPER_CACHE")
-    os.environ["FINETUNE_HELPER_CACHE"] = str(tmp_path_factory.mktemp("fh-cache"))
-    yield
-    if old is None:
-        os.environ.pop("FINETUNE_HELPER_CACHE", None)
-    else:
-        os.environ["FINETUNE_HELPER_CACHE"] = old
-
-
 def steps(n: int, *more: str) -> list[str]:
     return [f"training.max_steps={n}", "training.logging_steps=1", *more]
 
@@ -181,11 +169,18 @@ def test_packing_runs_padding_free(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_demo_learns_the_task(tmp_path):
-    """The whole embedded demo, as `make demo` runs it: the loss falls and held-out exact match rises clearly."""
+    """The whole embedded demo, as `make demo` runs it: a fine-tune of the shipped base at the planner's LR.
+
+    Measured over seeds 0-4 x 1 and 2 torch threads (benchmarks/demo_seeds.py, README): exact match after
+    85.5 % to 100 % (median 100 %), before 0.0 %; last logged loss 0.005 to 0.082 against ~9 at the start.  The
+    bars leave a wide margin for other CPUs' float rounding."""
     result = run(TINY, [], output_dir=str(tmp_path / "demo"), **QUIET)
     s = result.summary
-    assert s["status"] == "done" and s["train_loss_last"] < 0.2 * s["train_loss_first"]
+    assert s["status"] == "done" and s["train_loss_last"] < 0.05 * s["train_loss_first"]
     assert s["exact_match_before"] <= 0.05 and s["exact_match_after"] >= 0.5
+    plan = json.loads((tmp_path / "demo" / "plan.json").read_text())
+    assert "width 4096/128" in plan["reasons"]["learning_rate"]  # the planner's rule chose the rate, not a bound
+    assert plan["learning_rate"] == pytest.approx(2e-5 * 4096 / 128)
 
 
 @pytest.mark.parametrize("override,field", [

@@ -259,3 +259,59 @@ def test_sft_trainer_assistant_only_loss_and_peft_exact_match(assets, tokenizer,
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     score = exact_match(trainer.model, tokenizer, synthetic_dataset(16, split="test"))
     assert 0.0 <= score <= 1.0
+
+
+# ------------------------------------------------------------------------------------------------ the shipped base
+
+def test_shipped_base_matches_this_code_and_knows_addition_only_as_text():
+    """The base behind builtin:tiny-llama: built by this code (manifest, sha256 of every file), it answers held-out
+    problems in its pre-training text format and not through the chat template (what the demo fine-tune teaches)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tiny.check_base()
+    model, tok = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    holdout = synthetic_dataset(tiny.N_HOLDOUT, split="test")
+    assert tiny.text_exact_match(model, tok, holdout) >= 0.9
+    assert exact_match(model, tok, holdout) <= 0.05
+
+
+def test_check_base_refuses_a_changed_or_stale_base(tmp_path):
+    import shutil
+
+    copy = shutil.copytree(tiny.check_base(), tmp_path / "base")
+    assert tiny.check_base(copy) == copy
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    manifest["pretraining"]["learning_rate"] = 1e-3  # the code's recipe is not what built it
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="stale: \\['pretraining'\\]"):
+        tiny.check_base(copy)
+    shutil.copy(tiny.check_base() / MANIFEST_NAME, copy / MANIFEST_NAME)
+    with (copy / "config.json").open("a") as fh:
+        fh.write(" ")
+    with pytest.raises(ValueError, match="changed files: \\['config.json'\\]"):
+        tiny.check_base(copy)
+    with pytest.raises(ValueError, match="no readable tiny base"):
+        tiny.check_base(tmp_path / "nothing")
+
+
+def test_pretrain_base_learns_and_refuses_to_save_a_base_that_never_learned(tmp_path):
+    lines = []
+    with pytest.raises(RuntimeError, match="nothing was saved"):
+        tiny.pretrain_base(tmp_path / "base", steps=40, log=lines.append)
+    assert lines[0].startswith("pretrain step 40/40 loss") and "held-out exact match" in lines[-1]
+    assert float(lines[0].split("loss ")[1].split()[0]) < 4.0  # from ~6.3 at random init
+    assert not (tmp_path / "base").exists()
+
+
+def test_pretraining_text_aligns_the_answer_with_the_chat_template(tokenizer):
+    """As many tokens between the question's '?' and the answer in the text format as in the chat template."""
+    text = tokenizer(tiny.pretraining_text("What is 37 + 48?", "85"), add_special_tokens=False)["input_ids"]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is 37 + 48?"},
+                                          {"role": "assistant", "content": "85"}], tokenize=True, return_dict=True)
+    chat = chat["input_ids"]
+    q, eight = tokenizer.convert_tokens_to_ids("?"), tokenizer.convert_tokens_to_ids("8")
+
+    def gap(ids):
+        return ids.index(eight, ids.index(q)) - ids.index(q)
+
+    assert gap(text) == gap(chat) == 5
