@@ -15,7 +15,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 CHROMIUM ?= /usr/bin/chromium
 export FINETUNE_HELPER_CHROMIUM := $(CHROMIUM)
 
-.PHONY: setup demo test test-fast test-latest lock bench clean chromium app
+.PHONY: setup demo test test-unit test-integration test-browser test-fast test-latest lock bench clean chromium app
 
 # constraints.txt pins every package to the versions the tests last passed with (`make lock` rewrites it), so a
 # fresh machine installs what was tested; `make test-latest` tests the newest versions pyproject.toml allows.
@@ -45,14 +45,26 @@ demo: setup
 chromium:
 	@test -x $(CHROMIUM) || (apt-get install -y -q chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium >/dev/null)) || (echo "install Debian's chromium (apt-get install chromium) for the browser tests" && exit 1)
 
-test: setup chromium
-	$(PY) -m pytest -q
+# Test tiers, all run by `make test` (CI): unit (pure Python, well under 30 s), integration (CPU training, launcher
+# processes, the app server), browser (the app in headless chromium).
+PYTEST := $(PY) -m pytest -q --durations=15
+
+test: test-unit test-integration test-browser
+
+test-unit: setup
+	FH_TIER=unit $(PYTEST) -m "not integration and not browser"
+
+test-integration: setup
+	$(PYTEST) -m "integration and not browser"
+
+test-browser: setup chromium
+	$(PYTEST) -m browser
 
 app: setup
 	$(VENV)/bin/finetune-helper app
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not browser"
 
 # the newest releases pyproject.toml allows, in a separate venv (torch stays pinned: see TORCH_SPEC)
 test-latest: chromium

@@ -3,9 +3,10 @@
 Start it with ``finetune-helper app [--host 127.0.0.1] [--port 7860] [--auth user:password] [--workspace DIR]``
 or ``python app/app.py`` (same flags).  Loopback only and no share link unless asked; analytics off.
 
-A thin front end: the recommendation comes from ``finetune_helper.plan``, exports from ``finetune_helper.export``,
-runs from ``finetune_helper.runs`` (each one a ``finetune-helper run`` process writing its run folder).  Core errors
-(:class:`FinetuneHelperError`) become ``gr.Error`` messages here and nowhere else; the app keeps working.
+A thin front end: the recommendation comes from ``finetune_helper.recommender``, exports from
+``finetune_helper.export``, runs from ``finetune_helper.runs`` (each one a ``finetune-helper run`` process writing its
+run folder).  Core errors (:class:`FinetuneHelperError`) become ``gr.Error`` messages here and nowhere else; the app
+keeps working.  ``finetune-helper app`` finds :func:`launch` through the ``finetune_helper.app`` entry point.
 
 Named endpoints for ``gradio_client``: ``/recommend``, ``/export``, ``/start_run``, ``/run_status``, ``/stop_run``,
 ``/resume_run``, ``/list_runs``, ``/run_details``.
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # also stops Gradio's Hub telemetry (STACK-NOTES.md)
@@ -29,14 +31,15 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # also stops Gradio'
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from finetune_helper import catalog  # noqa: E402
+from finetune_helper import defaults  # noqa: E402
+from finetune_helper.commands.app import LOOPBACK, add_arguments, parse_auth  # noqa: E402
 from finetune_helper.errors import FinetuneHelperError  # noqa: E402
-from finetune_helper.recipe import BUILTIN_MODEL, PLACEHOLDER_DATA, recipe_from_settings  # noqa: E402
-from finetune_helper.runs import RunManager, build_recipe  # noqa: E402
-from finetune_helper.schedule import logged_schedule_points, schedule_points, warmup_steps_for  # noqa: E402
+from finetune_helper.recommender import catalog  # noqa: E402
+from finetune_helper.recommender.schedule import logged_schedule_points, schedule_points, warmup_steps_for  # noqa: E402
+from finetune_helper.runs.manager import RunManager, build_recipe  # noqa: E402
+from finetune_helper.runs.workspace import Workspace  # noqa: E402
+from finetune_helper.train.recipe import BUILTIN_MODEL, PLACEHOLDER_DATA, recipe_from_settings  # noqa: E402
 from finetune_helper.units import GiB, fmt_duration, fmt_gib  # noqa: E402
-from finetune_helper.workspace import Workspace  # noqa: E402
-from finetune_helper_app.options import LOOPBACK, add_arguments, parse_auth  # noqa: E402
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FROM_RECOMMENDATION = "(the current recommendation)"
@@ -101,18 +104,18 @@ class App:
 
     # --------------------------------------------------------------------------------- recommendation
     def _model_spec(self, model: str):
-        from finetune_helper.model_spec import ModelSpec, resolve_model
+        from finetune_helper.recommender.model import ModelSpec, resolve_model
 
         source = self.workspace.model_source(model, field="model")
         if source == BUILTIN_MODEL:
-            from finetune_helper.tiny import TINY_LLAMA_CONFIG
+            from finetune_helper.train.tiny import TINY_LLAMA_CONFIG
 
             return ModelSpec.from_config(TINY_LLAMA_CONFIG, name=BUILTIN_MODEL, origin="builtin")
         return resolve_model(source)
 
     def plan(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max):
-        from finetune_helper.gpu_spec import resolve_gpu
-        from finetune_helper.plan import PlanRequest, recommend_plan
+        from finetune_helper.recommender.gpu import resolve_gpu
+        from finetune_helper.recommender.plan import PlanRequest, recommend_plan
 
         spec = self._model_spec(model)
         gpu_spec = resolve_gpu(str(gpu or "").strip() or "")
@@ -130,7 +133,7 @@ class App:
 
     def export(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
                fmt="python"):
-        from finetune_helper.export import render
+        from finetune_helper.export.formats import render
 
         if fmt not in EXPORT_FORMATS:
             raise FinetuneHelperError("format", f"{fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
@@ -296,7 +299,7 @@ def memory_frame(plan) -> pd.DataFrame:
 
 
 def schedule_frame(plan) -> pd.DataFrame:
-    """The learning rate at every optimizer step, as the Trainer schedules it (finetune_helper.schedule)."""
+    """The learning rate at every optimizer step, as the Trainer schedules it (finetune_helper.recommender.schedule)."""
     warmup = warmup_steps_for(plan.warmup_ratio, plan.total_steps)
     points = schedule_points(plan.learning_rate, plan.total_steps, warmup, plan.lr_scheduler_type)
     return pd.DataFrame(points, columns=["step", "learning_rate"])
@@ -372,7 +375,7 @@ def shipped_recipes() -> list[Path]:
 
 def _detect_gpu_label() -> str | None:
     try:
-        from finetune_helper.gpu_spec import detect_gpu
+        from finetune_helper.recommender.gpu import detect_gpu
 
         gpu = detect_gpu()
     except (FinetuneHelperError, ImportError, RuntimeError):
@@ -381,131 +384,155 @@ def _detect_gpu_label() -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- layout
-def build_app(workspace: Workspace, *, detect: bool = True) -> gr.Blocks:
-    app = App(workspace, _detect_gpu_label() if detect else None)
+def _recommend_tab(app: App) -> SimpleNamespace:
+    """The Recommend tab's components (the form opens on a worked example: Llama-3.1-8B LoRA on a 24 GB card)."""
     models = [BUILTIN_MODEL] + [m["id"] for m in catalog.model_entries()]
     gpus = [g["name"] for g in catalog.gpu_entries()]
     gpu_choices = ([(f"auto (detected: {app.detected_gpu})", "auto")] if app.detected_gpu else []) + gpus
-    recipes = [FROM_RECOMMENDATION] + [p.name for p in shipped_recipes()]
+    t = SimpleNamespace()
+    with gr.Row():
+        t.model = gr.Dropdown(models, value="meta-llama/Llama-3.1-8B", allow_custom_value=True,
+                              label="Model", info="catalog, Hub id (owner/name), or a folder in the workspace")
+        t.gpu = gr.Dropdown(gpu_choices, value="auto" if app.detected_gpu else "RTX 4090",
+                            allow_custom_value=True, label="GPU", info="catalog name, or memory such as 24GB")
+        t.n_gpus = gr.Number(1, precision=0, minimum=1, label="GPUs")
+        t.method = gr.Radio(list(defaults.METHODS), value="lora", label="Method")
+    with gr.Row():
+        t.seq_len = gr.Number(0, precision=0, minimum=0, label="Sequence length",
+                              info="0: min(2048, the model's maximum)")
+        t.dataset_size = gr.Number(20000, precision=0, label="Training examples")
+        t.epochs = gr.Number(2, label="Epochs")
+        t.target_batch = gr.Number(defaults.TARGET_EFFECTIVE_BATCH, precision=0, label="Target effective batch")
+        t.lr_min = gr.Number(defaults.LR_MIN, label="LR min")
+        t.lr_max = gr.Number(defaults.LR_MAX, label="LR max")
+    t.button = gr.Button("Recommend", variant="primary", elem_id="recommend-btn")
+    t.verdict = gr.Markdown(elem_id="verdict")
+    t.settings = gr.Dataframe(headers=["setting", "value", "reason"], label="Recommended settings",
+                              interactive=False, wrap=True, elem_id="settings-table",
+                              column_widths=["18%", "12%", "70%"], max_height=900)
+    with gr.Row():
+        t.memory_plot = gr.BarPlot(x="part", y="GiB", color="kind", label="Peak memory per GPU vs capacity",
+                                   elem_id="memory-plot", height=400, color_map=MEMORY_COLORS, sort=MEMORY_BARS,
+                                   x_title=" ", y_title="GiB (2^30 bytes)", x_label_angle=-35)
+        t.lr_plot = gr.LinePlot(x="step", y="learning_rate", label="Learning-rate schedule (as the Trainer "
+                                "schedules it)", elem_id="lr-plot", height=470, x_title="optimizer step",
+                                y_title="learning rate")
+    with gr.Row():
+        t.export_format = gr.Radio(list(EXPORT_FORMATS), value="python", label="Export format")
+    t.code = gr.Code(language="python", label="TrainingArguments", elem_id="export-code")
+    t.downloads = gr.File(label="Downloads: Python, JSON, YAML, recipe", file_count="multiple", elem_id="downloads")
+    with gr.Accordion("Plan as JSON", open=False):
+        t.plan_json = gr.JSON()
+    t.form = [t.model, t.gpu, t.n_gpus, t.method, t.seq_len, t.dataset_size, t.epochs, t.target_batch, t.lr_min,
+              t.lr_max]
+    t.outputs = [t.verdict, t.settings, t.memory_plot, t.lr_plot, t.plan_json]
+    return t
 
+
+def _train_tab() -> SimpleNamespace:
+    """The Train tab's components: a recipe editor, data, Start / Stop / Resume and the live view of a run."""
+    recipes = [FROM_RECOMMENDATION] + [p.name for p in shipped_recipes()]
+    t = SimpleNamespace()
+    with gr.Row():
+        t.recipe_choice = gr.Dropdown(recipes, value="tiny-demo.yaml" if "tiny-demo.yaml" in recipes
+                                      else FROM_RECOMMENDATION, label="Start from")
+        t.load_btn = gr.Button("Load recipe", elem_id="load-recipe-btn")
+    t.recipe_yaml = gr.Code(language="yaml", label="Recipe (editable)", interactive=True, elem_id="recipe-yaml")
+    with gr.Row():
+        t.data_file = gr.File(label="Dataset upload (.json/.jsonl/.csv/.parquet)", type="filepath",
+                              file_types=[".json", ".jsonl", ".csv", ".parquet"])
+        with gr.Column():
+            t.data_path = gr.Textbox(label="or dataset path in the workspace / Hub dataset id",
+                                     placeholder="empty: the recipe's data.path")
+            t.trust = gr.Checkbox(False, label="Trust remote code (run the model repository's own Python code)")
+            t.run_name = gr.Textbox(label="Run name (optional)")
+    with gr.Row():
+        t.start_btn = gr.Button("Start", variant="primary", elem_id="start-btn")
+        t.stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop-btn")
+        t.resume_btn = gr.Button("Resume", elem_id="resume-btn")
+        t.refresh_btn = gr.Button("Refresh")
+    t.run_id = gr.Dropdown([], value=None, allow_custom_value=True, label="Run", elem_id="run-id")
+    t.message = gr.Markdown(elem_id="train-message")
+    t.status = gr.HTML(elem_id="run-status")
+    with gr.Row():
+        t.loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss (blue: train, orange: eval)",
+                                  elem_id="loss-plot", height=300, color_map=LOSS_COLORS)
+        t.live_lr = gr.LinePlot(x="step", y="learning_rate", color="series",
+                                label="Learning rate (blue: logged by the Trainer, grey: the planned schedule)",
+                                elem_id="live-lr-plot", height=300, color_map=LR_COLORS)
+    t.memory = gr.Markdown(elem_id="run-memory")
+    t.log = gr.Textbox(label="Log (newest lines)", lines=LOG_LINES, max_lines=2 * LOG_LINES, elem_id="run-log")
+    with gr.Accordion("Run status as JSON", open=False):
+        t.status_json = gr.JSON()
+    t.fingerprint = gr.State(None)
+    t.timer = gr.Timer(1.0)
+    return t
+
+
+def _runs_tab() -> SimpleNamespace:
+    """The Runs tab's components: every run folder in the workspace, and one run's details."""
+    t = SimpleNamespace()
+    t.refresh = gr.Button("Refresh list", elem_id="runs-refresh")
+    t.table = gr.Dataframe(interactive=False, label="Runs in the workspace", wrap=True)
+    with gr.Row():
+        t.run = gr.Dropdown([], label="Run", allow_custom_value=True)
+        t.show_btn = gr.Button("Show")
+    t.summary = gr.Markdown()
+    t.loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss (blue: train, orange: eval)", height=300,
+                         color_map=LOSS_COLORS, elem_id="past-loss-plot")
+    with gr.Row():
+        t.plan = gr.JSON(label="plan.json")
+        t.args = gr.JSON(label="training_args.json")
+    t.recipe = gr.Code(language="yaml", label="recipe.yaml")
+    t.details = [t.summary, t.loss, t.plan, t.args, t.recipe]
+    return t
+
+
+def _wire(app: App, demo: gr.Blocks, rec: SimpleNamespace, train: SimpleNamespace, runs: SimpleNamespace) -> None:
+    """The events: the named endpoints (``api_name``) and the private updates (page load, timer, format change)."""
+    export_io = ([*rec.form, rec.export_format], [rec.code, rec.downloads])
+    rec.button.click(_errors_shown(app.recommend), rec.form, rec.outputs, api_name="recommend").then(
+        _errors_shown(app.export), *export_io, api_name="export")
+    rec.export_format.change(lambda fmt: gr.Code(language=EXPORT_FORMATS.get(fmt, "python")), rec.export_format,
+                             rec.code, api_visibility="private").then(
+        _errors_shown(app.export), *export_io, api_visibility="private")
+    train.load_btn.click(_errors_shown(app.load_recipe), [train.recipe_choice, *rec.form], train.recipe_yaml,
+                         api_name="load_recipe")
+    train.start_btn.click(_errors_shown(app.start_run), [train.recipe_yaml, train.data_file, train.data_path,
+                                                         train.trust, train.run_name],
+                          [train.run_id, train.message], api_name="start_run").success(
+        lambda current: gr.Dropdown(choices=app.run_ids(), value=current), train.run_id, train.run_id,
+        api_visibility="private")
+    train.stop_btn.click(_errors_shown(app.stop_run), train.run_id, train.message, api_name="stop_run")
+    train.resume_btn.click(_errors_shown(app.resume_run), train.run_id, train.message, api_name="resume_run")
+    train.refresh_btn.click(_errors_shown(app.run_status), train.run_id, train.status_json, api_name="run_status")
+    train.timer.tick(app.refresh, [train.run_id, train.fingerprint],
+                     [train.status, train.loss_plot, train.live_lr, train.memory, train.log, train.status_json,
+                      train.fingerprint], api_visibility="private", show_progress="hidden")
+    runs.refresh.click(_errors_shown(app.list_runs), None, [runs.table, runs.run], api_name="list_runs")
+    runs.show_btn.click(_errors_shown(app.run_details), runs.run, runs.details, api_name="run_details")
+    runs.run.change(_errors_shown(app.run_details), runs.run, runs.details, api_visibility="private")
+    demo.load(_errors_shown(app.list_runs), None, [runs.table, runs.run], api_visibility="private")
+    demo.load(app.current_runs, None, train.run_id, api_visibility="private")
+    # open on a worked example: the default form's recommendation
+    demo.load(_errors_shown(app.recommend), rec.form, rec.outputs, api_visibility="private").then(
+        _errors_shown(app.export), *export_io, api_visibility="private")
+    demo.load(_errors_shown(app.load_recipe), [train.recipe_choice, *rec.form], train.recipe_yaml,
+              api_visibility="private")
+
+
+def build_app(workspace: Workspace, *, detect: bool = True) -> gr.Blocks:
+    app = App(workspace, _detect_gpu_label() if detect else None)
     with gr.Blocks(title="finetune-helper") as demo:
         gr.Markdown("# finetune-helper\nWith this model on this GPU: which batch, accumulation, learning rate and "
                     "warmup, and will it fit? Then run it.")
         with gr.Tab("Recommend"):
-            with gr.Row():
-                model = gr.Dropdown(models, value="meta-llama/Llama-3.1-8B", allow_custom_value=True,
-                                    label="Model", info="catalog, Hub id (owner/name), or a folder in the workspace")
-                gpu = gr.Dropdown(gpu_choices, value="auto" if app.detected_gpu else "RTX 4090",
-                                  allow_custom_value=True, label="GPU", info="catalog name, or memory such as 24GB")
-                n_gpus = gr.Number(1, precision=0, minimum=1, label="GPUs")
-                method = gr.Radio(["full", "lora", "qlora"], value="lora", label="Method")
-            with gr.Row():
-                seq_len = gr.Number(0, precision=0, minimum=0, label="Sequence length",
-                                    info="0: min(2048, the model's maximum)")
-                dataset_size = gr.Number(20000, precision=0, label="Training examples")
-                epochs = gr.Number(2, label="Epochs")
-                target_batch = gr.Number(64, precision=0, label="Target effective batch")
-                lr_min = gr.Number(1e-5, label="LR min")
-                lr_max = gr.Number(5e-5, label="LR max")
-            recommend_btn = gr.Button("Recommend", variant="primary", elem_id="recommend-btn")
-            verdict = gr.Markdown(elem_id="verdict")
-            settings = gr.Dataframe(headers=["setting", "value", "reason"], label="Recommended settings",
-                                    interactive=False, wrap=True, elem_id="settings-table",
-                                    column_widths=["18%", "12%", "70%"], max_height=900)
-            with gr.Row():
-                memory_plot = gr.BarPlot(x="part", y="GiB", color="kind", label="Peak memory per GPU vs capacity",
-                                         elem_id="memory-plot", height=400, color_map=MEMORY_COLORS, sort=MEMORY_BARS,
-                                         x_title=" ", y_title="GiB (2^30 bytes)", x_label_angle=-35)
-                lr_plot = gr.LinePlot(x="step", y="learning_rate", label="Learning-rate schedule (as the Trainer "
-                                      "schedules it)", elem_id="lr-plot", height=470, x_title="optimizer step",
-                                      y_title="learning rate")
-            with gr.Row():
-                export_format = gr.Radio(list(EXPORT_FORMATS), value="python", label="Export format")
-            code = gr.Code(language="python", label="TrainingArguments", elem_id="export-code")
-            downloads = gr.File(label="Downloads: Python, JSON, YAML, recipe", file_count="multiple",
-                                elem_id="downloads")
-            with gr.Accordion("Plan as JSON", open=False):
-                plan_json = gr.JSON()
-
-        form = [model, gpu, n_gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max]
-
+            rec = _recommend_tab(app)
         with gr.Tab("Train"):
-            with gr.Row():
-                recipe_choice = gr.Dropdown(recipes, value="tiny-demo.yaml" if "tiny-demo.yaml" in recipes
-                                            else FROM_RECOMMENDATION, label="Start from")
-                load_btn = gr.Button("Load recipe", elem_id="load-recipe-btn")
-            recipe_yaml = gr.Code(language="yaml", label="Recipe (editable)", interactive=True, elem_id="recipe-yaml")
-            with gr.Row():
-                data_file = gr.File(label="Dataset upload (.json/.jsonl/.csv/.parquet)", type="filepath",
-                                    file_types=[".json", ".jsonl", ".csv", ".parquet"])
-                with gr.Column():
-                    data_path = gr.Textbox(label="or dataset path in the workspace / Hub dataset id",
-                                           placeholder="empty: the recipe's data.path")
-                    trust = gr.Checkbox(False, label="Trust remote code (run the model repository's own Python code)")
-                    run_name = gr.Textbox(label="Run name (optional)")
-            with gr.Row():
-                start_btn = gr.Button("Start", variant="primary", elem_id="start-btn")
-                stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop-btn")
-                resume_btn = gr.Button("Resume", elem_id="resume-btn")
-                refresh_btn = gr.Button("Refresh")
-            run_id = gr.Dropdown([], value=None, allow_custom_value=True, label="Run", elem_id="run-id")
-            message = gr.Markdown(elem_id="train-message")
-            status = gr.HTML(elem_id="run-status")
-            with gr.Row():
-                loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss (blue: train, orange: eval)",
-                                        elem_id="loss-plot",
-                                        height=300, color_map=LOSS_COLORS)
-                live_lr = gr.LinePlot(x="step", y="learning_rate", color="series",
-                                      label="Learning rate (blue: logged by the Trainer, grey: the planned schedule)",
-                                      elem_id="live-lr-plot", height=300, color_map=LR_COLORS)
-            memory = gr.Markdown(elem_id="run-memory")
-            log = gr.Textbox(label="Log (newest lines)", lines=LOG_LINES, max_lines=2 * LOG_LINES, elem_id="run-log")
-            with gr.Accordion("Run status as JSON", open=False):
-                status_json = gr.JSON()
-            fingerprint = gr.State(None)
-            timer = gr.Timer(1.0)
-
+            train = _train_tab()
         with gr.Tab("Runs"):
-            runs_refresh = gr.Button("Refresh list", elem_id="runs-refresh")
-            runs_table = gr.Dataframe(interactive=False, label="Runs in the workspace", wrap=True)
-            with gr.Row():
-                past_run = gr.Dropdown([], label="Run", allow_custom_value=True)
-                show_btn = gr.Button("Show")
-            past_summary = gr.Markdown()
-            past_loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss (blue: train, orange: eval)", height=300, color_map=LOSS_COLORS,
-                                    elem_id="past-loss-plot")
-            with gr.Row():
-                past_plan = gr.JSON(label="plan.json")
-                past_args = gr.JSON(label="training_args.json")
-            past_recipe = gr.Code(language="yaml", label="recipe.yaml")
-
-        # ----------------------------------------------------------------------- events
-        recommend_btn.click(_errors_shown(app.recommend), form, [verdict, settings, memory_plot, lr_plot, plan_json],
-                            api_name="recommend").then(
-            _errors_shown(app.export), [*form, export_format], [code, downloads], api_name="export")
-        export_format.change(lambda fmt: gr.Code(language=EXPORT_FORMATS.get(fmt, "python")), export_format, code,
-                             api_visibility="private").then(
-            _errors_shown(app.export), [*form, export_format], [code, downloads], api_visibility="private")
-        load_btn.click(_errors_shown(app.load_recipe), [recipe_choice, *form], recipe_yaml, api_name="load_recipe")
-        start_btn.click(_errors_shown(app.start_run), [recipe_yaml, data_file, data_path, trust, run_name],
-                        [run_id, message], api_name="start_run").success(
-            lambda current: gr.Dropdown(choices=app.run_ids(), value=current), run_id, run_id, api_visibility="private")
-        stop_btn.click(_errors_shown(app.stop_run), run_id, message, api_name="stop_run")
-        resume_btn.click(_errors_shown(app.resume_run), run_id, message, api_name="resume_run")
-        refresh_btn.click(_errors_shown(app.run_status), run_id, status_json, api_name="run_status")
-        timer.tick(app.refresh, [run_id, fingerprint], [status, loss_plot, live_lr, memory, log, status_json,
-                                                         fingerprint], api_visibility="private", show_progress="hidden")
-        runs_refresh.click(_errors_shown(app.list_runs), None, [runs_table, past_run], api_name="list_runs")
-        details = [past_summary, past_loss, past_plan, past_args, past_recipe]
-        show_btn.click(_errors_shown(app.run_details), past_run, details, api_name="run_details")
-        past_run.change(_errors_shown(app.run_details), past_run, details, api_visibility="private")
-        demo.load(_errors_shown(app.list_runs), None, [runs_table, past_run], api_visibility="private")
-        demo.load(app.current_runs, None, run_id, api_visibility="private")
-        # open on a worked example: the default form's recommendation
-        demo.load(_errors_shown(app.recommend), form, [verdict, settings, memory_plot, lr_plot, plan_json],
-                  api_visibility="private").then(
-            _errors_shown(app.export), [*form, export_format], [code, downloads], api_visibility="private")
-        demo.load(_errors_shown(app.load_recipe), [recipe_choice, *form], recipe_yaml, api_visibility="private")
+            runs = _runs_tab()
+        _wire(app, demo, rec, train, runs)
     return demo
 
 

@@ -26,11 +26,11 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 checkpointing renames
 
-from finetune_helper import catalog  # noqa: E402
-from finetune_helper.activations import estimate_activations  # noqa: E402
-from finetune_helper.estimate import estimate_memory  # noqa: E402
-from finetune_helper.model_spec import ModelSpec, resolve_model  # noqa: E402
-from finetune_helper.training_setup import TrainingSetup  # noqa: E402
+from finetune_helper.recommender import catalog  # noqa: E402
+from finetune_helper.recommender.activations import estimate_activations  # noqa: E402
+from finetune_helper.recommender.memory import estimate_memory  # noqa: E402
+from finetune_helper.recommender.model import ModelSpec  # noqa: E402
+from finetune_helper.recommender.training_setup import TrainingSetup  # noqa: E402
 from finetune_helper.units import GiB  # noqa: E402
 
 TINY = {
@@ -46,7 +46,7 @@ def row(cols, widths):
 
 
 def cpu_grid() -> int:
-    from finetune_helper import measure
+    from finetune_helper.measure import tools as measure
 
     widths = [12, 6, 4, 3, 4, 5, 12, 12, 7]
     print(row(["arch", "attn", "meth", "gc", "b", "s", "measured B", "estimated B", "err %"], widths))
@@ -97,7 +97,7 @@ def cuda_measure(model_id: str, method: str, batch: int, seq: int, gc_on: bool, 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finetune_helper import measure
+    from finetune_helper.measure import tools as measure
 
     entry = catalog.find_model(model_id)
     config = dict(entry["config"])

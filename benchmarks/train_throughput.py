@@ -4,7 +4,7 @@
 
 1. Packing: a variable-length data set made with the project's own generators (several addition / digit-reversal
    problems concatenated per example, a long-tailed count of problems, written as .jsonl), trained by the real
-   runner (``finetune_helper.runner.run``) on ``recipes/tiny-demo.yaml`` with ``data.packing=true`` (TRL
+   runner (``finetune_helper.train.runner.run``) on ``recipes/tiny-demo.yaml`` with ``data.packing=true`` (TRL
    ``packing=True, padding_free=True``, BFD) and ``data.packing=false`` (padded batches), same target batch, same
    number of optimizer steps (``--pack-steps``: fewer than ``--steps``, because on the CPU a packed step is slow;
    see the diagnostic it prints).  Packing changes how many examples a step sees, so the figure compared is tokens/s:
@@ -133,7 +133,7 @@ def variable_length_dataset(path: Path, n: int, seed: int = 0) -> list[dict]:
     """``n`` alpaca examples, each 1-16 problems (addition and digit reversal, from ``synthetic_dataset``) asked
     together and answered line by line.  The count of problems is long-tailed (1 + exponential, mean ~3.5), so a
     batch of 32 usually holds one long example and many short ones: the case padding wastes most on."""
-    from finetune_helper.tiny import synthetic_dataset, write_dataset
+    from finetune_helper.train.tiny import synthetic_dataset, write_dataset
 
     pool = synthetic_dataset(6000, seed=seed, fmt="alpaca", tasks=("add", "reverse"))
     rng = random.Random(seed)
@@ -172,8 +172,8 @@ def padded_fraction(lengths: list[int], batch: int, seed: int) -> float:
 
 
 def bench_packing(steps: int, repeats: int, threads: int, max_length: int, n_examples: int) -> dict:
-    from finetune_helper.runner import run
-    from finetune_helper.tiny import base_model_dir
+    from finetune_helper.train.runner import run
+    from finetune_helper.train.tiny import base_model_dir
 
     data = TMP / "variable.jsonl"
     examples = variable_length_dataset(data, n_examples)
@@ -265,9 +265,9 @@ def hand_trainer(run_dir: Path, out_dir: Path, attn: str | None, callbacks: list
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
-    from finetune_helper import datasets_io
-    from finetune_helper.recipe import load_recipe
-    from finetune_helper.tiny import N_DEMO_TRAIN, base_model_dir, synthetic_dataset
+    from finetune_helper.train import data as datasets_io
+    from finetune_helper.train.recipe import load_recipe
+    from finetune_helper.train.tiny import N_DEMO_TRAIN, base_model_dir, synthetic_dataset
 
     recipe = load_recipe(run_dir / "recipe.yaml")
     kwargs = json.loads((run_dir / "training_args.json").read_text())
@@ -292,7 +292,7 @@ def hand_trainer(run_dir: Path, out_dir: Path, attn: str | None, callbacks: list
 
 
 def bench_overhead(steps: int, repeats: int, threads: int) -> dict:
-    from finetune_helper.runner import run
+    from finetune_helper.train.runner import run
 
     over = [f"training.max_steps={steps}"]
     # warm-up runner run: its run folder gives training_args.json (identical for every run but output_dir)
@@ -356,7 +356,7 @@ def callback_cost(logging_steps: int, n: int = 2000) -> float:
     ``logging_steps``), measured by calling them directly: a bound that the noise of whole runs cannot give."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from finetune_helper.runner import _callbacks
+    from finetune_helper.train.runner import _callbacks
 
     run_dir = TMP / "callback-cost"
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     >>> import finetune_helper as fh
     >>> plan = fh.recommend("meta-llama/Llama-3.1-8B", gpu="A100 80GB", method="lora")
     >>> plan.per_device_train_batch_size, plan.learning_rate, plan.reasons["learning_rate"]
-    >>> args = plan.to_training_arguments(output_dir="out")   # a real transformers.TrainingArguments
+    >>> args = fh.to_training_arguments(plan, output_dir="out")   # a real transformers.TrainingArguments
 
 Importing this package (and planning for catalog models) imports neither torch nor transformers.
 """
@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import FinetuneHelperError
-from .estimate import MemoryEstimate, estimate_memory
-from .gpu_spec import GPUSpec, resolve_gpu
-from .model_spec import ModelSpec, resolve_model
-from .plan import Plan, PlanRequest, recommend_plan
-from .training_setup import TrainingSetup
+from .recommender.memory import MemoryEstimate, estimate_memory
+from .recommender.gpu import GPUSpec, resolve_gpu
+from .recommender.model import ModelSpec, resolve_model
+from .recommender.plan import Plan, PlanRequest, recommend_plan
+from .recommender.training_setup import TrainingSetup
 
 __version__ = "0.1.0"
 
@@ -44,7 +44,16 @@ def estimate(model: str | ModelSpec, *, gpus: int = 1, sharding: str = "none", *
     return estimate_memory(spec, TrainingSetup(**setup), gpus=gpus, sharding=sharding)
 
 
+def to_training_arguments(plan: Plan, output_dir: str, **overrides: Any) -> Any:
+    """A real ``transformers.TrainingArguments`` for the installed version (imports transformers); ``overrides``
+    are TrainingArguments fields that win over the plan."""
+    from .export.training_args import to_training_arguments as build
+
+    return build(plan, output_dir, **overrides)
+
+
 __all__ = [
     "FinetuneHelperError", "GPUSpec", "MemoryEstimate", "ModelSpec", "Plan", "PlanRequest", "TrainingSetup",
     "estimate", "estimate_memory", "recommend", "recommend_plan", "resolve_gpu", "resolve_model",
+    "to_training_arguments",
 ]

@@ -49,10 +49,6 @@ def parse_bytes(text: str, field: str = "memory") -> int:
     return amount
 
 
-def gib(n_bytes: float) -> float:
-    return n_bytes / GiB
-
-
 def fmt_gib(n_bytes: float, digits: int = 2) -> str:
     """``12.34 GiB`` (binary gibibytes, 2**30 bytes)."""
     return f"{n_bytes / GiB:.{digits}f} GiB"

@@ -1,10 +1,19 @@
-"""Shared tiny fixtures: config dicts small enough to build real models in milliseconds on CPU."""
+"""Shared tiny fixtures (config dicts small enough to build real models in milliseconds on CPU) and the test tiers.
+
+Tiers (make targets, all run by ``make test``): unit (no mark: pure Python, no torch / transformers / gradio import;
+``make test-unit`` fails the session if one was imported), integration (``pytest.mark.integration``: real CPU
+training, measurements against torch, launcher processes, the app server), browser (``pytest.mark.browser``).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
+
+#: libraries the unit tier must not import (what makes a test "pure Python" here)
+HEAVY = ("torch", "transformers", "gradio", "datasets", "trl", "peft", "accelerate", "bitsandbytes")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -29,3 +38,32 @@ def tiny_config(model_type: str, **overrides) -> dict:
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+def _tier_marked(path) -> bool:
+    """The module declares itself integration or browser (read, not imported: importing would load torch)."""
+    text = path.read_text(encoding="utf-8")
+    return "pytestmark = pytest.mark.integration" in text or "pytest.mark.browser" in text
+
+
+def pytest_ignore_collect(collection_path, config):
+    """The unit tier does not even import the integration and browser modules (nor tests/app, whose conftest
+    starts app servers)."""
+    if os.environ.get("FH_TIER") != "unit":
+        return None
+    if collection_path.is_dir() and collection_path.name == "app":
+        return True
+    if collection_path.suffix == ".py" and collection_path.name.startswith("test_") and _tier_marked(collection_path):
+        return True
+    return None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """``FH_TIER=unit`` (make test-unit): the session fails if a test imported a heavy library."""
+    if os.environ.get("FH_TIER") != "unit":
+        return
+    imported = sorted(m for m in HEAVY if m in sys.modules)
+    if imported:
+        print(f"\nunit tier imported {imported}: mark the test that needs them pytest.mark.integration",
+              file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

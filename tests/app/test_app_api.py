@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_helper.gpu_spec import resolve_gpu
-from finetune_helper.model_spec import resolve_model
-from finetune_helper.plan import PlanRequest, recommend_plan
-from finetune_helper.schedule import lr_at, warmup_steps_for
+import finetune_helper as fh
+from finetune_helper.recommender.gpu import resolve_gpu
+from finetune_helper.recommender.model import resolve_model
+from finetune_helper.recommender.plan import PlanRequest, recommend_plan
+from finetune_helper.recommender.schedule import lr_at, warmup_steps_for
 from finetune_helper.units import GiB
 
 from .conftest import FAKE_TOKEN, REPO, AppServer, wait_for
+
+#: integration tier (make test-integration): real torch / transformers / trainer / server work
+pytestmark = pytest.mark.integration
 
 FORM = ("meta-llama/Llama-3.1-8B", "RTX 4090", 1, "lora", 0, 20000, 2, 64, 1e-5, 5e-5)
 
@@ -54,7 +58,7 @@ def test_recommend_matches_the_core_planner(client):
         assert any(abs(v - value / GiB) < 1e-3 for v in bars.values()), part
     assert bars["estimated peak"] == pytest.approx(plan.peak_memory_bytes / GiB, abs=1e-3)
     assert bars["GPU memory"] == pytest.approx(plan.request.gpu.memory_bytes / GiB, abs=1e-3)
-    # LR schedule: the Trainer's schedule (finetune_helper.schedule is checked against it in test_schedule.py)
+    # LR schedule: the Trainer's schedule (finetune_helper.recommender.schedule is checked against it in test_schedule.py)
     points = schedule["data"]
     warmup = warmup_steps_for(plan.warmup_ratio, plan.total_steps)
     assert points[0] == [0, 0.0] and points[-1][0] == plan.total_steps - 1
@@ -71,14 +75,14 @@ def test_export_files_read_back(client, tmp_path):
     by_name = {Path(f).name: Path(f) for f in files}
     assert set(by_name) == {"train_args.py", "training_args.json", "training_args.yaml", "recipe.yaml"}
     assert by_name["training_args.yaml"].read_text().rstrip("\n") == text.rstrip("\n")  # gr.Code drops the last newline
-    # transformers refuses bf16 without a bf16 GPU unless use_cpu=True (as in tests/test_export.py)
+    # transformers refuses bf16 without a bf16 GPU unless use_cpu=True (as in tests/export/test_export.py)
     machine = {} if is_torch_bf16_gpu_available() else {"use_cpu": True}
     yaml_file, json_file = tmp_path / "args.yaml", tmp_path / "args.json"
     yaml_file.write_text(text + "".join(f"\n{k}: {str(v).lower()}" for k, v in machine.items()) + "\n")
     json_file.write_text(json.dumps({**json.loads(by_name["training_args.json"].read_text()), **machine}))
     (from_yaml,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(yaml_file))
     (from_json,) = HfArgumentParser(TrainingArguments).parse_json_file(str(json_file))
-    expected = core_plan().to_training_arguments(output_dir="outputs/Llama-3.1-8B", **machine)
+    expected = fh.to_training_arguments(core_plan(), output_dir="outputs/Llama-3.1-8B", **machine)
     assert from_yaml.to_dict() == expected.to_dict() == from_json.to_dict()
     # the Python snippet runs and builds the same arguments
     snippet = by_name["train_args.py"].read_text()
@@ -89,7 +93,7 @@ def test_export_files_read_back(client, tmp_path):
     exec(compile(snippet, "train_args.py", "exec"), namespace)  # noqa: S102
     assert namespace["args"].to_dict() == expected.to_dict()
     # the recipe reproduces the recommendation
-    from finetune_helper.recipe import recipe_from_dict
+    from finetune_helper.train.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(yaml.safe_load(by_name["recipe.yaml"].read_text()))
     assert (recipe.model.name, recipe.method.type, recipe.hardware.gpu, recipe.recommend.epochs) == (
@@ -149,7 +153,7 @@ def test_tiny_run_start_poll_stop_resume_and_read_after_restart(client, app_serv
 
     from gradio_client import handle_file
 
-    from finetune_helper.tiny import synthetic_dataset, write_dataset
+    from finetune_helper.train.tiny import synthetic_dataset, write_dataset
 
     # the data comes as an upload (a CSV of 1,000 alpaca examples), as a user's own file would
     upload = write_dataset(tmp_path / "my data.csv", synthetic_dataset(1000, fmt="alpaca", seed=3))
@@ -220,7 +224,7 @@ def test_auth_is_required_when_asked(tmp_path):
 
 
 def test_recipe_from_the_current_recommendation(client):
-    from finetune_helper.recipe import PLACEHOLDER_DATA, recipe_from_dict
+    from finetune_helper.train.recipe import PLACEHOLDER_DATA, recipe_from_dict
 
     text = client.predict("(the current recommendation)", *FORM, api_name="/load_recipe")
     recipe = recipe_from_dict(yaml.safe_load(text))

@@ -8,6 +8,9 @@ import pytest
 
 from finetune_helper.units import GiB
 
+#: integration tier (make test-integration): real torch / transformers / trainer / server work
+pytestmark = pytest.mark.integration
+
 views = pytest.importorskip("finetune_helper_app.app")
 
 

@@ -1,0 +1,81 @@
+"""What several subcommands share: the model / plan flags, gathering a plan from them, and plain-text tables."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+from .. import defaults
+from ..units import fmt_count, fmt_gib
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="catalog id or alias (see `models`), local directory with "
+                   "config.json, Hub id (only config.json is fetched), or a size such as 7B")
+    p.add_argument("--method", default=defaults.METHOD, choices=defaults.METHODS, help="default: %(default)s")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: min(2048, model max))")
+    p.add_argument("--optim", default=None, help="a TrainingArguments.optim name: adamw_torch, adamw_torch_fused, "
+                   "adamw_bnb_8bit, paged_adamw_8bit, adafactor, sgd, ...")
+    p.add_argument("--lora-r", type=int, default=defaults.LORA_R, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=int, default=defaults.LORA_ALPHA, help="LoRA alpha (default: %(default)s)")
+    p.add_argument("--attn-implementation", default=None, choices=("sdpa", "eager", "flash_attention_2"),
+                   help="attention kernel (default: the architecture's own: sdpa; eager for Gemma 2)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--gpu", required=True, help="catalog GPU (see `gpus`; case, spaces and hyphens ignored), an "
+                   "amount such as 24GB (10^9 bytes) or 80GiB (2^30 bytes), or auto")
+    p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: 1, or all local GPUs with "
+                   "--gpu auto)")
+    p.add_argument("--dataset-size", type=int, default=None,
+                   help=f"training examples (default: {defaults.ASSUMED_DATASET_SIZE} assumed)")
+    p.add_argument("--epochs", type=float, default=defaults.EPOCHS, help="default: %(default)s")
+    p.add_argument("--target-batch", type=int, default=defaults.TARGET_EFFECTIVE_BATCH,
+                   help="target effective batch in sequences (default: %(default)s, Llama 2 SFT)")
+    p.add_argument("--lr-min", type=float, default=defaults.LR_MIN, help="lower LR bound (default: %(default)g)")
+    p.add_argument("--lr-max", type=float, default=defaults.LR_MAX, help="upper LR bound (default: %(default)g)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="force on/off (default: only when needed to fit)")
+    p.add_argument("--safety-margin", type=float, default=defaults.SAFETY_MARGIN, help="fraction of GPU memory kept "
+                   "free (default: %(default)s)")
+
+
+def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
+    """The plan the flags of :func:`add_plan_args` ask for."""
+    from ..recommender.gpu import resolve_gpu
+    from ..recommender.model import resolve_model
+    from ..recommender.plan import PlanRequest, recommend_plan
+
+    spec = resolve_model(args.model)
+    gpu = resolve_gpu(args.gpu)
+    gpus = args.gpus
+    if gpus is None:
+        from ..recommender.gpu import detect_gpu_count
+
+        gpus = detect_gpu_count() if args.gpu.strip().lower() == "auto" else 1
+    req = PlanRequest(model=spec, gpu=gpu, gpus=gpus, method=args.method, seq_len=args.seq_len,
+                      dataset_size=args.dataset_size, epochs=args.epochs, target_effective_batch=args.target_batch,
+                      optim=args.optim, lr_min=args.lr_min, lr_max=args.lr_max,
+                      gradient_checkpointing=args.gradient_checkpointing, safety_margin=args.safety_margin,
+                      lora_r=args.lora_r, lora_alpha=args.lora_alpha, attn_implementation=args.attn_implementation)
+    return recommend_plan(req)
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def breakdown_table(breakdown: dict[str, int], total: int) -> str:
+    rows = [[k, fmt_gib(v), f"{v / total:6.1%}" if total else "-"] for k, v in breakdown.items()]
+    rows.append(["total", fmt_gib(total), "100.0%"])
+    return table(rows, ["peak memory per GPU", "GiB (2^30 B)", "share"])
+
+
+def model_line(name: str, model_type: str, parameters: int, trainable: int) -> str:
+    return f"{name} ({model_type}, {fmt_count(parameters)} parameters, {fmt_count(trainable)} trainable)"

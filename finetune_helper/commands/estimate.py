@@ -1,0 +1,62 @@
+"""``finetune-helper estimate``: peak training memory per GPU, as a breakdown."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..units import fmt_gib
+from .common import add_model_args, breakdown_table, model_line
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("estimate", help="peak training memory per GPU, as a breakdown")
+    add_model_args(p)
+    p.add_argument("--batch", type=int, default=1, help="per-device micro-batch (default: %(default)s)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="default: %(default)s")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
+    p.add_argument("--weights-dtype", default=None, choices=("bf16", "fp32"), help="full fine-tuning's weight "
+                   "storage (default: fp32 masters under bf16/fp16 autocast; bf16 = pure-bf16 training)")
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (default: %(default)s)")
+    p.add_argument("--sharding", default=None, choices=("none", "ddp", "fsdp"),
+                   help="default: ddp when --gpus > 1, else none")
+    p.set_defaults(func=run)
+
+
+def gather(args: argparse.Namespace) -> dict[str, Any]:
+    from ..recommender.memory import estimate_memory
+    from ..recommender.model import resolve_model
+    from ..recommender.rules import DEFAULT_OPTIM
+    from ..recommender.training_setup import TrainingSetup
+
+    spec = resolve_model(args.model)
+    seq = spec.sequence_length(args.seq_len)
+    setup = TrainingSetup(method=args.method, micro_batch_size=args.batch, seq_len=seq, dtype=args.dtype,
+                          optim=args.optim or DEFAULT_OPTIM, gradient_checkpointing=args.gradient_checkpointing,
+                          lora_r=args.lora_r, lora_alpha=args.lora_alpha, weights_dtype=args.weights_dtype,
+                          attn_implementation=args.attn_implementation or spec.default_attn_implementation)
+    sharding = args.sharding or ("ddp" if args.gpus > 1 else "none")
+    est = estimate_memory(spec, setup, gpus=args.gpus, sharding=sharding)
+    return {"model": spec.name, "model_type": spec.model_type, "method": args.method, "batch": args.batch,
+            "seq_len": seq, "dtype": args.dtype, "optim": setup.optim,
+            "gradient_checkpointing": args.gradient_checkpointing, **est.to_dict()}
+
+
+def run(args: argparse.Namespace) -> None:
+    data = gather(args)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return
+    print(f"{model_line(data['model'], data['model_type'], data['parameters'], data['trainable_parameters'])}: "
+          f"{data['method']}, batch {data['batch']} x {data['seq_len']} tokens, {data['dtype']}, {data['optim']}, "
+          f"gradient checkpointing {'on' if data['gradient_checkpointing'] else 'off'}")
+    print()
+    print(breakdown_table(data["breakdown"], data["total_bytes"]))
+    print()
+    act = {k.split(".", 1)[1]: v for k, v in data["details"].items()
+           if k.startswith("activations.") and k not in ("activations.saved", "activations.peak_extra")}
+    if act:
+        print("activations: " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in act.items() if v))
+    print(f"predicted torch.cuda.max_memory_allocated: {fmt_gib(data['allocated_peak_bytes'])} "
+          f"(total less CUDA context and fragmentation)")

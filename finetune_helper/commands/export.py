@@ -1,0 +1,37 @@
+"""``finetune-helper export``: the plan as TrainingArguments JSON / YAML / Python / CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import FinetuneHelperError
+from .common import add_plan_args, gather_plan
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="the plan as TrainingArguments JSON / YAML / Python / CLI flags")
+    add_plan_args(p)
+    p.add_argument("--format", default="json", choices=("json", "yaml", "python", "cli"), help="default: %(default)s")
+    p.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
+    p.add_argument("--output-dir", default=None, help="TrainingArguments.output_dir (default: outputs/<model>)")
+    p.add_argument("--transformers-version", default=None, help="write for this transformers version, e.g. 4.46 "
+                   "(default: the installed one)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..export.formats import render
+
+    plan = gather_plan(args)
+    output_dir = args.output_dir or f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
+    text = render(plan, args.format, output_dir=output_dir, version=args.transformers_version)
+    if not args.output:
+        print(text, end="" if text.endswith("\n") else "\n")
+        return
+    try:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")
+    except OSError as exc:
+        raise FinetuneHelperError("output", f"cannot write {args.output}: {exc.strerror}") from exc
+    print(f"wrote {args.format} TrainingArguments to {args.output}", file=sys.stderr)

@@ -1,0 +1,118 @@
+"""The plan as ``TrainingArguments`` keyword arguments for a transformers version, and as a real object.
+
+Settings the plan does not decide, added to every export:
+
+* ``logging_steps = max(1, min(10, total_steps // 50))``: about 50 log lines on a short run, every 10 steps on a
+  long one (a loss curve with enough points, without flooding the console);
+* ``save_strategy="steps"`` with ``save_steps = max(logging_steps, min(500, ceil(total_steps / 5)))``: about five
+  checkpoints on a short run, every 500 steps (the transformers default) on a long one. Full fine-tunes of large
+  models write weights + optimizer states per checkpoint: add ``save_total_limit`` for those;
+* ``report_to="none"`` (no tracker is assumed) and ``seed`` (``defaults.SEED``, 42).
+
+Overrides (keyword arguments of :func:`training_kwargs` / :func:`to_training_arguments`) win over all of these.
+An override may use either version's name for the two renamed settings (:mod:`.versions`); it is written under the
+target's name.  :func:`training_kwargs` imports neither transformers nor torch; :func:`to_training_arguments` does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import TYPE_CHECKING, Any
+
+from .. import defaults
+from ..errors import FinetuneHelperError
+from .versions import ALIASES, Names, installed_version, introspected_names, names_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recommender.plan import Plan
+
+
+def logging_steps_for(total_steps: int) -> int:
+    """About 50 log lines on short runs, every 10 steps on long ones."""
+    return max(1, min(10, total_steps // 50))
+
+
+def save_steps_for(total_steps: int) -> int:
+    """About five checkpoints on short runs, every 500 steps on long ones, never more often than logging."""
+    return max(logging_steps_for(total_steps), min(500, math.ceil(total_steps / 5)))
+
+
+def _check_override_names(overrides: dict[str, Any], names: Names) -> None:
+    if names.fields is None:
+        return
+    known = names.fields | ALIASES
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise FinetuneHelperError(key, f"not a TrainingArguments argument in {names.label}{hint}")
+
+
+def build_kwargs(plan: Plan, output_dir: str, names: Names, overrides: dict[str, Any]) -> dict[str, Any]:
+    _check_override_names(overrides, names)
+    kwargs: dict[str, Any] = {"output_dir": str(output_dir)}
+    kwargs.update(plan.training_kwargs())  # 4.x names: warmup_ratio, gradient_checkpointing
+    steps = plan.total_steps
+    kwargs.update(logging_steps=logging_steps_for(steps), save_strategy="steps", save_steps=save_steps_for(steps),
+                  report_to="none", seed=defaults.SEED)
+    # An override under either name of a renamed setting replaces the plan's value under both names.
+    if {"warmup_ratio", "warmup_steps"} & overrides.keys():
+        kwargs.pop("warmup_ratio", None)
+    if {"gradient_checkpointing", "activation_checkpointing"} & overrides.keys():
+        kwargs.pop("gradient_checkpointing", None)
+    for pair in (("warmup_ratio", "warmup_steps"), ("gradient_checkpointing", "activation_checkpointing")):
+        if set(pair) <= overrides.keys():
+            raise FinetuneHelperError(pair[1], f"give {pair[0]} or {pair[1]}, not both")
+    kwargs.update(overrides)
+
+    # Warmup: a ratio as warmup_ratio (4.x) or as a float warmup_steps < 1 (5.x).
+    if names.warmup_ratio:
+        steps_value = kwargs.get("warmup_steps")
+        if isinstance(steps_value, float) and 0 < steps_value < 1:  # a 5.x-style ratio
+            kwargs = _renamed(kwargs, "warmup_steps", "warmup_ratio", steps_value)
+    elif "warmup_ratio" in kwargs:
+        ratio = kwargs["warmup_ratio"]
+        if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1):
+            raise FinetuneHelperError("warmup_ratio", f"must be a number in [0, 1) to be written as warmup_steps "
+                                      f"for {names.label}, got {ratio!r}")
+        kwargs = _renamed(kwargs, "warmup_ratio", "warmup_steps", float(ratio))
+    # Checkpointing: gradient_checkpointing (4.x) or activation_checkpointing (5.x; the old name warns).
+    new, old = "activation_checkpointing", "gradient_checkpointing"
+    src, dst = (old, new) if names.activation_checkpointing else (new, old)
+    if src in kwargs:
+        kwargs = _renamed(kwargs, src, dst, kwargs[src])
+    return kwargs
+
+
+def _renamed(kwargs: dict[str, Any], old: str, new: str, value: Any) -> dict[str, Any]:
+    """``kwargs`` with ``old`` replaced by ``new`` = ``value`` at the same position."""
+    return {(new if k == old else k): (value if k == old else v) for k, v in kwargs.items()}
+
+
+def training_kwargs(plan: Plan, output_dir: str, *, version: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The plan's ``TrainingArguments`` keyword arguments, named for transformers ``version`` (default: the
+    installed one), plus output, logging, saving and seed settings (see the module docstring); ``overrides`` win.
+
+    Imports neither transformers nor torch. Override names are checked against the installed version's fields
+    (read from its source) when writing for the installed version; :func:`to_training_arguments` always checks."""
+    return build_kwargs(plan, output_dir, names_for(version), overrides)
+
+
+def to_training_arguments(plan: Plan, output_dir: str, **overrides: Any) -> Any:
+    """A real ``transformers.TrainingArguments`` (imports transformers), with names chosen by introspecting the
+    installed class; unknown override names raise :class:`FinetuneHelperError` with close matches."""
+    from transformers import TrainingArguments
+
+    kwargs = build_kwargs(plan, output_dir, introspected_names(), overrides)
+    try:
+        return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as exc:
+        hint = ""
+        if kwargs.get("bf16") and not kwargs.get("use_cpu") and "bf16" in str(exc):
+            hint = (" (the plan is for a GPU with bfloat16 and this machine has none: to build the arguments here "
+                    "anyway, pass use_cpu=True)")
+        raise FinetuneHelperError("training-arguments", f"transformers {installed_version()} rejected the "
+                                  f"arguments: {' '.join(str(exc).split())}{hint}") from exc
+
+

@@ -1,0 +1,471 @@
+"""From model + GPU + data to training settings, each with the rule and the numbers behind it.
+
+spec -> estimate -> **plan** -> export.  Rules, in the order they are applied:
+1. precision: bf16 where the GPU has it, else fp16 mixed precision;
+2. fit: the largest per-device micro-batch whose estimated peak stays under (1 - safety margin) of GPU memory,
+   turning on gradient checkpointing, then an 8-bit optimizer, only when batch 1 does not fit without them;
+3. gradient accumulation: the smallest with micro x accumulation x GPUs >= the target effective batch;
+4. learning rate: a published reference (``data/lr_references.yaml``) scaled to the effective batch by the
+   square-root rule (Adam family) or the linear rule (SGD), clamped to [lr_min, lr_max];
+5. warmup: 3% of steps, more for batches far above the reference and for very short runs, capped at 10%;
+6. when batch 1 does not fit at all: the escalation LoRA -> QLoRA -> more GPUs (FSDP), naming the first that fits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import defaults
+from ..errors import FinetuneHelperError
+from ..units import fmt_gib
+from .gpu import GPUSpec
+from .memory import MemoryEstimate, estimate_memory
+from .model import ModelSpec
+from .optimizers import EIGHT_BIT_FALLBACK, OPTIMIZERS, is_eight_bit
+from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, SCHEDULER, WEIGHT_DECAY, reference_batch, scaled_learning_rate,
+                    warmup_ratio)
+from .training_setup import TrainingSetup
+
+#: Largest per-device micro-batch the planner proposes (beyond it throughput stops improving on any current GPU).
+MAX_MICRO_BATCH = 128
+#: The most GPUs the "more GPUs" escalation considers.
+MAX_GPUS = 64
+#: the most GPUs a request may name: beyond this the data-parallel model (one replica or FSDP shard per GPU, a
+#: global batch of thousands of sequences) is no longer a fine-tuning setup this planner describes
+MAX_GPUS_REQUEST = 4096
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user tells us. Every field has the CLI flag of the same name."""
+
+    model: ModelSpec
+    gpu: GPUSpec
+    #: GPUs on the node(s); beyond 1 the run is data parallel (DDP, or FSDP when only sharding fits).
+    gpus: int = 1
+    method: str = defaults.METHOD
+    #: tokens per sequence; None means min(2048, the model's max_position_embeddings).
+    seq_len: int | None = None
+    #: training examples (sequences after packing/truncation); None assumes ``defaults.ASSUMED_DATASET_SIZE``.
+    dataset_size: int | None = None
+    epochs: float = defaults.EPOCHS
+    target_effective_batch: int = defaults.TARGET_EFFECTIVE_BATCH
+    #: a ``TrainingArguments.optim`` name, or None to let the planner choose.
+    optim: str | None = None
+    lr_min: float = defaults.LR_MIN
+    lr_max: float = defaults.LR_MAX
+    #: None lets the planner decide; True/False forces it.
+    gradient_checkpointing: bool | None = None
+    safety_margin: float = defaults.SAFETY_MARGIN
+    lora_r: int = defaults.LORA_R
+    lora_alpha: int = defaults.LORA_ALPHA
+    lora_dropout: float = defaults.LORA_DROPOUT
+    #: None means the architecture's default (``sdpa``; ``eager`` for Gemma 2).
+    attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or not 1 <= self.gpus <= MAX_GPUS_REQUEST:
+            raise FinetuneHelperError("gpus", f"must be an integer from 1 to {MAX_GPUS_REQUEST}, got {self.gpus!r}")
+        if self.seq_len is not None:
+            if not isinstance(self.seq_len, int) or self.seq_len <= 0:
+                raise FinetuneHelperError("seq-len", f"must be a positive integer, got {self.seq_len!r}")
+            self.model.sequence_length(self.seq_len)
+        if self.dataset_size is not None and (not isinstance(self.dataset_size, int) or self.dataset_size <= 0):
+            raise FinetuneHelperError("dataset-size", f"must be a positive integer, got {self.dataset_size!r}")
+        if not (isinstance(self.epochs, (int, float)) and 0 < self.epochs < 1e6):
+            raise FinetuneHelperError("epochs", f"must be a number > 0 (and < 1e6), got {self.epochs!r}")
+        if not isinstance(self.target_effective_batch, int) or self.target_effective_batch <= 0:
+            raise FinetuneHelperError("target-batch", f"must be a positive integer, got {self.target_effective_batch!r}")
+        if self.target_effective_batch > 10**7:
+            raise FinetuneHelperError("target-batch", f"{self.target_effective_batch} sequences per step is not a "
+                                      "fine-tuning batch; use at most 10^7")
+        if not isinstance(self.lora_alpha, (int, float)) or not 0 < self.lora_alpha < 1e6:
+            raise FinetuneHelperError("lora-alpha", f"must be a positive number, got {self.lora_alpha!r}")
+        for name in ("lr_min", "lr_max"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < 1):
+                raise FinetuneHelperError(name.replace("_", "-"), f"must be a number in (0, 1), got {value!r}")
+        if self.lr_min > self.lr_max:
+            raise FinetuneHelperError("lr-min", f"{self.lr_min:g} is above --lr-max {self.lr_max:g}; swap them")
+        if not (isinstance(self.safety_margin, (int, float)) and 0 <= self.safety_margin < 0.9):
+            raise FinetuneHelperError("safety-margin", f"must be in [0, 0.9), got {self.safety_margin!r}")
+        if self.optim is not None and self.optim not in OPTIMIZERS:
+            raise FinetuneHelperError("optim", f"{self.optim!r} is not supported; choose from {', '.join(OPTIMIZERS)}")
+        self.setup(1, False)  # validates method, LoRA and attention settings early
+
+    @property
+    def resolved_seq_len(self) -> int:
+        return self.model.sequence_length(self.seq_len)
+
+    @property
+    def dtype(self) -> str:
+        return "bf16" if self.gpu.bf16 else "fp16"
+
+    def setup(self, micro_batch: int, gradient_checkpointing: bool, optim: str | None = None,
+              method: str | None = None) -> TrainingSetup:
+        return TrainingSetup(
+            method=method or self.method, micro_batch_size=micro_batch, seq_len=self.resolved_seq_len,
+            dtype=self.dtype, optim=optim or self.optim or DEFAULT_OPTIM,
+            gradient_checkpointing=gradient_checkpointing, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            attn_implementation=self.attn_implementation or self.model.default_attn_implementation,
+        )
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.gpu.memory_bytes * (1 - self.safety_margin))
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """One step of the "does not fit" ladder and what it would need."""
+
+    change: str
+    fits: bool
+    peak_memory_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The recommendation. ``reasons`` maps each setting to its one-line justification."""
+
+    request: PlanRequest
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    warmup_ratio: float
+    gradient_checkpointing: bool
+    optim: str
+    bf16: bool
+    fp16: bool
+    fits: bool
+    estimate: MemoryEstimate
+    total_steps: int
+    distributed: str
+    lr_scheduler_type: str = SCHEDULER
+    max_grad_norm: float = MAX_GRAD_NORM
+    weight_decay: float = 0.0
+    reasons: dict[str, str] = field(default_factory=dict)
+    escalation: tuple[Escalation, ...] = ()
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.request.gpus
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return self.estimate.total_bytes
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.warmup_ratio * self.total_steps)
+
+    def training_kwargs(self) -> dict[str, Any]:
+        """The plan as ``TrainingArguments`` keyword arguments, version-neutral (4.x names: ``warmup_ratio``,
+        ``gradient_checkpointing``); ``export`` adapts them to the installed transformers."""
+        return {
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "learning_rate": self.learning_rate,
+            "lr_scheduler_type": self.lr_scheduler_type,
+            "warmup_ratio": self.warmup_ratio,
+            "weight_decay": self.weight_decay,
+            "max_grad_norm": self.max_grad_norm,
+            "num_train_epochs": float(self.request.epochs),
+            "optim": self.optim,
+            "bf16": self.bf16,
+            "fp16": self.fp16,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            # FSDP plans: shard every decoder layer (transformers wraps the model's _no_split_modules)
+            **({"fsdp": "full_shard auto_wrap"} if self.distributed == "fsdp" else {}),
+        }
+
+    def settings_rows(self) -> list[tuple[str, str, str]]:
+        """(setting, value, reason) for every recommended value, in the order the CLI and the app show them."""
+        r = self.reasons
+        rows = [
+            ("per_device_train_batch_size", str(self.per_device_train_batch_size), r["per_device_train_batch_size"]),
+            ("gradient_accumulation_steps", str(self.gradient_accumulation_steps), r["gradient_accumulation_steps"]),
+            ("effective_batch_size", str(self.effective_batch_size), "per-device batch x accumulation x GPUs"),
+            ("learning_rate", f"{self.learning_rate:.2e}", r["learning_rate"]),
+            ("warmup_ratio", f"{self.warmup_ratio:g}", r["warmup_ratio"]),
+            ("lr_scheduler_type", self.lr_scheduler_type, r["lr_scheduler_type"]),
+            ("precision", "bf16" if self.bf16 else "fp16", r["precision"]),
+            ("optim", self.optim, r["optim"]),
+            ("gradient_checkpointing", str(self.gradient_checkpointing), r["gradient_checkpointing"]),
+            ("weight_decay", f"{self.weight_decay:g}", r["weight_decay"]),
+            ("max_grad_norm", f"{self.max_grad_norm:g}", r["max_grad_norm"]),
+            ("total_steps", str(self.total_steps), r["total_steps"]),
+        ]
+        if "distributed" in r:
+            rows.append(("distributed", self.distributed, r["distributed"]))
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.request
+        return {
+            "model": r.model.name,
+            "parameters": r.model.num_parameters(),
+            "gpu": r.gpu.name,
+            "gpu_memory_bytes": r.gpu.memory_bytes,
+            "gpus": r.gpus,
+            "method": r.method,
+            "seq_len": r.resolved_seq_len,
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "effective_batch_size": self.effective_batch_size,
+            "learning_rate": self.learning_rate,
+            "warmup_ratio": self.warmup_ratio,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "lr_scheduler_type": self.lr_scheduler_type,
+            "weight_decay": self.weight_decay,
+            "max_grad_norm": self.max_grad_norm,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "optim": self.optim,
+            "bf16": self.bf16,
+            "fp16": self.fp16,
+            "distributed": self.distributed,
+            "fits": self.fits,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "budget_bytes": r.budget_bytes,
+            "breakdown": self.estimate.breakdown,
+            "trainable_parameters": self.estimate.trainable_parameters,
+            "reasons": dict(self.reasons),
+            "escalation": [{"change": e.change, "fits": e.fits, "peak_memory_bytes": e.peak_memory_bytes}
+                           for e in self.escalation],
+        }
+
+
+# --------------------------------------------------------------------------------------------- fitting
+def _estimate(req: PlanRequest, micro: int, gc: bool, optim: str, method: str | None = None, gpus: int | None = None,
+              sharding: str | None = None) -> MemoryEstimate:
+    gpus = gpus or req.gpus
+    if sharding is None:
+        sharding = "ddp" if gpus > 1 else "none"
+    return estimate_memory(req.model, req.setup(micro, gc, optim, method), gpus=gpus, sharding=sharding)
+
+
+def _largest_batch(req: PlanRequest, gc: bool, optim: str, sharding: str | None, cap: int) -> int:
+    """Largest micro-batch in [1, cap] under budget (memory grows with batch, so bisect); 0 if 1 does not fit."""
+    def fits(b: int) -> bool:
+        return _estimate(req, b, gc, optim, sharding=sharding).total_bytes <= req.budget_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, cap
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _escalate(req: PlanRequest) -> tuple[Escalation, ...]:
+    """Batch 1 does not fit: the ladder gradient checkpointing -> 8-bit optimizer -> LoRA -> QLoRA -> more GPUs,
+    each rung with its peak at batch 1, up to the first that fits."""
+    steps: list[Escalation] = []
+    optim = req.optim or DEFAULT_OPTIM
+    sharding = "fsdp" if req.gpus > 1 else None
+    if req.gradient_checkpointing is None:
+        est = _estimate(req, 1, True, optim, sharding=sharding)
+        steps.append(Escalation("gradient checkpointing", False, est.total_bytes))
+    if req.optim is None:
+        est = _estimate(req, 1, req.gradient_checkpointing is not False, EIGHT_BIT_FALLBACK, sharding=sharding)
+        steps.append(Escalation(f"--optim {EIGHT_BIT_FALLBACK}" + (" (with gradient checkpointing)"
+                                if req.gradient_checkpointing is not False else ""), False, est.total_bytes))
+    ladder = {"full": ["lora", "qlora"], "lora": ["qlora"], "qlora": []}[req.method]
+    for method in ladder:
+        est = _estimate(req, 1, True, optim, method=method, sharding=sharding)
+        steps.append(Escalation(f"--method {method} (with gradient checkpointing"
+                                + (", FSDP)" if sharding == "fsdp" else ")"), est.total_bytes <= req.budget_bytes,
+                                est.total_bytes))
+        if steps[-1].fits:
+            return tuple(steps)
+    for gpus in (2, 4, 8, 16, 32, MAX_GPUS):
+        if gpus <= req.gpus:
+            continue
+        est = _estimate(req, 1, True, optim, gpus=gpus, sharding="fsdp")
+        steps.append(Escalation(f"--gpus {gpus} with FSDP full sharding ({req.method}, gradient checkpointing)",
+                                est.total_bytes <= req.budget_bytes, est.total_bytes))
+        if steps[-1].fits:
+            break
+    return tuple(steps)
+
+
+# --------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class _Fit:
+    """How batch 1 and up fit: micro-batch, checkpointing, optimizer, sharding, and the resulting estimate."""
+
+    micro: int
+    gc: bool
+    optim: str
+    shard: str
+    fits: bool
+    estimate: MemoryEstimate
+    #: the largest micro-batch a fallback (checkpointing / 8-bit / FSDP) would allow, when one was needed
+    fallback_fit: int
+    #: the cheapest option, against which the changes are named
+    first: tuple[bool, str, str]
+
+
+def _fit_options(req: PlanRequest) -> list[tuple[bool, str, str]]:
+    """(checkpointing, optimizer, sharding), cheapest first; each later option is a fallback that costs speed
+    (checkpointing ~30% compute, FSDP communication) or precision (8-bit states). On several GPUs, full fine-tuning
+    shards before it recomputes; LoRA (small gradients and states) recomputes before it shards."""
+    optim = req.optim or DEFAULT_OPTIM
+    gc_choices = [req.gradient_checkpointing] if req.gradient_checkpointing is not None else [False, True]
+    optim_choices = [optim] if req.optim else [optim, EIGHT_BIT_FALLBACK]
+    shard_choices = ["ddp", "fsdp"] if req.gpus > 1 else ["none"]
+    options: list[tuple[bool, str, str]] = []
+    for opt in optim_choices:
+        if req.method == "full":
+            options += [(gc, opt, shard) for gc in gc_choices for shard in shard_choices]
+        else:
+            options += [(gc, opt, shard) for shard in shard_choices for gc in gc_choices]
+    return options
+
+
+def _fit(req: PlanRequest, cap: int) -> _Fit:
+    """The first option under which batch 1 fits, with its largest micro-batch; the last option if none does."""
+    options = _fit_options(req)
+    for index, (gc, opt, shard) in enumerate(options):
+        micro = _largest_batch(req, gc, opt, shard, cap)
+        if not micro:
+            continue
+        fallback_fit = 0
+        if index > 0:
+            # A fallback (checkpointing, FSDP, 8-bit states) was needed to fit batch 1 at all. Stay at micro-batch
+            # 1 and reach the target by accumulation: the sequence already fills the GPU's matmuls, and a larger
+            # GPU (which needs no fallback) must never be told to use a smaller micro-batch than a smaller GPU.
+            fallback_fit, micro = micro, 1
+        return _Fit(micro, gc, opt, shard, True, _estimate(req, micro, gc, opt, sharding=shard), fallback_fit,
+                    options[0])
+    gc, opt, shard = options[-1]
+    return _Fit(1, gc, opt, shard, False, _estimate(req, 1, gc, opt, sharding=shard), 0, options[0])
+
+
+def _fits_reason(req: PlanRequest, fit: _Fit, escalation: tuple[Escalation, ...]) -> str:
+    budget = req.budget_bytes
+    if fit.fits:
+        return (f"peak {fmt_gib(fit.estimate.total_bytes)} <= budget {fmt_gib(budget)} "
+                f"({1 - req.safety_margin:.0%} of {fmt_gib(req.gpu.memory_bytes)})")
+    first = next((e for e in escalation if e.fits), None)
+    tried = ", ".join(x for x in ("gradient checkpointing" if fit.gc else "", fit.optim,
+                                  "FSDP sharding" if fit.shard == "fsdp" else "") if x)
+    return (f"even batch 1 needs {fmt_gib(fit.estimate.total_bytes)} > {fmt_gib(budget)} budget with {tried}; "
+            "smallest change that fits: "
+            + (first.change + f" ({fmt_gib(first.peak_memory_bytes)})" if first else
+               f"none up to {MAX_GPUS} GPUs: shorten --seq-len (logits and activations grow with it)"))
+
+
+def _batch_reason(req: PlanRequest, fit: _Fit, cap: int, target: int) -> str:
+    budget, est = req.budget_bytes, fit.estimate
+    if not fit.fits:
+        return "1: nothing larger can fit (see fits)"
+    if fit.fallback_fit:
+        first_gc, first_opt, first_shard = fit.first
+        changes = [c for c, on in (("gradient checkpointing", fit.gc and not first_gc),
+                                   (fit.optim, fit.optim != first_opt),
+                                   ("FSDP sharding", fit.shard != first_shard)) if on]
+        return (f"1: without {' and '.join(changes)} even batch 1 exceeds the {fmt_gib(budget)} budget; with "
+                f"{'them' if len(changes) > 1 else 'it'} batch 1 needs {fmt_gib(est.total_bytes)}"
+                + (f" (up to {fit.fallback_fit} would fit)" if fit.fallback_fit > 1 else "")
+                + f"; accumulation reaches the target, as a bigger micro-batch adds little throughput at "
+                f"{req.resolved_seq_len} tokens per sequence")
+    if fit.micro < cap:
+        bigger = _estimate(req, fit.micro + 1, fit.gc, fit.optim, sharding=fit.shard).total_bytes
+        limit = f"batch {fit.micro + 1} would need {fmt_gib(bigger)}"
+    elif cap < MAX_MICRO_BATCH:
+        limit = f"capped at ceil(target {target} / {req.gpus} GPU{'s' if req.gpus > 1 else ''}) = {cap}"
+    else:
+        limit = f"capped at {MAX_MICRO_BATCH}"
+    return (f"largest that fits: batch {fit.micro} needs {fmt_gib(est.total_bytes)} of {fmt_gib(budget)} "
+            f"({req.safety_margin:.0%} safety margin); {limit}")
+
+
+def _checkpointing_reason(req: PlanRequest, fit: _Fit) -> str:
+    if req.gradient_checkpointing is not None:
+        why = f"{'on' if fit.gc else 'off'}: set by --gradient-checkpointing"
+    elif fit.gc:
+        why = "on: required to fit batch 1" if fit.fits else "on: tried, and even with it batch 1 does not fit"
+    else:
+        why = "off: not needed to fit"
+    return why + (" (recomputes each layer in backward, ~30% more compute)" if fit.gc else "")
+
+
+def _optim_reason(req: PlanRequest, fit: _Fit) -> str:
+    if req.optim:
+        return f"{fit.optim}: set by --optim"
+    if is_eight_bit(fit.optim):
+        others = [x for x in ("gradient checkpointing" if fit.gc else "",
+                              "FSDP sharding" if fit.shard == "fsdp" else "") if x]
+        return (f"{fit.optim}: 32-bit AdamW states do not fit even at batch 1"
+                + (f" with {' and '.join(others)}" if others else "")
+                + "; 8-bit paged states take ~2 bytes per trainable parameter instead of 8 (Dettmers et al. 2022)")
+    return f"{fit.optim}: transformers' default fused AdamW; its fp32 states fit"
+
+
+def _distributed(req: PlanRequest, fit: _Fit) -> tuple[str, str | None]:
+    """The data-parallel mode and its reason (None on one GPU)."""
+    if req.gpus == 1:
+        return "single GPU", None
+    if fit.shard == "fsdp":
+        return "fsdp", (f"FSDP full sharding over {req.gpus} GPUs: weights, gradients and optimizer states split 1/N"
+                        + ("; replicated (DDP) they do not fit" if fit.first[2] == "ddp" else ""))
+    return "ddp", "DDP: the replicated model fits on each GPU" if fit.fits else "DDP: nothing fits; see fits"
+
+
+def recommend_plan(req: PlanRequest) -> Plan:
+    """The plan for ``req``: the rules of the module docstring, applied in order, each with its reason."""
+    reasons: dict[str, str] = {}
+    reasons["precision"] = (f"bf16: {req.gpu.name} supports bfloat16 (same range as fp32, no loss scaling)"
+                            if req.dtype == "bf16" else
+                            f"fp16 mixed precision: {req.gpu.name} has no bfloat16 (pre-Ampere); fp32 master weights "
+                            "and loss scaling")
+    dataset = req.dataset_size or defaults.ASSUMED_DATASET_SIZE
+    target = min(req.target_effective_batch, dataset)  # a batch larger than the data would be one partial step
+    cap = max(1, min(MAX_MICRO_BATCH, math.ceil(target / req.gpus)))
+    fit = _fit(req, cap)
+    escalation = () if fit.fits else _escalate(req)
+    reasons["fits"] = _fits_reason(req, fit, escalation)
+    reasons["per_device_train_batch_size"] = _batch_reason(req, fit, cap, target)
+
+    micro = fit.micro
+    accum = max(1, math.ceil(target / (micro * req.gpus)))
+    eff = micro * accum * req.gpus
+    reasons["gradient_accumulation_steps"] = (f"smallest with {micro} x accumulation x {req.gpus} GPU"
+                                              f"{'s' if req.gpus > 1 else ''} >= target {target}: {accum} "
+                                              f"(effective batch {eff})"
+                                              + (f"; target lowered from {req.target_effective_batch} to the "
+                                                 f"{dataset} training examples" if target < req.target_effective_batch
+                                                 else ""))
+    reasons["gradient_checkpointing"] = _checkpointing_reason(req, fit)
+    reasons["optim"] = _optim_reason(req, fit)
+
+    steps = max(1, math.ceil(math.ceil(dataset / eff) * req.epochs))
+    reasons["total_steps"] = (f"ceil({dataset} examples / {eff}) x {req.epochs:g} epochs = {steps}"
+                              + ("" if req.dataset_size else
+                                 f" (dataset size not given: {defaults.ASSUMED_DATASET_SIZE} assumed)"))
+    lr, reasons["learning_rate"] = scaled_learning_rate(
+        method=req.method, optim=fit.optim, effective_batch=eff, hidden_size=req.model.hidden_size,
+        lora_r=req.lora_r, lora_alpha=req.lora_alpha, lr_min=req.lr_min, lr_max=req.lr_max)
+    warm, reasons["warmup_ratio"] = warmup_ratio(steps, eff, reference_batch(req.method, fit.optim))
+    reasons["lr_scheduler_type"] = f"{SCHEDULER} decay after warmup (Llama 2 SFT; transformers decays to 0)"
+    reasons["max_grad_norm"] = f"{MAX_GRAD_NORM}: clip the global gradient norm (Llama 2 pretraining, sec. 2.2; transformers default)"
+    reasons["weight_decay"] = (f"{WEIGHT_DECAY[req.method]}: " + ("AdamW decoupled decay as in Llama 2 SFT"
+                               if req.method == "full" else "none on LoRA adapters (QLoRA paper)"))
+    distributed, why = _distributed(req, fit)
+    if why:
+        reasons["distributed"] = why
+    return Plan(
+        request=req, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, learning_rate=lr,
+        warmup_ratio=warm, gradient_checkpointing=fit.gc, optim=fit.optim, bf16=req.dtype == "bf16",
+        fp16=req.dtype == "fp16", fits=fit.fits, estimate=fit.estimate, total_steps=steps, distributed=distributed,
+        weight_decay=WEIGHT_DECAY[req.method], reasons=reasons, escalation=escalation,
+    )

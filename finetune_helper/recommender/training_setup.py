@@ -1,0 +1,107 @@
+"""How one training step is set up: the inputs of the memory estimate.
+
+Precision semantics, as the Hugging Face stack behaves:
+- ``dtype`` is the compute precision: ``bf16`` / ``fp16`` mean Trainer ``bf16=True`` / ``fp16=True``, under which
+  accelerate runs every forward pass in ``torch.autocast(dtype)`` (mixed precision); ``fp32`` means no autocast.
+- ``weights_dtype`` is how the weights are stored. Full fine-tuning defaults to fp32 master weights (mixed
+  precision: fp32 weights, gradients and AdamW states, 16 bytes per parameter before activations; pure-bf16 AdamW
+  loses updates smaller than bf16's 2^-8 relative precision, e.g. most of a 2e-5 step). ``weights_dtype="bf16"``
+  is the memory-saving alternative (load with ``dtype=torch.bfloat16``): gradients and torch-optimizer states then
+  follow the parameters' bf16. fp16 full fine-tuning always needs fp32 masters (the GradScaler refuses fp16
+  gradients).
+- LoRA / QLoRA: the frozen base is stored in ``dtype`` (QLoRA: NF4 linears), PEFT keeps adapters in fp32
+  (``autocast_adapter_dtype=True``, its default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import defaults
+from ..errors import FinetuneHelperError
+from .optimizers import OPTIMIZERS, optimizer_names
+
+METHODS = defaults.METHODS
+#: bytes of one element for the precisions we train in.
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    #: ``full`` fine-tuning, ``lora`` (frozen base in ``dtype``) or ``qlora`` (frozen base in NF4).
+    method: str = defaults.METHOD
+    #: sequences per GPU per forward pass (``per_device_train_batch_size``).
+    micro_batch_size: int = 1
+    #: tokens per sequence (padded or packed length).
+    seq_len: int = 2048
+    #: training precision, see the module docstring.
+    dtype: str = "bf16"
+    #: a ``TrainingArguments.optim`` name (``adamw_torch``, ``adamw_bnb_8bit``, ``paged_adamw_8bit``, ``adafactor``, ``sgd``...).
+    optim: str = "adamw_torch"
+    #: recompute each decoder layer in backward (transformers ``gradient_checkpointing_enable``).
+    gradient_checkpointing: bool = False
+    #: LoRA rank, scaling numerator, dropout and targeted linears (PEFT ``LoraConfig``).
+    lora_r: int = defaults.LORA_R
+    lora_alpha: int = defaults.LORA_ALPHA
+    lora_dropout: float = defaults.LORA_DROPOUT
+    lora_target_modules: str | tuple[str, ...] = defaults.TARGET_MODULES
+    #: attention kernel: ``sdpa`` and ``flash_attention_2`` keep no seq x seq matrix, ``eager`` does.
+    attn_implementation: str = "sdpa"
+    #: QLoRA nested quantization of the NF4 block scales (bitsandbytes ``bnb_4bit_use_double_quant``).
+    double_quant: bool = True
+    #: storage of the weights: None is the default (full: fp32 masters unless dtype is fp32 anyway; LoRA: the base in
+    #: ``dtype``); ``bf16`` with full fine-tuning is pure-bf16 training.
+    weights_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise FinetuneHelperError("method", f"{self.method!r} is not one of {', '.join(METHODS)}")
+        for name in ("micro_batch_size", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise FinetuneHelperError(name.replace("micro_batch_size", "batch").replace("_", "-"),
+                                          f"must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise FinetuneHelperError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if self.optim not in OPTIMIZERS:
+            raise FinetuneHelperError("optim", f"{self.optim!r} is not supported; choose from {', '.join(optimizer_names())}")
+        if self.method != "full" and (not isinstance(self.lora_r, int) or self.lora_r <= 0):
+            raise FinetuneHelperError("lora-r", f"must be a positive integer, got {self.lora_r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise FinetuneHelperError("lora-dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        if self.weights_dtype not in (None, "bf16", "fp32"):
+            raise FinetuneHelperError("weights-dtype", f"{self.weights_dtype!r} is not one of bf16, fp32")
+        if self.weights_dtype == "bf16" and (self.dtype != "bf16" or self.method != "full"):
+            raise FinetuneHelperError("weights-dtype", "bf16 weights are an option of full fine-tuning with --dtype bf16")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise FinetuneHelperError("attn-implementation", f"{self.attn_implementation!r} is not one of "
+                                      f"{', '.join(ATTN_IMPLEMENTATIONS)}")
+
+    @property
+    def is_peft(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes per activation element (fp16 autocast runs activations in 2 bytes)."""
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def autocast(self) -> bool:
+        """The forward runs under ``torch.autocast`` (Trainer ``bf16=True`` / ``fp16=True``)."""
+        return self.dtype != "fp32"
+
+    @property
+    def pure_bf16(self) -> bool:
+        """Full fine-tuning with bf16 weights, gradients and optimizer states (no fp32 masters)."""
+        return self.method == "full" and self.weights_dtype == "bf16"
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes per element of full fine-tuning's weights: fp32 masters unless pure bf16."""
+        return 2 if self.pure_bf16 else 4
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len

@@ -1,0 +1,76 @@
+"""The files of a run folder, written by ``finetune-helper run`` and read back by the runner (resume), the run
+command (its exit code) and the app's run manager.  One place for their names and how they are read.
+
+Written before training: ``recipe.yaml`` (the fully resolved recipe), ``plan.json``, ``training_args.json``; during
+it: ``metrics.jsonl`` (one JSON record per log) and ``checkpoint-N/``; at the end: ``final/`` and ``summary.json``;
+by the command, whatever happened: ``exit.json`` (its exit code).  No torch import here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+RECIPE = "recipe.yaml"
+PLAN = "plan.json"
+TRAINING_ARGS = "training_args.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+EXIT = "exit.json"
+FINAL = "final"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def read_json(path: Path) -> Any:
+    """``path`` as JSON, or None when it is missing, unreadable or being written."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def write_exit(run_dir: str | Path, code: int) -> None:
+    """How the command ended (the app reads it: how a run ended, even when no app was watching)."""
+    with open(Path(run_dir) / EXIT, "w", encoding="utf-8") as fh:
+        json.dump({"returncode": code, "time": time.time()}, fh)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """``metrics.jsonl``, one record per logged step, the latest record winning for a step logged twice (a resumed
+    run repeats the steps after its checkpoint)."""
+    records: dict[tuple[int, str], dict[str, Any]] = {}
+    try:
+        lines = (Path(run_dir) / METRICS).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line being written right now
+        kind = "eval" if "eval_loss" in rec else "train" if "loss" in rec else "other"
+        records[(int(rec.get("step", 0)), kind)] = rec
+    return [records[k] for k in sorted(records)]
+
+
+def first_logged_loss(run_dir: Path) -> float | None:
+    """The loss of the earliest logged step (a resumed run's divergence reference must not restart)."""
+    return next((float(r["loss"]) for r in read_metrics(run_dir) if isinstance(r.get("loss"), (int, float))), None)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The ``checkpoint-<step>`` folders of ``run_dir``, by step."""
+    found = [p for p in Path(run_dir).glob(CHECKPOINT_PREFIX + "*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None

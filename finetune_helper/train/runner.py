@@ -1,0 +1,626 @@
+"""``finetune-helper run``: a recipe, filled in by the recommender, trained with the real Hugging Face stack.
+
+The run folder (``--output-dir``, default ``runs/<recipe name>``) holds, before training starts:
+``recipe.yaml`` (the fully resolved recipe), ``plan.json`` (the recommendation with its reasons, the recipe's
+overrides and what was adapted to this machine) and ``training_args.json`` (readable by
+``HfArgumentParser(SFTConfig).parse_json_file``); then ``checkpoint-N/`` folders (safetensors), ``metrics.jsonl``
+(one line per logged step), ``final/`` (the model or LoRA adapter, with the tokenizer) and ``summary.json``.
+
+Exit codes: 0 done; 2 bad input; 3 stopped because the loss diverged (NaN/inf or exploding; the last good
+checkpoint is kept); 4 out of memory even at per-device batch 1; 130 interrupted by Ctrl-C / SIGTERM after saving a
+checkpoint (``--resume`` continues).  Out-of-memory on a step halves the per-device batch and doubles gradient
+accumulation (same effective batch, same learning rate) and continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import FinetuneHelperError
+from ..units import fmt_gib
+from ..export.versions import check_stack, installed_stack
+from . import run_folder
+from .callbacks import runner_callbacks
+from .recipe import BUILTIN_DATA, BUILTIN_MODEL, Recipe, load_recipe, resolve_recipe_gpu, resolve_recipe_model
+from .run_folder import first_logged_loss, last_checkpoint, write_json
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+#: ChatML with generation markers (Qwen's template format), used when a tokenizer has no chat template of its own;
+#: it is saved with the tokenizer in final/ so inference formats prompts the same way.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class RunStopped(BaseException):
+    """A run that ended early on purpose; ``code`` is the exit code.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``): raised by the signal handler while the run prepares, it must
+    not be swallowed by a library's ``except Exception`` around the code it interrupts (dataset loading, say), which
+    would turn a Stop into a "failed" run."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    exit_code: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- preparation
+@dataclass
+class Prepared:
+    """Everything decided before any weights are loaded (what ``--dry-run`` writes)."""
+
+    recipe: Recipe
+    run_dir: Path
+    model_path: str
+    plan: Any  # finetune_helper.recommender.plan.Plan
+    sft_kwargs: dict[str, Any]
+    overrides: dict[str, Any]
+    adaptations: list[str]
+    train_dataset: Any
+    eval_dataset: Any
+    data_format: str
+    data_note: str | None
+    holdout: list[dict] | None  # builtin data: held-out problems for exact match
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_model_path(recipe: Recipe, log: Callable[[str], None]) -> str:
+    name = recipe.model.name
+    if name == BUILTIN_MODEL:
+        from .tiny import check_base
+
+        try:
+            path = check_base()
+        except ValueError as exc:
+            raise FinetuneHelperError("model.name", str(exc)) from None
+        log(f"model: {BUILTIN_MODEL} (the tiny Llama pre-trained by finetune_helper.train.tiny, in {path})")
+        return str(path)
+    return name
+
+
+def _load_data(recipe: Recipe, tokenizer, log: Callable[[str], None]):
+    from datasets import Dataset
+
+    from . import data as dataio
+
+    holdout = None
+    if recipe.data.path == BUILTIN_DATA:
+        from .tiny import N_DEMO_TRAIN, N_HOLDOUT, synthetic_dataset
+
+        n = recipe.data.max_examples or N_DEMO_TRAIN
+        fmt = recipe.data.format if recipe.data.format != "auto" else "alpaca"
+        dataset = Dataset.from_list(synthetic_dataset(n, seed=recipe.seed, split="train", fmt=fmt))
+        holdout = synthetic_dataset(N_HOLDOUT, seed=recipe.seed, split="test", fmt="alpaca")
+        detected = dataio.detect_format(dataset.column_names, dataset[0])
+        log(f"data: {BUILTIN_DATA} ({n} generated {fmt} examples, {len(holdout)} held-out problems)")
+    else:
+        dataset, detected = dataio.load_data(recipe.data.path, fmt=None if recipe.data.format == "auto" else
+                                                  recipe.data.format, columns=recipe.data.columns or None)
+        if recipe.data.max_examples:
+            dataset = dataset.select(range(min(recipe.data.max_examples, len(dataset))))
+        log(f"data: {recipe.data.path} ({len(dataset)} examples, format {detected})")
+    train, evaluation = dataio.split_eval(dataset, recipe.data.eval_fraction, recipe.seed)
+    if tokenizer is None:  # dry run without the tokenizer: how the loss is masked is decided at run time
+        return train, evaluation, detected, {}, "loss masking decided when the tokenizer is loaded", holdout
+    supported = dataio.chat_template_supports_assistant_mask(tokenizer)
+    train, trl_kwargs, note = dataio.to_trl_dataset(train, detected, assistant_mask_supported=supported)
+    if evaluation is not None:
+        evaluation, _, _ = dataio.to_trl_dataset(evaluation, detected, assistant_mask_supported=supported)
+    if note:
+        log(f"data: {note}")
+    return train, evaluation, detected, trl_kwargs, note, holdout
+
+
+def load_tokenizer(model_path: str, recipe: Recipe, log: Callable[[str], None]):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    except OSError as exc:
+        raise FinetuneHelperError("model.name", f"cannot load the tokenizer of {model_path!r} "
+                                  f"({str(exc).splitlines()[0]}); give a local directory or a reachable Hub id") from None
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        log("tokenizer: no chat template of its own; using the default ChatML template (saved with the tokenizer)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _plan_request(recipe: Recipe, spec, gpu, n_train: int):  # -> recommender.plan.PlanRequest
+    """What the recipe asks the planner (the training examples counted from the data unless the recipe says)."""
+    from ..recommender.plan import PlanRequest
+
+    return PlanRequest(
+        model=spec, gpu=gpu, gpus=recipe.hardware.gpus, method=recipe.method.type, seq_len=recipe.data.max_length,
+        dataset_size=recipe.recommend.dataset_size or n_train, epochs=recipe.recommend.epochs,
+        target_effective_batch=recipe.recommend.target_effective_batch, lr_min=recipe.recommend.lr_min,
+        lr_max=recipe.recommend.lr_max, lora_r=recipe.method.lora_r, lora_alpha=recipe.method.lora_alpha,
+        lora_dropout=recipe.method.lora_dropout, attn_implementation=recipe.model.attn_implementation,
+    )
+
+
+def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bool, has_eval: bool,
+                trl_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The ``SFTConfig`` keyword arguments of the run (the plan's, the recipe's overrides, what this machine needs)
+    checked by building an SFTConfig once, and the adaptations to this machine, each said in a line."""
+    from ..export.training_args import training_kwargs
+
+    overrides = dict(recipe.training)
+    adaptations: list[str] = []
+    kwargs = training_kwargs(plan, str(run_dir), **overrides)
+    if device == "cpu" and dry_run:
+        adaptations.append("no CUDA GPU on this machine: a run here would train on the CPU in fp32")
+    elif device == "cpu":
+        kwargs.update(use_cpu=True, bf16=False, fp16=False)
+        adaptations.append("no CUDA GPU: training on the CPU in fp32 (use_cpu=True, bf16/fp16 off)")
+        if plan.optim not in ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor") and "optim" not in overrides:
+            kwargs["optim"] = "adamw_torch"
+            adaptations.append(f"optim {plan.optim} needs bitsandbytes on CUDA: adamw_torch on the CPU")
+    # keep checkpoints on logging steps, so a diverged loss is seen before it can be saved
+    logging_steps = int(kwargs.get("logging_steps", 10))
+    if "save_steps" in kwargs and "save_steps" not in overrides:
+        kwargs["save_steps"] = max(logging_steps, math.ceil(kwargs["save_steps"] / logging_steps) * logging_steps)
+    kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
+    kwargs.setdefault("logging_nan_inf_filter", False)  # the Trainer would hide NaN/inf losses from the guard
+    kwargs.setdefault("disable_tqdm", True)
+    kwargs.setdefault("seed", recipe.seed)
+    kwargs.setdefault("save_total_limit", 3)
+    if has_eval:
+        kwargs.setdefault("eval_strategy", "steps")
+        kwargs.setdefault("eval_steps", kwargs.get("save_steps", 100))
+        kwargs.setdefault("per_device_eval_batch_size", kwargs["per_device_train_batch_size"])
+    sft = {"max_length": plan.request.resolved_seq_len, "packing": recipe.data.packing, **trl_kwargs}
+    if recipe.data.packing:
+        sft["padding_free"] = True
+        attn = recipe.model.attn_implementation or plan.request.model.default_attn_implementation
+        if attn != "flash_attention_2" or device == "cpu":
+            adaptations.append(
+                "data.packing: padding-free rows are attended as one masked sequence without flash_attention_2, "
+                "quadratic in the packed length (benchmarks/train_throughput.py: 2.7x slower than padded batches on "
+                "the CPU); on a GPU set model.attn_implementation=flash_attention_2")
+    return _check_sft_config({**kwargs, **sft}, overrides, device), adaptations
+
+
+def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *,
+            dry_run: bool = False) -> tuple[Prepared, Any]:
+    """Resolve model, data and plan; return the preparation and the tokenizer.
+
+    A dry run of a Hub model that is not available offline plans from the catalog config without its tokenizer
+    (nothing is downloaded); the loss-masking settings are then decided at run time.
+    """
+    from datasets.utils.logging import disable_progress_bar as datasets_quiet
+    from transformers.utils.logging import disable_progress_bar as transformers_quiet
+
+    from ..recommender.plan import recommend_plan
+
+    datasets_quiet()  # one progress line per log from us, no download / shard bars
+    transformers_quiet()
+    # bitsandbytes (imported by transformers / TRL when installed) warns on every CPU import about an optional kernel
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for warning in check_stack():  # a version below the supported range is refused here
+        log(f"warning: {warning}")
+    gpu = resolve_recipe_gpu(recipe)  # before any slow work: a misspelt GPU fails at once
+    model_path = _resolve_model_path(recipe, log)
+    spec = resolve_recipe_model(model_path)
+    try:
+        tokenizer = load_tokenizer(model_path, recipe, log)
+    except FinetuneHelperError:
+        if not dry_run:
+            raise
+        tokenizer = None
+        log(f"tokenizer: {model_path} is not available here; dry run plans without it")
+    train, evaluation, fmt, trl_kwargs, note, holdout = _load_data(recipe, tokenizer, log)
+
+    device = _device()
+    plan = recommend_plan(_plan_request(recipe, spec, gpu, len(train)))
+    overrides = dict(recipe.training)
+    sft_kwargs, adaptations = _sft_kwargs(recipe, plan, run_dir, device, dry_run=dry_run,
+                                          has_eval=evaluation is not None, trl_kwargs=trl_kwargs)
+    prepared = Prepared(recipe=recipe, run_dir=run_dir, model_path=model_path, plan=plan, sft_kwargs=sft_kwargs,
+                        overrides=overrides, adaptations=adaptations, train_dataset=train, eval_dataset=evaluation,
+                        data_format=fmt, data_note=note, holdout=holdout)
+    return prepared, tokenizer
+
+
+#: TrainingArguments fields that must be positive when a recipe sets them
+_POSITIVE_FIELDS = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps", "max_length"}
+
+
+def check_training_values(training: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``training:`` values typed as the SFTConfig fields they set (``"3e-4"`` -> float), with
+    one-line errors naming ``training.<key>``; needs no plan (``finetune-helper validate`` uses it)."""
+    import typing
+
+    from trl import SFTConfig
+
+    from .recipe import _coerce
+
+    hints = typing.get_type_hints(SFTConfig)
+    simple = (int, float, bool, int | None, float | None, bool | None)
+    out = dict(training)
+    for key, value in training.items():
+        tp = hints.get(key)
+        if tp in simple:
+            out[key] = value = _coerce(value, tp, f"training.{key}")
+        if key in _POSITIVE_FIELDS and not (isinstance(value, (int, float)) and value > 0):
+            raise FinetuneHelperError(f"training.{key}", f"must be > 0, got {value!r}")
+    return out
+
+
+def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], device: str) -> dict[str, Any]:
+    """Type-check the recipe's ``training:`` values against the SFTConfig fields and build the SFTConfig once, before
+    anything is written, so a bad value is a one-line error naming it. Returns the kwargs with coerced values."""
+    import warnings
+
+    from trl import SFTConfig
+
+    sft_kwargs = {**sft_kwargs, **check_training_values({k: sft_kwargs[k] for k in overrides})}
+    probe = dict(sft_kwargs)
+    if device == "cpu":  # a dry run on a machine without the planned GPU: check the values, not the hardware
+        probe.update(use_cpu=True, bf16=False, fp16=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            SFTConfig(**probe)
+    except (TypeError, ValueError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FinetuneHelperError("training", f"the TrainingArguments do not build: {text}") from None
+    return sft_kwargs
+
+
+def write_run_files(prep: Prepared) -> None:
+    prep.run_dir.mkdir(parents=True, exist_ok=True)
+    (prep.run_dir / run_folder.RECIPE).write_text("# fully resolved recipe, as run\n" + prep.recipe.to_yaml())
+    plan = prep.plan.to_dict()
+    plan["overrides"] = prep.overrides
+    plan["adaptations"] = prep.adaptations
+    plan["data_format"] = prep.data_format
+    plan["data_note"] = prep.data_note
+    plan["stack"] = installed_stack()
+    plan["train_examples"] = len(prep.train_dataset)
+    plan["eval_examples"] = len(prep.eval_dataset) if prep.eval_dataset is not None else 0
+    write_json(prep.run_dir / run_folder.PLAN, plan)
+    write_json(prep.run_dir / run_folder.TRAINING_ARGS, prep.sft_kwargs)
+
+
+# ------------------------------------------------------------------------------------------- training
+def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    method = prep.recipe.method.type
+    on_cpu = sft_kwargs.get("use_cpu", False)
+    dtype = torch.float32 if on_cpu or (sft_kwargs.get("fp16") and method == "full") else (
+        torch.float16 if sft_kwargs.get("fp16") else torch.bfloat16)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": prep.recipe.model.trust_remote_code}
+    attn = prep.recipe.model.attn_implementation or prep.plan.request.model.default_attn_implementation
+    kwargs["attn_implementation"] = attn
+    if method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise FinetuneHelperError("method.type", "qlora needs the bitsandbytes package (pip install "
+                                      "bitsandbytes); use lora or full without it") from None
+        from transformers import BitsAndBytesConfig
+
+        # bitsandbytes >= 0.45 quantizes and runs 4-bit layers on the CPU too (slowly): tiny models train there
+        compute = torch.float32 if on_cpu else torch.float16 if sft_kwargs.get("fp16") else torch.bfloat16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+    try:
+        return AutoModelForCausalLM.from_pretrained(prep.model_path, **kwargs)
+    except OSError as exc:
+        raise FinetuneHelperError("model.name", f"cannot load weights of {prep.model_path!r} "
+                                  f"({str(exc).splitlines()[0]})") from None
+
+
+def _peft_config(recipe: Recipe):
+    if recipe.method.type == "full":
+        return None
+    from peft import LoraConfig
+
+    targets = recipe.method.target_modules
+    return LoraConfig(r=recipe.method.lora_r, lora_alpha=recipe.method.lora_alpha,
+                      lora_dropout=recipe.method.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=targets if isinstance(targets, str) else list(targets))
+
+
+def _trainer(prep: Prepared, tokenizer, sft_kwargs: dict[str, Any], callbacks: list) -> Any:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**sft_kwargs)
+    model = _load_model(prep, sft_kwargs)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=prep.train_dataset, eval_dataset=prep.eval_dataset,
+                         processing_class=tokenizer, peft_config=_peft_config(prep.recipe), callbacks=callbacks)
+    for printer in (PrinterCallback, ProgressCallback):  # our Progress callback prints one line per log instead
+        trainer.remove_callback(printer)
+    return trainer
+
+
+def _halve_batch(sft_kwargs: dict[str, Any], run_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """After an out-of-memory step: half the per-device batch, twice the accumulation (same effective batch and
+    learning rate), continuing from the last checkpoint; the event as the summary records it."""
+    batch, accum = sft_kwargs["per_device_train_batch_size"], sft_kwargs["gradient_accumulation_steps"]
+    if batch == 1:
+        raise RunStopped(EXIT_OOM, "out of memory at per-device batch 1: enable gradient checkpointing "
+                         "(training.gradient_checkpointing=true), use method.type=qlora, a shorter "
+                         "data.max_length, or more GPUs")
+    ckpt = last_checkpoint(run_dir)
+    new_batch = batch // 2
+    new_accum = math.ceil(batch * accum / new_batch)
+    sft_kwargs["per_device_train_batch_size"] = new_batch
+    sft_kwargs["gradient_accumulation_steps"] = new_accum
+    sft_kwargs["per_device_eval_batch_size"] = min(sft_kwargs.get("per_device_eval_batch_size", new_batch), new_batch)
+    same = new_batch * new_accum == batch * accum
+    log(f"CUDA out of memory: per-device batch {batch} -> {new_batch}, accumulation {accum} -> {new_accum} "
+        + ("(effective batch and learning rate unchanged)" if same else
+           f"(effective batch {batch * accum} -> {new_batch * new_accum}, learning rate unchanged)")
+        + f"; continuing from {ckpt.name if ckpt else 'the start'}")
+    return {"per_device_train_batch_size": [batch, new_batch], "gradient_accumulation_steps": [accum, new_accum],
+            "resumed_from": ckpt.name if ckpt else None}
+
+
+def _train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from: str | None, state: dict[str, Any],
+                        log: Callable[[str], None]) -> tuple[Any, Any, list[dict[str, Any]], float | None]:
+    """Build the trainer and train, halving the batch on out-of-memory (see :func:`_halve_batch`).
+
+    Returns the trainer, its train output, the back-off events and the held-out exact match before training."""
+    import torch
+
+    sft_kwargs = dict(prep.sft_kwargs)
+    oom_events: list[dict[str, Any]] = []
+    before = None
+    while True:
+        trainer = _trainer(prep, tokenizer, sft_kwargs, callbacks)
+        if len(trainer.train_dataset) == 0:
+            raise FinetuneHelperError("data.max_length", f"{sft_kwargs.get('max_length')} tokens leave no answer token "
+                                      "in any example (TRL drops those): raise data.max_length")
+        if before is None and prep.holdout:
+            before = _exact_match(prep, trainer.model, tokenizer)
+        state["phase"] = "training"
+        try:
+            return trainer, trainer.train(resume_from_checkpoint=resume_from), oom_events, before
+        except torch.OutOfMemoryError:
+            pass
+        del trainer  # outside the except block, so the traceback no longer holds it
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        oom_events.append(_halve_batch(sft_kwargs, prep.run_dir, log))
+        resume_from = oom_events[-1]["resumed_from"] and str(prep.run_dir / oom_events[-1]["resumed_from"])
+
+
+def _training_summary(prep: Prepared, trainer, output, state: dict[str, Any]) -> dict[str, Any]:
+    """Steps, losses and throughput of this session, and on CUDA the measured peak next to the estimate."""
+    import torch
+
+    metrics = output.metrics
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    runtime = metrics.get("train_runtime") or 0
+    tokens = (trainer.state.num_input_tokens_seen or 0) - state.get("tokens_at_start", 0)  # this session's tokens
+    summary: dict[str, Any] = {
+        "run_dir": str(prep.run_dir), "global_step": trainer.state.global_step, "max_steps": trainer.state.max_steps,
+        "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": metrics.get("train_loss"),
+        "tokens_per_second": round(tokens / runtime, 1) if runtime else None}
+    if torch.cuda.is_available():
+        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        summary["estimated_peak_memory_bytes"] = prep.plan.estimate.allocated_peak
+    return summary
+
+
+def _stop_early(run_dir: Path, summary: dict[str, Any], state: dict[str, Any]) -> None:
+    """A diverged or interrupted run: its summary written, then :class:`RunStopped` with the exit code."""
+    ckpt = last_checkpoint(run_dir)
+    if state.get("diverged"):
+        d = state["diverged"]
+        lr = d["learning_rate"]
+        code, status = EXIT_DIVERGED, "diverged"
+        message = (f"loss diverged at step {d['step']} ({d['loss']:.4g}, first logged {d['first_loss']:.4g}): "
+                   f"learning rate {lr:.2g} is likely too high: try {lr / 10:.2g}; last good checkpoint: "
+                   f"{ckpt if ckpt else 'none'}")
+    else:
+        code, status = EXIT_INTERRUPTED, "interrupted"
+        message = (f"interrupted by {state['signal']} at step {summary['global_step']}; checkpoint {ckpt}; "
+                   "run again with --resume to continue")
+    summary.update(status=status, message=message)
+    write_json(run_dir / run_folder.SUMMARY, summary)
+    raise RunStopped(code, message)
+
+
+def _finish(prep: Prepared, trainer, tokenizer, summary: dict[str, Any], before: float | None) -> None:
+    """The final evaluation, ``final/`` (model or adapter, with the tokenizer) and held-out exact match."""
+    if prep.eval_dataset is not None:
+        last_eval = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if last_eval and last_eval[-1]["step"] == trainer.state.global_step:
+            summary["eval_loss"] = last_eval[-1]["eval_loss"]
+        else:
+            summary["eval_loss"] = trainer.evaluate().get("eval_loss")
+    final = prep.run_dir / run_folder.FINAL
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(str(final))
+    summary["final"] = str(final)
+    if prep.holdout:
+        summary["exact_match_before"] = before
+        summary["exact_match_after"] = _exact_match(prep, trainer.model, tokenizer)
+    summary["status"] = "done"
+
+
+def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str], None] = print,
+          extra_callbacks: list | None = None, state: dict[str, Any] | None = None) -> RunResult:
+    """Train with OOM back-off; ``state`` is shared with the signal handler ``run`` installs."""
+    import torch
+
+    run_dir = prep.run_dir
+    state = state if state is not None else {}
+    if resume and (first := first_logged_loss(run_dir)) is not None:
+        state["first_loss"] = first
+    if torch.cuda.is_available():
+        state.update(cuda=True, estimated_peak_memory_bytes=prep.plan.estimate.allocated_peak)
+    callbacks = list(extra_callbacks or []) + runner_callbacks(run_dir, log, state)
+    t0 = time.time()
+    start = last_checkpoint(run_dir) if resume else None
+    trainer, output, oom_events, before = _train_with_backoff(prep, tokenizer, callbacks,
+                                                              str(start) if start else None, state, log)
+    state["phase"] = "finishing"
+    summary = {**_training_summary(prep, trainer, output, state), "oom_backoffs": oom_events,
+               "wall_seconds": round(time.time() - t0, 2)}
+    if state.get("diverged") or state.get("signal"):
+        _stop_early(run_dir, summary, state)
+    _finish(prep, trainer, tokenizer, summary, before)
+    write_json(run_dir / run_folder.SUMMARY, summary)
+    return RunResult(run_dir, EXIT_OK, summary)
+
+
+def _exact_match(prep: Prepared, model, tokenizer) -> float | None:
+    from .tiny import exact_match
+
+    if model is None:
+        return None
+    was_training = model.training
+    acc = exact_match(model, tokenizer, prep.holdout)
+    model.train(was_training)
+    return acc
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    def f(v, fmt="{:.4f}"):
+        return "-" if v is None else fmt.format(v)
+
+    lines = [f"run: {summary.get('status', '?')} at step {summary.get('global_step')}/{summary.get('max_steps')} "
+             f"in {summary.get('wall_seconds')} s -> {summary.get('run_dir')}",
+             f"train loss: first {f(summary.get('train_loss_first'))}, last {f(summary.get('train_loss_last'))}; "
+             f"eval loss: {f(summary.get('eval_loss'))}; tokens/s: {f(summary.get('tokens_per_second'), '{:,.0f}')}"]
+    if "exact_match_after" in summary:
+        lines.append(f"exact match on held-out problems: before {f(summary.get('exact_match_before'), '{:.1%}')}, "
+                     f"after {f(summary.get('exact_match_after'), '{:.1%}')}")
+    if "peak_memory_bytes" in summary:
+        lines.append(f"peak GPU memory (torch.cuda.max_memory_allocated): {fmt_gib(summary['peak_memory_bytes'])}; "
+                     f"estimated {fmt_gib(summary['estimated_peak_memory_bytes'])}")
+    for event in summary.get("oom_backoffs", []):
+        lines.append(f"out-of-memory back-off: batch {event['per_device_train_batch_size']}, accumulation "
+                     f"{event['gradient_accumulation_steps']}, resumed from {event['resumed_from']}")
+    if summary.get("final"):
+        lines.append(f"saved: {summary['final']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, output_dir: str | None = None,
+        dry_run: bool = False, resume: bool = False, log: Callable[[str], None] = print,
+        extra_callbacks: list | None = None) -> RunResult:
+    recipe = load_recipe(recipe_path, overrides)
+    run_dir = Path(output_dir or recipe.output_dir or Path("runs") / Path(recipe_path).stem)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FinetuneHelperError("output-dir", f"{run_dir} is a file, not a folder")
+    if not resume and not dry_run and last_checkpoint(run_dir) is not None:
+        raise FinetuneHelperError("output-dir", f"{run_dir} already holds checkpoints; pass --resume to continue "
+                                  "that run, or --output-dir for a new one (nothing was overwritten)")
+    if resume:
+        if last_checkpoint(run_dir) is None:
+            raise FinetuneHelperError("resume", f"no checkpoint in {run_dir} to resume from")
+        _check_resume_matches(recipe, run_dir)
+    state: dict[str, Any] = {"phase": "preparing"}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        name = signal.Signals(signum).name
+        if state["phase"] == "preparing":
+            raise RunStopped(EXIT_INTERRUPTED, f"interrupted by {name} before training started; nothing to resume")
+        if state["phase"] == "finishing":
+            log(f"{name}: finishing the final save first")
+            return
+        state["signal"] = name
+        log(f"{name}: saving a checkpoint at the end of this step, then stopping")
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(recipe, run_dir, dry_run=dry_run, resume=resume, log=log, extra_callbacks=extra_callbacks,
+                    state=state)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+#: recipe settings a resumed run may change: only how long it trains
+_RESUMABLE_CHANGES = {"recommend.epochs", "training.max_steps", "training.num_train_epochs"}
+
+
+def _check_resume_matches(recipe: Recipe, run_dir: Path) -> None:
+    """``--resume`` continues the same run: its saved recipe.yaml must agree but for the training length."""
+    import yaml
+
+    saved_file = run_dir / run_folder.RECIPE
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    now = recipe.to_dict()
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and key != "columns":
+                out.update(flat(value, name + "."))
+            else:
+                out[name] = value
+        return out
+
+    a, b = flat(saved), flat(now)
+    for key in sorted(set(a) | set(b)):
+        if key in _RESUMABLE_CHANGES or key == "output_dir":
+            continue
+        if a.get(key) != b.get(key):
+            raise FinetuneHelperError(key, f"differs from the run being resumed ({a.get(key)!r} in {saved_file}, "
+                                      f"{b.get(key)!r} now); --resume continues the same run (only the training "
+                                      "length may change): use a new --output-dir for a different recipe")
+
+
+def _run(recipe: Recipe, run_dir: Path, *, dry_run: bool, resume: bool, log: Callable[[str], None],
+         extra_callbacks: list | None, state: dict[str, Any]) -> RunResult:
+    prep, tokenizer = prepare(recipe, run_dir, log, dry_run=dry_run)
+    plan = prep.plan
+    log(f"plan: per-device batch {plan.per_device_train_batch_size} x accumulation "
+        f"{plan.gradient_accumulation_steps} x {plan.request.gpus} GPU = {plan.effective_batch_size}, lr "
+        f"{plan.learning_rate:.2e}, warmup {plan.warmup_ratio:.1%}, {plan.optim}, checkpointing "
+        f"{'on' if plan.gradient_checkpointing else 'off'} ({'fits' if plan.fits else 'DOES NOT FIT'}: "
+        f"{plan.reasons['fits']})")
+    for key, value in prep.overrides.items():
+        log(f"override from the recipe's training section: {key}={value!r} (wins over the recommendation)")
+    for note in prep.adaptations:
+        log(f"adapted: {note}")
+    write_run_files(prep)
+    log(f"wrote {run_dir}/recipe.yaml, plan.json, training_args.json")
+    if dry_run:
+        return RunResult(run_dir, EXIT_OK, {"status": "dry-run", "run_dir": str(run_dir)})
+    return train(prep, tokenizer, resume=resume, log=log, extra_callbacks=extra_callbacks, state=state)
+
+
+__all__ = ["run", "prepare", "train", "RunResult", "RunStopped", "format_summary"]
