@@ -18,6 +18,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "adamw_bnb_8bit, paged_adamw_8bit, adafactor, sgd, ...")
     p.add_argument("--lora-r", type=int, default=defaults.LORA_R, help="LoRA rank (default: %(default)s)")
     p.add_argument("--lora-alpha", type=int, default=defaults.LORA_ALPHA, help="LoRA alpha (default: %(default)s)")
+    p.add_argument("--lora-dropout", type=float, default=defaults.LORA_DROPOUT,
+                   help="LoRA dropout (default: %(default)s)")
+    p.add_argument("--target-modules", default=defaults.TARGET_MODULES, type=target_modules,
+                   help="modules LoRA adapts: all-linear, or names separated by commas such as q_proj,v_proj "
+                   "(default: %(default)s)")
     p.add_argument("--attn-implementation", default=None, choices=("sdpa", "eager", "flash_attention_2"),
                    help="attention kernel (default: the architecture's own: sdpa; eager for Gemma 2)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -40,6 +45,14 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="force on/off (default: only when needed to fit)")
     p.add_argument("--safety-margin", type=float, default=defaults.SAFETY_MARGIN, help="fraction of GPU memory kept "
                    "free (default: %(default)s)")
+    p.add_argument("--weights-dtype", default=None, choices=("fp32", "bf16"), help="full fine-tuning's weights "
+                   "(default: fp32 masters under autocast, pure bf16 only when that does not fit)")
+
+
+def target_modules(text: str) -> str | tuple[str, ...]:
+    """``all-linear`` or ``q_proj,v_proj`` -> the value PlanRequest / TrainingSetup take."""
+    names = tuple(n.strip() for n in str(text).split(",") if n.strip())
+    return names[0] if names == ("all-linear",) else names
 
 
 def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
@@ -59,7 +72,9 @@ def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
                       dataset_size=args.dataset_size, epochs=args.epochs, target_effective_batch=args.target_batch,
                       optim=args.optim, lr_min=args.lr_min, lr_max=args.lr_max,
                       gradient_checkpointing=args.gradient_checkpointing, safety_margin=args.safety_margin,
-                      lora_r=args.lora_r, lora_alpha=args.lora_alpha, attn_implementation=args.attn_implementation)
+                      lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
+                      attn_implementation=args.attn_implementation)
     return recommend_plan(req)
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from ..errors import FinetuneHelperError
 from ..units import fmt_gib
 from .common import add_model_args, breakdown_table, model_line
 
@@ -21,6 +22,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (default: %(default)s)")
     p.add_argument("--sharding", default=None, choices=("none", "ddp", "fsdp"),
                    help="default: ddp when --gpus > 1, else none")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="whose kernels run the step "
+                   "(TRL's fused LM head: Triton on CUDA, torch tiles on the CPU; default: %(default)s)")
+    p.add_argument("--unpadded", action="store_true", help="every row is as long as --seq-len (no padding mask)")
+    p.add_argument("--packing", action="store_true", help="padding-free packed rows (TRL packing=True)")
+    p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps: above 1 the gradients "
+                   "live through every micro-step (default: %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -34,10 +41,14 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
     seq = spec.sequence_length(args.seq_len)
     setup = TrainingSetup(method=args.method, micro_batch_size=args.batch, seq_len=seq, dtype=args.dtype,
                           optim=args.optim or DEFAULT_OPTIM, gradient_checkpointing=args.gradient_checkpointing,
-                          lora_r=args.lora_r, lora_alpha=args.lora_alpha, weights_dtype=args.weights_dtype,
-                          attn_implementation=args.attn_implementation or spec.default_attn_implementation)
+                          lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
+                          attn_implementation=args.attn_implementation or spec.default_attn_implementation,
+                          device=args.device, padded=not args.unpadded and args.batch > 1, packing=args.packing)
     sharding = args.sharding or ("ddp" if args.gpus > 1 else "none")
-    est = estimate_memory(spec, setup, gpus=args.gpus, sharding=sharding)
+    if args.accumulation < 1:
+        raise FinetuneHelperError("accumulation", f"must be >= 1, got {args.accumulation}")
+    est = estimate_memory(spec, setup, gpus=args.gpus, sharding=sharding, accumulation=args.accumulation)
     return {"model": spec.name, "model_type": spec.model_type, "method": args.method, "batch": args.batch,
             "seq_len": seq, "dtype": args.dtype, "optim": setup.optim,
             "gradient_checkpointing": args.gradient_checkpointing, **est.to_dict()}
@@ -58,5 +69,8 @@ def run(args: argparse.Namespace) -> None:
            if k.startswith("activations.") and k not in ("activations.saved", "activations.peak_extra")}
     if act:
         print("activations: " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in act.items() if v))
-    print(f"predicted torch.cuda.max_memory_allocated: {fmt_gib(data['allocated_peak_bytes'])} "
-          f"(total less CUDA context and fragmentation)")
+    head = {k.split(".", 1)[1]: v for k, v in data["details"].items() if k.startswith("fused_head.")}
+    if head:
+        print("TRL's fused LM head: " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in head.items()))
+    print(f"peak at the {data['peak_phase']}; predicted torch.cuda.max_memory_allocated: "
+          f"{fmt_gib(data['allocated_peak_bytes'])} (total less CUDA context, fragmentation and paged states)")

@@ -35,8 +35,11 @@ from ..errors import FinetuneHelperError
 
 #: The oldest transformers major the exports are written for (the package requires >= 4.46).
 MIN_MAJOR = 4
+#: The settings transformers 5 renamed, both ways: an override may use either name.
+RENAMES = {"warmup_ratio": "warmup_steps", "warmup_steps": "warmup_ratio",
+           "gradient_checkpointing": "activation_checkpointing", "activation_checkpointing": "gradient_checkpointing"}
 #: Names accepted in overrides whatever the target version (translated to the target's name).
-ALIASES = frozenset({"warmup_ratio", "warmup_steps", "gradient_checkpointing", "activation_checkpointing"})
+ALIASES = frozenset(RENAMES)
 
 
 # --------------------------------------------------------------------------------------------- transformers
@@ -215,3 +218,21 @@ def check_stack(installed: dict[str, str] | None = None) -> list[str]:
             warnings.append(f"{name} {version} is newer than the tested range {name}{spec}: it may work; "
                             "`make test-latest` checks it")
     return warnings
+
+
+# --------------------------------------------------------------------------------------------- TRL
+@functools.lru_cache(maxsize=1)
+def trl_fuses_lm_head() -> bool:
+    """The installed TRL's ``SFTTrainer`` computes its loss through the fused, chunked LM head
+    (``trl.trainer.utils.add_fused_lm_head``: no vocabulary-wide logits).  Read from TRL's source, not imported."""
+    try:
+        spec = importlib.util.find_spec("trl")
+    except (ImportError, ValueError):
+        return False
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            source = (Path(location) / "trainer" / "sft_trainer.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        return "add_fused_lm_head(" in source and "fused_lm_head=True" in source
+    return False

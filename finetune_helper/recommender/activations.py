@@ -60,7 +60,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import FinetuneHelperError
 from .model import ModelSpec
 from .training_setup import DTYPE_BYTES, TrainingSetup
 
@@ -232,8 +231,9 @@ class _Step:
 
     @property
     def saves_base_inputs(self) -> bool:
-        """Full fine-tuning's linears save their inputs; so does QLoRA's MatMul4Bit (in ctx.tensors)."""
-        return self.full or self.setup.method == "qlora"
+        """Full fine-tuning's linears save their inputs; so does QLoRA's MatMul4Bit on CUDA (in ctx.tensors).
+        bitsandbytes' CPU path keeps nothing for the frozen 4-bit base (measured: benchmarks/estimate_vs_runner.py)."""
+        return self.full or (self.setup.method == "qlora" and self.device == "cuda")
 
 
 # --------------------------------------------------------------------- one decoder layer
@@ -294,7 +294,10 @@ def _sdpa_attention(st: _Step, layer_type: str) -> int:
     spec, N, c, b, s = st.spec, st.N, st.c, st.b, st.s
     nh, qd, kvd = spec.num_attention_heads, spec.q_dim, spec.kv_dim
     n_rep = nh // spec.num_key_value_heads
-    masked = st.impl == "sdpa" and layer_type == "sliding_attention" and st.window is not None and s > st.window
+    # an explicit mask: a padded batch (transformers' create_causal_mask keeps the padding), or a sliding-window layer
+    # shorter than the sequence
+    window = layer_type == "sliding_attention" and st.window is not None and s > st.window
+    masked = st.impl == "sdpa" and ((st.setup.padded and not st.setup.packing) or window)
     n = c * N * qd  # q after RoPE
     if masked:
         n += 2 * c * N * (qd if n_rep > 1 else kvd) + c * b * s * s
@@ -357,13 +360,15 @@ def _lora_bytes(st: _Step, first_layer: bool) -> int:
     # (it still saves its input for A's gradient).
     frozen_attn_input = first_layer and not setup.gradient_checkpointing
     r = setup.lora_r
+    # PEFT keeps adapters in fp32; TRL's SFTTrainer casts a quantized model's trainable parameters to bf16
+    adapter = 2 if setup.method == "qlora" else _F32
     o_input_is_a_copy = st.impl == "eager" or st.fused  # o_proj's input is its own contiguous copy
     n = 0
     shared_sites: set[str] = set()
     for lin in st.spec.lora_linears(setup.lora_target_modules):
         fin, fout = lin.in_features, lin.out_features
         input_grad = not (frozen_attn_input and _LORA_SITE.get(lin.name) == "attn")
-        if setup.autocast:
+        if setup.autocast and adapter != c:
             # bf16 / fp16 base under the Trainer's autocast: PEFT casts x to fp32 (the adapters' dtype,
             # autocast_adapter_dtype=True) -- a copy per adapter -- and autocast casts it back to the compute
             # dtype for lora_A (another copy per adapter), which saves that copy (c*N*fin, for A's gradient)
@@ -377,13 +382,17 @@ def _lora_bytes(st: _Step, first_layer: bool) -> int:
                 if setup.lora_dropout > 0:
                     n += st.mask_bytes * N * fin
             continue
-        # fp32: no autocast, no casts.
+        # The adapters' dtype is the compute dtype (fp32 runs; QLoRA's bf16 adapters under bf16 autocast), or there
+        # is no autocast (QLoRA's bf16 adapters in an fp32 run: PEFT casts x to bf16, a copy per adapter).
+        mask = 1 if st.device == "cuda" else adapter
         if setup.lora_dropout > 0:
             # lora_dropout(x): saves its mask (CUDA bool, CPU input dtype) and its output is what lora_A saves
-            # (fp32, a new tensor per adapter).
-            n += _F32 * N * fin
+            # (a new tensor per adapter).
+            n += adapter * N * fin
             if input_grad:
-                n += st.mask_bytes * N * fin
+                n += mask * N * fin
+        elif adapter != c:
+            n += adapter * N * fin  # lora_A saves PEFT's cast of x: one per adapter
         else:
             # lora_A saves its input itself, shared by adapters reading the same tensor (q/k/v, gate/up);
             # o_proj's input is SDPA's saved output (already counted) unless it is a copy.
@@ -391,8 +400,8 @@ def _lora_bytes(st: _Step, first_layer: bool) -> int:
             if site not in shared_sites:
                 shared_sites.add(site)
                 if site != "o" or o_input_is_a_copy:
-                    n += _F32 * N * fin
-        n += _F32 * N * r  # lora_B saves lora_A's output (fp32, N*r)
+                    n += adapter * N * fin
+        n += adapter * N * r  # lora_B saves lora_A's output (N*r)
     return n
 
 
@@ -453,12 +462,12 @@ def _autocast_cache(st: _Step) -> int:
 
 
 # --------------------------------------------------------------------- the estimate
-def estimate_activations(spec: ModelSpec, setup: TrainingSetup, *, device: str = "cuda") -> ActivationEstimate:
-    """Activation bytes of one micro-step (``setup.micro_batch_size`` x ``setup.seq_len``); see the module doc."""
-    if device not in ("cuda", "cpu"):
-        raise FinetuneHelperError("device", f"must be cuda or cpu, got {device!r}")
-    st = _Step.of(spec, setup, device)
-    logits, logits_transient = _logits_bytes(st)
+def estimate_activations(spec: ModelSpec, setup: TrainingSetup) -> ActivationEstimate:
+    """Activation bytes of one micro-step (``setup.micro_batch_size`` x ``setup.seq_len``) on ``setup.device``;
+    see the module doc."""
+    st = _Step.of(spec, setup, setup.device)
+    # the model's own loss (full logits); TRL's fused head is step.fused_head's
+    logits, logits_transient = _logits_bytes(st) if setup.loss == "logits" else (0, 0)
     if setup.gradient_checkpointing:
         # Non-reentrant torch.utils.checkpoint around each decoder layer's forward: tensors saved inside the layer
         # are dropped (recomputed in backward); only the positional inputs -- the hidden states entering each

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .activations import ActivationEstimate, estimate_activations
+from .step import StepInputs, fused_head, phases
 from ..errors import FinetuneHelperError
 from .model import ModelSpec
 from .optimizers import OPTIMIZERS
@@ -62,7 +63,10 @@ class MemoryEstimate:
     transient: int
     #: CUDA context plus allocator fragmentation.
     overhead: int
-    #: finer parts of the above (activation components, adapter bytes, NF4 constants ...).
+    #: the moment of the step the peak is at (``step.phases``: head forward / backward, a layer's backward, the
+    #: optimizer step); the parts above are what is live at that moment.
+    peak_phase: str = ""
+    #: finer parts of the above (activation components, adapter bytes, NF4 constants, every phase's total ...).
     details: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -81,9 +85,15 @@ class MemoryEstimate:
         return sum(self.breakdown.values())
 
     @property
+    def paged_bytes(self) -> int:
+        """Optimizer states of a paged optimizer (bitsandbytes ``paged_*``): CUDA unified memory, outside PyTorch's
+        caching allocator (not in ``max_memory_allocated``), resident on the GPU unless the driver pages it out."""
+        return self.details.get("paged_optimizer_states", 0)
+
+    @property
     def allocated_peak(self) -> int:
-        """Predicted ``torch.cuda.max_memory_allocated`` (no CUDA context, no fragmentation)."""
-        return self.total_bytes - self.overhead
+        """Predicted ``torch.cuda.max_memory_allocated`` (no CUDA context, no fragmentation, no paged states)."""
+        return self.total_bytes - self.overhead - self.paged_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,7 +102,9 @@ class MemoryEstimate:
             "breakdown": self.breakdown,
             "details": dict(self.details),
             "allocated_peak_bytes": self.allocated_peak,
+            "paged_bytes": self.paged_bytes,
             "total_bytes": self.total_bytes,
+            "peak_phase": self.peak_phase,
         }
 
 
@@ -125,8 +137,23 @@ def trainable(spec: ModelSpec, setup: TrainingSetup) -> tuple[int, int, int]:
     """(trainable parameters, their tensor count, bytes per trainable element)."""
     if setup.method == "full":
         return spec.num_parameters(), spec.num_parameter_tensors(), setup.master_bytes
+    # PEFT keeps adapters in fp32 (autocast_adapter_dtype=True); TRL's SFTTrainer casts a quantized (QLoRA) model's
+    # trainable parameters to bf16 (trl/trainer/sft_trainer.py, "the PEFT adapter weights are converted to bf16")
     return (spec.lora_parameters(setup.lora_r, setup.lora_target_modules), spec.lora_tensors(setup.lora_target_modules),
-            4)  # PEFT keeps adapters in fp32 (autocast_adapter_dtype=True)
+            2 if setup.method == "qlora" else 4)
+
+
+def _layer_and_outside_trainable(spec: ModelSpec, setup: TrainingSetup) -> tuple[int, int, int]:
+    """(trainable elements of one decoder layer, of everything outside the layers, of the largest tensor)."""
+    if setup.method == "full":
+        layer = spec.layer_linear_parameters() + spec.layer_norm_parameters()
+        outside = spec.num_parameters() - spec.num_hidden_layers * layer
+        largest = max([spec.vocab_size * spec.hidden_size] + [lin.weight_numel for lin in spec.layer_linears()])
+        return layer, outside, largest
+    r = setup.lora_r
+    linears = spec.lora_linears(setup.lora_target_modules)
+    layer = sum(r * (lin.in_features + lin.out_features) for lin in linears)
+    return layer, 0, max(r * max(lin.in_features, lin.out_features) for lin in linears)
 
 
 def optimizer_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> int:
@@ -151,7 +178,8 @@ def optimizer_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> int:
     return states
 
 
-def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sharding: str = "none") -> MemoryEstimate:
+def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sharding: str = "none",
+                    accumulation: int = 1) -> MemoryEstimate:
     """Peak memory on one GPU for one micro-step of ``setup``.
 
     ``sharding``: ``none`` (one GPU, or data parallel without DDP buckets), ``ddp`` (replicated, plus DDP's gradient
@@ -176,10 +204,12 @@ def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sha
         # cache of whole-model weight copies.
         act_setup = replace(setup, dtype="bf16", weights_dtype="bf16")
     acts: ActivationEstimate = estimate_activations(spec, act_setup)
-    transient = acts.peak_extra()
     details: dict[str, int] = {**weight_parts, **{f"activations.{k}": v for k, v in acts.as_dict().items()}}
+    layer_train, outside_train, largest = _layer_and_outside_trainable(spec, setup)
+    layer_grads, outside_grads = layer_train * elem, outside_train * elem
 
     shards = gpus if sharding == "fsdp" else 1
+    gathered = 0
     if sharding == "fsdp" and gpus > 1:
         # FULL_SHARD keeps 1/N of everything; a layer's full weights are all-gathered for its forward/backward, and
         # the next one is prefetched (torch FSDP backward_prefetch=BACKWARD_PRE), so two layers are unsharded at once,
@@ -188,27 +218,42 @@ def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sha
             2 if setup.autocast else 4)
         gathered = 2 * layer_weights
         details["fsdp_gathered_layers"] = gathered
-        transient += gathered
         weights, gradients, optim = -(-weights // shards), -(-gradients // shards), -(-optim // shards)
+        layer_grads, outside_grads = -(-layer_grads // shards), -(-outside_grads // shards)
     if sharding == "ddp" and gpus > 1:
         # DDP copies gradients into communication buckets (gradient_as_bucket_view=False, the default): a second
         # gradient-sized buffer (torch.nn.parallel.DistributedDataParallel docs).
         details["ddp_buckets"] = gradients
         gradients *= 2
 
-    allocated = weights + gradients + optim + acts.saved() + transient
-    overhead = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * allocated)
-    details["cuda_context"] = CUDA_CONTEXT_BYTES
-    details["fragmentation"] = overhead - CUDA_CONTEXT_BYTES
+    # the whole gradient (the breakdown's ``gradients`` is what is live at the peak moment)
+    details["gradients.all"] = gradients
+    if setup.loss == "fused":
+        details.update({f"fused_head.{k}": v for k, v in fused_head(spec, setup).items()})
+    if OPTIMIZERS[setup.optim].paged:
+        details["paged_optimizer_states"] = optim
+    inputs = StepInputs(weights=weights, gradients=gradients, optimizer_states=optim, activations=acts,
+                        layer_gradients=layer_grads, outside_gradients=outside_grads,
+                        largest_trainable_tensor=largest * elem)
+    moments = phases(spec, setup, inputs, accumulation=accumulation)
+    peak = max(moments, key=lambda p: p.total)
+    for moment in moments:
+        details[f"phase.{moment.name}"] = moment.total
+    parts = dict(peak.parts)
+    transient = parts.get("transient", 0) + gathered
+    allocated = peak.total + gathered
+    overhead = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * allocated) if setup.device == "cuda" else 0
+    details["cuda_context"] = CUDA_CONTEXT_BYTES if setup.device == "cuda" else 0
+    details["fragmentation"] = overhead - details["cuda_context"]
     return MemoryEstimate(
         parameters=spec.num_parameters(),
         trainable_parameters=n_train,
-        weights=weights,
-        gradients=gradients,
-        optimizer_states=optim,
-        activations=acts.saved(),
+        weights=parts.get("weights", 0),
+        gradients=parts.get("gradients", 0),
+        optimizer_states=parts.get("optimizer_states", 0),
+        activations=parts.get("activations", 0),
         transient=transient,
         overhead=overhead,
+        peak_phase=peak.name,
         details=details,
     )
-

@@ -62,6 +62,11 @@ class PlanRequest:
     lora_r: int = defaults.LORA_R
     lora_alpha: int = defaults.LORA_ALPHA
     lora_dropout: float = defaults.LORA_DROPOUT
+    #: ``all-linear`` or the module names LoRA adapts (``("q_proj", "v_proj")``).
+    lora_target_modules: str | tuple[str, ...] = defaults.TARGET_MODULES
+    #: full fine-tuning's weight storage: None lets the planner decide (fp32 masters under autocast; pure bf16 only
+    #: when that does not fit), ``fp32`` or ``bf16`` forces it.
+    weights_dtype: str | None = None
     #: None means the architecture's default (``sdpa``; ``eager`` for Gemma 2).
     attn_implementation: str | None = None
 
@@ -91,6 +96,11 @@ class PlanRequest:
             raise FinetuneHelperError("lr-min", f"{self.lr_min:g} is above --lr-max {self.lr_max:g}; swap them")
         if not (isinstance(self.safety_margin, (int, float)) and 0 <= self.safety_margin < 0.9):
             raise FinetuneHelperError("safety-margin", f"must be in [0, 0.9), got {self.safety_margin!r}")
+        if self.weights_dtype not in (None, "fp32", "bf16"):
+            raise FinetuneHelperError("weights-dtype", f"{self.weights_dtype!r} is not one of fp32, bf16")
+        if self.weights_dtype == "bf16" and (self.method != "full" or not self.gpu.bf16):
+            raise FinetuneHelperError("weights-dtype", "bf16 weights are an option of full fine-tuning on a GPU with "
+                                      "bfloat16")
         if self.optim is not None and self.optim not in OPTIMIZERS:
             raise FinetuneHelperError("optim", f"{self.optim!r} is not supported; choose from {', '.join(OPTIMIZERS)}")
         self.setup(1, False)  # validates method, LoRA and attention settings early
@@ -104,13 +114,16 @@ class PlanRequest:
         return "bf16" if self.gpu.bf16 else "fp16"
 
     def setup(self, micro_batch: int, gradient_checkpointing: bool, optim: str | None = None,
-              method: str | None = None) -> TrainingSetup:
+              method: str | None = None, weights_dtype: str | None = None) -> TrainingSetup:
+        method = method or self.method
+        weights = weights_dtype or self.weights_dtype
         return TrainingSetup(
-            method=method or self.method, micro_batch_size=micro_batch, seq_len=self.resolved_seq_len,
+            method=method, micro_batch_size=micro_batch, seq_len=self.resolved_seq_len,
             dtype=self.dtype, optim=optim or self.optim or DEFAULT_OPTIM,
             gradient_checkpointing=gradient_checkpointing, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
+            lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules,
             attn_implementation=self.attn_implementation or self.model.default_attn_implementation,
+            weights_dtype=weights if method == "full" and weights == "bf16" and self.dtype == "bf16" else None,
         )
 
     @property
@@ -147,6 +160,8 @@ class Plan:
     lr_scheduler_type: str = SCHEDULER
     max_grad_norm: float = MAX_GRAD_NORM
     weight_decay: float = 0.0
+    #: full fine-tuning's weight storage: None (fp32 masters under autocast) or ``bf16`` (pure-bf16 training)
+    weights_dtype: str | None = None
     reasons: dict[str, str] = field(default_factory=dict)
     escalation: tuple[Escalation, ...] = ()
 
@@ -157,6 +172,12 @@ class Plan:
     @property
     def peak_memory_bytes(self) -> int:
         return self.estimate.total_bytes
+
+    @property
+    def setup(self) -> TrainingSetup:
+        """The step this plan estimated (the runner's executed setup starts from it)."""
+        return self.request.setup(self.per_device_train_batch_size, self.gradient_checkpointing, self.optim,
+                                  weights_dtype=self.weights_dtype)
 
     @property
     def warmup_steps(self) -> int:
@@ -228,10 +249,12 @@ class Plan:
             "bf16": self.bf16,
             "fp16": self.fp16,
             "distributed": self.distributed,
+            "weights_dtype": self.weights_dtype or ("fp32" if r.method == "full" else r.dtype),
             "fits": self.fits,
             "peak_memory_bytes": self.peak_memory_bytes,
             "budget_bytes": r.budget_bytes,
             "breakdown": self.estimate.breakdown,
+            "peak_phase": self.estimate.peak_phase,
             "trainable_parameters": self.estimate.trainable_parameters,
             "reasons": dict(self.reasons),
             "escalation": [{"change": e.change, "fits": e.fits, "peak_memory_bytes": e.peak_memory_bytes}
@@ -241,17 +264,17 @@ class Plan:
 
 # --------------------------------------------------------------------------------------------- fitting
 def _estimate(req: PlanRequest, micro: int, gc: bool, optim: str, method: str | None = None, gpus: int | None = None,
-              sharding: str | None = None) -> MemoryEstimate:
+              sharding: str | None = None, weights: str | None = None) -> MemoryEstimate:
     gpus = gpus or req.gpus
     if sharding is None:
         sharding = "ddp" if gpus > 1 else "none"
-    return estimate_memory(req.model, req.setup(micro, gc, optim, method), gpus=gpus, sharding=sharding)
+    return estimate_memory(req.model, req.setup(micro, gc, optim, method, weights), gpus=gpus, sharding=sharding)
 
 
-def _largest_batch(req: PlanRequest, gc: bool, optim: str, sharding: str | None, cap: int) -> int:
+def _largest_batch(req: PlanRequest, option: _Option, cap: int) -> int:
     """Largest micro-batch in [1, cap] under budget (memory grows with batch, so bisect); 0 if 1 does not fit."""
     def fits(b: int) -> bool:
-        return _estimate(req, b, gc, optim, sharding=sharding).total_bytes <= req.budget_bytes
+        return option.estimate(req, b).total_bytes <= req.budget_bytes
 
     if not fits(1):
         return 0
@@ -274,6 +297,10 @@ def _escalate(req: PlanRequest) -> tuple[Escalation, ...]:
     if req.gradient_checkpointing is None:
         est = _estimate(req, 1, True, optim, sharding=sharding)
         steps.append(Escalation("gradient checkpointing", False, est.total_bytes))
+    if req.method == "full" and req.weights_dtype is None and req.dtype == "bf16":
+        est = _estimate(req, 1, req.gradient_checkpointing is not False, optim, sharding=sharding, weights="bf16")
+        steps.append(Escalation("pure-bf16 weights (--weights-dtype bf16)" + (" with gradient checkpointing"
+                                if req.gradient_checkpointing is not False else ""), False, est.total_bytes))
     if req.optim is None:
         est = _estimate(req, 1, req.gradient_checkpointing is not False, EIGHT_BIT_FALLBACK, sharding=sharding)
         steps.append(Escalation(f"--optim {EIGHT_BIT_FALLBACK}" + (" (with gradient checkpointing)"
@@ -299,55 +326,82 @@ def _escalate(req: PlanRequest) -> tuple[Escalation, ...]:
 
 # --------------------------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
-class _Fit:
-    """How batch 1 and up fit: micro-batch, checkpointing, optimizer, sharding, and the resulting estimate."""
+class _Option:
+    """One way to run the step: checkpointing, optimizer, data-parallel sharding and full fine-tuning's weight
+    storage (``bf16``: pure-bf16 weights, gradients and states; None: fp32 masters under autocast)."""
 
-    micro: int
     gc: bool
     optim: str
     shard: str
+    weights: str | None = None
+
+    def estimate(self, req: PlanRequest, micro: int) -> MemoryEstimate:
+        return _estimate(req, micro, self.gc, self.optim, sharding=self.shard, weights=self.weights)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """How batch 1 and up fit: micro-batch, the option that made it fit, and the resulting estimate."""
+
+    micro: int
+    option: _Option
     fits: bool
     estimate: MemoryEstimate
-    #: the largest micro-batch a fallback (checkpointing / 8-bit / FSDP) would allow, when one was needed
+    #: the largest micro-batch a fallback (checkpointing / pure bf16 / 8-bit / FSDP) would allow, when one was needed
     fallback_fit: int
     #: the cheapest option, against which the changes are named
-    first: tuple[bool, str, str]
+    first: _Option
+
+    @property
+    def gc(self) -> bool:
+        return self.option.gc
+
+    @property
+    def optim(self) -> str:
+        return self.option.optim
+
+    @property
+    def shard(self) -> str:
+        return self.option.shard
 
 
-def _fit_options(req: PlanRequest) -> list[tuple[bool, str, str]]:
-    """(checkpointing, optimizer, sharding), cheapest first; each later option is a fallback that costs speed
-    (checkpointing ~30% compute, FSDP communication) or precision (8-bit states). On several GPUs, full fine-tuning
-    shards before it recomputes; LoRA (small gradients and states) recomputes before it shards."""
+def _fit_options(req: PlanRequest) -> list[_Option]:
+    """The ways to run the step, cheapest first; each later one is a fallback that costs speed (checkpointing ~30%
+    compute, FSDP communication) or precision (pure-bf16 weights, then 8-bit states).  On several GPUs, full
+    fine-tuning shards before it recomputes; LoRA (small gradients and states) recomputes before it shards.  Pure
+    bf16 is tried only for full fine-tuning on a bf16 GPU when the weights are not forced either way."""
     optim = req.optim or DEFAULT_OPTIM
     gc_choices = [req.gradient_checkpointing] if req.gradient_checkpointing is not None else [False, True]
     optim_choices = [optim] if req.optim else [optim, EIGHT_BIT_FALLBACK]
     shard_choices = ["ddp", "fsdp"] if req.gpus > 1 else ["none"]
-    options: list[tuple[bool, str, str]] = []
+    weight_choices: list[str | None] = [req.weights_dtype if req.weights_dtype == "bf16" else None]
+    if req.method == "full" and req.weights_dtype is None and req.dtype == "bf16":
+        weight_choices.append("bf16")
+    options: list[_Option] = []
     for opt in optim_choices:
-        if req.method == "full":
-            options += [(gc, opt, shard) for gc in gc_choices for shard in shard_choices]
-        else:
-            options += [(gc, opt, shard) for shard in shard_choices for gc in gc_choices]
+        for weights in (weight_choices if opt == optim else weight_choices[:1]):
+            if req.method == "full":
+                options += [_Option(gc, opt, shard, weights) for gc in gc_choices for shard in shard_choices]
+            else:
+                options += [_Option(gc, opt, shard, weights) for shard in shard_choices for gc in gc_choices]
     return options
 
 
 def _fit(req: PlanRequest, cap: int) -> _Fit:
     """The first option under which batch 1 fits, with its largest micro-batch; the last option if none does."""
     options = _fit_options(req)
-    for index, (gc, opt, shard) in enumerate(options):
-        micro = _largest_batch(req, gc, opt, shard, cap)
+    for index, option in enumerate(options):
+        micro = _largest_batch(req, option, cap)
         if not micro:
             continue
         fallback_fit = 0
         if index > 0:
-            # A fallback (checkpointing, FSDP, 8-bit states) was needed to fit batch 1 at all. Stay at micro-batch
-            # 1 and reach the target by accumulation: the sequence already fills the GPU's matmuls, and a larger
-            # GPU (which needs no fallback) must never be told to use a smaller micro-batch than a smaller GPU.
+            # A fallback (checkpointing, FSDP, pure bf16, 8-bit states) was needed to fit batch 1 at all. Stay at
+            # micro-batch 1 and reach the target by accumulation: the sequence already fills the GPU's matmuls, and a
+            # larger GPU (which needs no fallback) must never be told to use a smaller micro-batch than a smaller GPU.
             fallback_fit, micro = micro, 1
-        return _Fit(micro, gc, opt, shard, True, _estimate(req, micro, gc, opt, sharding=shard), fallback_fit,
-                    options[0])
-    gc, opt, shard = options[-1]
-    return _Fit(1, gc, opt, shard, False, _estimate(req, 1, gc, opt, sharding=shard), 0, options[0])
+        return _Fit(micro, option, True, option.estimate(req, micro), fallback_fit, options[0])
+    return _Fit(1, options[-1], False, options[-1].estimate(req, 1), 0, options[0])
 
 
 def _fits_reason(req: PlanRequest, fit: _Fit, escalation: tuple[Escalation, ...]) -> str:
@@ -369,17 +423,18 @@ def _batch_reason(req: PlanRequest, fit: _Fit, cap: int, target: int) -> str:
     if not fit.fits:
         return "1: nothing larger can fit (see fits)"
     if fit.fallback_fit:
-        first_gc, first_opt, first_shard = fit.first
-        changes = [c for c, on in (("gradient checkpointing", fit.gc and not first_gc),
-                                   (fit.optim, fit.optim != first_opt),
-                                   ("FSDP sharding", fit.shard != first_shard)) if on]
+        first = fit.first
+        changes = [c for c, on in (("gradient checkpointing", fit.gc and not first.gc),
+                                   ("pure-bf16 weights", fit.option.weights != first.weights),
+                                   (fit.optim, fit.optim != first.optim),
+                                   ("FSDP sharding", fit.shard != first.shard)) if on]
         return (f"1: without {' and '.join(changes)} even batch 1 exceeds the {fmt_gib(budget)} budget; with "
                 f"{'them' if len(changes) > 1 else 'it'} batch 1 needs {fmt_gib(est.total_bytes)}"
                 + (f" (up to {fit.fallback_fit} would fit)" if fit.fallback_fit > 1 else "")
                 + f"; accumulation reaches the target, as a bigger micro-batch adds little throughput at "
                 f"{req.resolved_seq_len} tokens per sequence")
     if fit.micro < cap:
-        bigger = _estimate(req, fit.micro + 1, fit.gc, fit.optim, sharding=fit.shard).total_bytes
+        bigger = fit.option.estimate(req, fit.micro + 1).total_bytes
         limit = f"batch {fit.micro + 1} would need {fmt_gib(bigger)}"
     elif cap < MAX_MICRO_BATCH:
         limit = f"capped at ceil(target {target} / {req.gpus} GPU{'s' if req.gpus > 1 else ''}) = {cap}"
@@ -417,7 +472,7 @@ def _distributed(req: PlanRequest, fit: _Fit) -> tuple[str, str | None]:
         return "single GPU", None
     if fit.shard == "fsdp":
         return "fsdp", (f"FSDP full sharding over {req.gpus} GPUs: weights, gradients and optimizer states split 1/N"
-                        + ("; replicated (DDP) they do not fit" if fit.first[2] == "ddp" else ""))
+                        + ("; replicated (DDP) they do not fit" if fit.first.shard == "ddp" else ""))
     return "ddp", "DDP: the replicated model fits on each GPU" if fit.fits else "DDP: nothing fits; see fits"
 
 
@@ -445,6 +500,12 @@ def recommend_plan(req: PlanRequest) -> Plan:
                                               + (f"; target lowered from {req.target_effective_batch} to the "
                                                  f"{dataset} training examples" if target < req.target_effective_batch
                                                  else ""))
+    if fit.option.weights == "bf16":
+        reasons["precision"] += (
+            "; pure bf16 (weights, gradients and AdamW states in bf16) because fp32 master weights do not fit"
+            + (" even with gradient checkpointing" if fit.gc else "")
+            + ": updates smaller than 2^-8 of a weight are rounded away (a 2e-5 step on a weight of 0.01), so it "
+            "trains less than mixed precision at small learning rates")
     reasons["gradient_checkpointing"] = _checkpointing_reason(req, fit)
     reasons["optim"] = _optim_reason(req, fit)
 
@@ -468,4 +529,5 @@ def recommend_plan(req: PlanRequest) -> Plan:
         warmup_ratio=warm, gradient_checkpointing=fit.gc, optim=fit.optim, bf16=req.dtype == "bf16",
         fp16=req.dtype == "fp16", fits=fit.fits, estimate=fit.estimate, total_steps=steps, distributed=distributed,
         weight_decay=WEIGHT_DECAY[req.method], reasons=reasons, escalation=escalation,
+        weights_dtype=fit.option.weights,
     )

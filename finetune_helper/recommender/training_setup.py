@@ -25,6 +25,8 @@ METHODS = defaults.METHODS
 #: bytes of one element for the precisions we train in.
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DEVICES = ("cuda", "cpu")
+LOSS_PATHS = ("fused", "logits")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,17 @@ class TrainingSetup:
     #: storage of the weights: None is the default (full: fp32 masters unless dtype is fp32 anyway; LoRA: the base in
     #: ``dtype``); ``bf16`` with full fine-tuning is pure-bf16 training.
     weights_dtype: str | None = None
+    #: where the step runs: ``cuda`` or ``cpu``.  Kernels differ: TRL's fused LM head runs Triton on CUDA and torch
+    #: tiles elsewhere, a dropout mask is a bool on CUDA and the input dtype on the CPU.
+    device: str = "cuda"
+    #: the loss path: ``fused`` (TRL ``SFTTrainer``: the chunked LM head never builds the vocabulary-wide logits) or
+    #: ``logits`` (the model's own loss: full logits and their fp32 upcast; label smoothing, custom loss functions).
+    loss: str = "fused"
+    #: batches padded to their longest row (TRL's collator): transformers then builds an explicit attention mask and
+    #: SDPA repeats K/V for grouped-query attention.  False: every row is as long as the batch (or one row).
+    padded: bool = True
+    #: padding-free packed rows (TRL ``packing=True``): one row of ``seq_len`` tokens holds several examples.
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +87,10 @@ class TrainingSetup:
             raise FinetuneHelperError("weights-dtype", f"{self.weights_dtype!r} is not one of bf16, fp32")
         if self.weights_dtype == "bf16" and (self.dtype != "bf16" or self.method != "full"):
             raise FinetuneHelperError("weights-dtype", "bf16 weights are an option of full fine-tuning with --dtype bf16")
+        if self.device not in DEVICES:
+            raise FinetuneHelperError("device", f"{self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.loss not in LOSS_PATHS:
+            raise FinetuneHelperError("loss", f"{self.loss!r} is not one of {', '.join(LOSS_PATHS)}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise FinetuneHelperError("attn-implementation", f"{self.attn_implementation!r} is not one of "
                                       f"{', '.join(ATTN_IMPLEMENTATIONS)}")
@@ -101,6 +118,14 @@ class TrainingSetup:
     def master_bytes(self) -> int:
         """Bytes per element of full fine-tuning's weights: fp32 masters unless pure bf16."""
         return 2 if self.pure_bf16 else 4
+
+    @property
+    def load_dtype(self) -> str:
+        """The dtype the model's weights are loaded in: fp32 masters (mixed-precision full fine-tuning, fp32 runs),
+        bf16 for pure-bf16 full fine-tuning, the compute dtype for a LoRA / QLoRA base."""
+        if self.method == "full":
+            return "fp32" if self.master_bytes == 4 else "bf16"
+        return self.dtype
 
     @property
     def tokens(self) -> int:

@@ -60,6 +60,9 @@ class MethodSection:
     lora_dropout: float = defaults.LORA_DROPOUT
     #: ``all-linear`` (every linear but the output layer) or a list of module names such as [q_proj, v_proj].
     target_modules: str | list[str] = defaults.TARGET_MODULES
+    #: full fine-tuning's weight storage: empty lets the planner decide (fp32 masters under bf16/fp16 autocast,
+    #: pure bf16 only when that does not fit), ``fp32`` or ``bf16`` (pure-bf16 weights, gradients and states).
+    weights_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in METHODS:
@@ -68,6 +71,12 @@ class MethodSection:
             raise FinetuneHelperError("method.lora_r", f"must be a positive integer, got {self.lora_r}")
         if not 0 <= self.lora_dropout < 1:
             raise FinetuneHelperError("method.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.weights_dtype not in (None, "fp32", "bf16"):
+            raise FinetuneHelperError("method.weights_dtype", f"{self.weights_dtype!r} is not one of fp32, bf16 "
+                                      "(or empty: the planner decides)")
+        if self.weights_dtype is not None and self.type != "full":
+            raise FinetuneHelperError("method.weights_dtype", "is an option of full fine-tuning (a LoRA base is "
+                                      "stored in the compute dtype)")
 
 
 @dataclass

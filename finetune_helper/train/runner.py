@@ -14,6 +14,7 @@ accumulation (same effective batch, same learning rate) and continues from the l
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -25,7 +26,7 @@ from typing import Any, Callable
 
 from ..errors import FinetuneHelperError
 from ..units import fmt_gib
-from ..export.versions import check_stack, installed_stack
+from ..export.versions import RENAMES, check_stack, installed_stack
 from . import run_folder
 from .callbacks import runner_callbacks
 from .recipe import BUILTIN_DATA, BUILTIN_MODEL, Recipe, load_recipe, resolve_recipe_gpu, resolve_recipe_model
@@ -155,12 +156,15 @@ def _plan_request(recipe: Recipe, spec, gpu, n_train: int):  # -> recommender.pl
     """What the recipe asks the planner (the training examples counted from the data unless the recipe says)."""
     from ..recommender.plan import PlanRequest
 
+    targets = recipe.method.target_modules
     return PlanRequest(
         model=spec, gpu=gpu, gpus=recipe.hardware.gpus, method=recipe.method.type, seq_len=recipe.data.max_length,
         dataset_size=recipe.recommend.dataset_size or n_train, epochs=recipe.recommend.epochs,
         target_effective_batch=recipe.recommend.target_effective_batch, lr_min=recipe.recommend.lr_min,
         lr_max=recipe.recommend.lr_max, lora_r=recipe.method.lora_r, lora_alpha=recipe.method.lora_alpha,
         lora_dropout=recipe.method.lora_dropout, attn_implementation=recipe.model.attn_implementation,
+        lora_target_modules=targets if isinstance(targets, str) else tuple(targets),
+        weights_dtype=recipe.method.weights_dtype,
     )
 
 
@@ -175,6 +179,9 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
     kwargs = training_kwargs(plan, str(run_dir), **overrides)
     if device == "cpu" and dry_run:
         adaptations.append("no CUDA GPU on this machine: a run here would train on the CPU in fp32")
+    elif device == "cpu" and overrides.get("bf16") is True:
+        kwargs.update(use_cpu=True, bf16=True, fp16=False)
+        adaptations.append("no CUDA GPU: training on the CPU under bf16 autocast (training.bf16=true; use_cpu=True)")
     elif device == "cpu":
         kwargs.update(use_cpu=True, bf16=False, fp16=False)
         adaptations.append("no CUDA GPU: training on the CPU in fp32 (use_cpu=True, bf16/fp16 off)")
@@ -280,7 +287,11 @@ def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], dev
 
     from trl import SFTConfig
 
-    sft_kwargs = {**sft_kwargs, **check_training_values({k: sft_kwargs[k] for k in overrides})}
+    # an override may name a setting by the other transformers version's name (warmup_ratio, gradient_checkpointing):
+    # the export wrote it under the installed version's name
+    present = {k: k if k in sft_kwargs else RENAMES.get(k, k) for k in overrides}
+    typed = check_training_values({name: sft_kwargs[name] for name in present.values() if name in sft_kwargs})
+    sft_kwargs = {**sft_kwargs, **typed}
     probe = dict(sft_kwargs)
     if device == "cpu":  # a dry run on a machine without the planned GPU: check the values, not the hardware
         probe.update(use_cpu=True, bf16=False, fp16=False)
@@ -303,6 +314,8 @@ def write_run_files(prep: Prepared) -> None:
     plan["data_format"] = prep.data_format
     plan["data_note"] = prep.data_note
     plan["stack"] = installed_stack()
+    estimate = run_estimate(prep)
+    plan["run"] = {"setup": dataclasses.asdict(run_setup(prep, prep.sft_kwargs)), "estimate": estimate.to_dict()}
     plan["train_examples"] = len(prep.train_dataset)
     plan["eval_examples"] = len(prep.eval_dataset) if prep.eval_dataset is not None else 0
     write_json(prep.run_dir / run_folder.PLAN, plan)
@@ -310,18 +323,45 @@ def write_run_files(prep: Prepared) -> None:
 
 
 # ------------------------------------------------------------------------------------------- training
+def run_setup(prep: Prepared, sft_kwargs: dict[str, Any]):  # -> recommender.training_setup.TrainingSetup
+    """The setup of the step these arguments run (``train.setup.executed_setup``): what the model is loaded as and
+    what the reported estimate describes."""
+    from .setup import executed_setup
+
+    return executed_setup(prep.recipe, prep.plan.request.model, sft_kwargs, device=_run_device(sft_kwargs),
+                          weights_dtype=prep.plan.weights_dtype)
+
+
+def run_estimate(prep: Prepared, sft_kwargs: dict[str, Any] | None = None):  # -> MemoryEstimate
+    """The memory estimate of the step these arguments run on this machine (what plan.json and summary.json
+    report next to the plan made for the recipe's GPU)."""
+    from ..recommender.memory import estimate_memory
+
+    setup = run_setup(prep, sft_kwargs if sft_kwargs is not None else prep.sft_kwargs)
+    return estimate_memory(prep.plan.request.model, setup,
+                           accumulation=int((sft_kwargs or prep.sft_kwargs).get("gradient_accumulation_steps", 1)))
+
+
+def _run_device(sft_kwargs: dict[str, Any]) -> str:
+    """Where these arguments run: the CPU when they say so (``use_cpu``), else CUDA (a dry run on a machine without
+    a GPU writes the arguments for the GPU the recipe names)."""
+    return "cpu" if sft_kwargs.get("use_cpu") else "cuda"
+
+
+_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
+    """The model as :func:`run_setup` says: fp32 masters for mixed-precision full fine-tuning, bf16 for pure-bf16,
+    the compute dtype for a LoRA base, NF4 linears (bitsandbytes) for QLoRA."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    method = prep.recipe.method.type
-    on_cpu = sft_kwargs.get("use_cpu", False)
-    dtype = torch.float32 if on_cpu or (sft_kwargs.get("fp16") and method == "full") else (
-        torch.float16 if sft_kwargs.get("fp16") else torch.bfloat16)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": prep.recipe.model.trust_remote_code}
-    attn = prep.recipe.model.attn_implementation or prep.plan.request.model.default_attn_implementation
-    kwargs["attn_implementation"] = attn
-    if method == "qlora":
+    setup = run_setup(prep, sft_kwargs)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, _TORCH_DTYPES[setup.load_dtype]),
+                              "trust_remote_code": prep.recipe.model.trust_remote_code,
+                              "attn_implementation": setup.attn_implementation}
+    if setup.method == "qlora":
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
@@ -330,10 +370,9 @@ def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
         from transformers import BitsAndBytesConfig
 
         # bitsandbytes >= 0.45 quantizes and runs 4-bit layers on the CPU too (slowly): tiny models train there
-        compute = torch.float32 if on_cpu else torch.float16 if sft_kwargs.get("fp16") else torch.bfloat16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute)
+            bnb_4bit_compute_dtype=getattr(torch, _TORCH_DTYPES[setup.dtype]))
     try:
         return AutoModelForCausalLM.from_pretrained(prep.model_path, **kwargs)
     except OSError as exc:
@@ -406,6 +445,9 @@ def _train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from:
         if before is None and prep.holdout:
             before = _exact_match(prep, trainer.model, tokenizer)
         state["phase"] = "training"
+        state["estimated_peak_memory_bytes"] = run_estimate(prep, sft_kwargs).allocated_peak
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # each attempt's peak is its own
         try:
             return trainer, trainer.train(resume_from_checkpoint=resume_from), oom_events, before
         except torch.OutOfMemoryError:
@@ -431,9 +473,10 @@ def _training_summary(prep: Prepared, trainer, output, state: dict[str, Any]) ->
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
         "train_loss_mean": metrics.get("train_loss"),
         "tokens_per_second": round(tokens / runtime, 1) if runtime else None}
+    summary["estimated_peak_memory_bytes"] = state.get("estimated_peak_memory_bytes")
     if torch.cuda.is_available():
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-        summary["estimated_peak_memory_bytes"] = prep.plan.estimate.allocated_peak
+        summary["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
     return summary
 
 
@@ -484,7 +527,7 @@ def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str
     if resume and (first := first_logged_loss(run_dir)) is not None:
         state["first_loss"] = first
     if torch.cuda.is_available():
-        state.update(cuda=True, estimated_peak_memory_bytes=prep.plan.estimate.allocated_peak)
+        state.update(cuda=True)
     callbacks = list(extra_callbacks or []) + runner_callbacks(run_dir, log, state)
     t0 = time.time()
     start = last_checkpoint(run_dir) if resume else None
@@ -614,6 +657,9 @@ def _run(recipe: Recipe, run_dir: Path, *, dry_run: bool, resume: bool, log: Cal
         f"{plan.reasons['fits']})")
     for key, value in prep.overrides.items():
         log(f"override from the recipe's training section: {key}={value!r} (wins over the recommendation)")
+    estimate = run_estimate(prep)
+    log(f"estimate of the step training_args.json runs ({run_setup(prep, prep.sft_kwargs).device}): "
+        f"{fmt_gib(estimate.allocated_peak)} peak tensor memory, at the {estimate.peak_phase}")
     for note in prep.adaptations:
         log(f"adapted: {note}")
     write_run_files(prep)

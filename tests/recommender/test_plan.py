@@ -57,7 +57,7 @@ def test_checkpointing_turned_on_only_when_needed():
 
 
 def test_eight_bit_optimizer_only_when_needed():
-    tight = fh.recommend("Qwen/Qwen2.5-1.5B", gpu="RTX 4090", method="full", seq_len=1024)
+    tight = fh.recommend("Qwen/Qwen2.5-1.5B", gpu="RTX 4090", method="full", seq_len=1024, weights_dtype="fp32")
     assert tight.fits and tight.optim == "paged_adamw_8bit" and "do not fit" in tight.reasons["optim"]
     # with 32-bit AdamW even batch 1 + checkpointing is over budget: that is what "needed" means
     over = fh.estimate_memory(tight.request.model, tight.request.setup(1, True, "adamw_torch_fused"))
@@ -125,12 +125,21 @@ def test_effective_batch_never_exceeds_the_dataset():
     assert "lowered" in plan.reasons["gradient_accumulation_steps"]
 
 
-def test_full_finetune_is_mixed_precision_by_default():
+def test_full_finetune_is_mixed_precision_unless_only_pure_bf16_fits():
+    roomy = fh.recommend("Qwen/Qwen2.5-1.5B", gpu="H100", method="full", seq_len=1024)
+    assert roomy.weights_dtype is None and roomy.setup.load_dtype == "fp32" and "pure" not in roomy.reasons["precision"]
+    # Llama-3.1-8B on an 80 GB card: fp32 masters do not fit even at batch 1 with checkpointing; pure bf16 does
     plan = fh.recommend(LLAMA_8B, gpu="H100", method="full")
-    # fp32 masters: 4 B weights + 4 B gradients + 8 B AdamW states per parameter (ZeRO paper's 16 bytes)
-    est = plan.estimate
-    assert est.weights == 4 * LLAMA_8B.num_parameters()
-    assert not plan.fits and any(e.fits and "lora" in e.change for e in plan.escalation)
+    mixed = plan.request.setup(1, True)
+    assert mixed.load_dtype == "fp32" and fh.estimate_memory(LLAMA_8B, mixed).total_bytes > plan.request.budget_bytes
+    assert plan.fits and plan.weights_dtype == "bf16" and plan.setup.load_dtype == "bf16"
+    assert "pure bf16" in plan.reasons["precision"] and "rounded away" in plan.reasons["precision"]
+    assert plan.to_dict()["weights_dtype"] == "bf16"
+    # forced either way
+    assert fh.recommend(LLAMA_8B, gpu="H100", method="full", weights_dtype="fp32").fits is False
+    assert fh.recommend("Qwen/Qwen2.5-0.5B", gpu="H100", method="full", weights_dtype="bf16").weights_dtype == "bf16"
+    with pytest.raises(FinetuneHelperError, match="weights-dtype"):
+        fh.recommend(LLAMA_8B, gpu="T4", method="full", weights_dtype="bf16")
 
 
 @pytest.mark.parametrize("kwargs,field", [

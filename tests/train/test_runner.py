@@ -219,3 +219,28 @@ def test_resume_refuses_a_different_recipe_and_keeps_the_run_files(tmp_path):
     longer = run(TINY, steps(6, "training.save_steps=2", "data.max_examples=200"), output_dir=str(out), resume=True,
                  **QUIET)
     assert longer.summary["global_step"] == 6  # only the training length may change on resume
+
+
+@pytest.mark.parametrize("method,training,dtype", [
+    ("method.type=full", "training.bf16=true", "float32"),            # mixed precision: fp32 masters
+    ("method.weights_dtype=bf16", "training.bf16=true", "bfloat16"),  # pure bf16
+    ("method.type=lora", "training.bf16=true", "bfloat16"),           # a LoRA base in the compute dtype
+    ("method.type=full", "training.seed=0", "float32"),               # the CPU's fp32 run
+])
+def test_the_runner_loads_the_model_its_estimate_describes(tmp_path, method, training, dtype):
+    """The seam: _load_model reads run_setup, the setup plan.json's run estimate is made from."""
+    from finetune_helper.train import runner
+    from finetune_helper.train.recipe import load_recipe
+
+    extra = ["method.type=full"] if method.startswith("method.weights") else []
+    recipe = load_recipe(TINY, [*extra, method, training, "training.max_steps=1"])
+    prep, tokenizer = runner.prepare(recipe, tmp_path / "run", **QUIET)
+    setup = runner.run_setup(prep, prep.sft_kwargs)
+    model = runner._load_model(prep, prep.sft_kwargs)
+    base = [p for n, p in model.named_parameters() if "lora" not in n]
+    assert {str(p.dtype) for p in base} == {f"torch.{dtype}"} and setup.load_dtype == {"float32": "fp32",
+                                                                                        "bfloat16": "bf16"}[dtype]
+    runner.write_run_files(prep)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["run"]["setup"]["device"] == "cpu" and plan["run"]["estimate"]["allocated_peak_bytes"] > 0
+    assert plan["run"]["setup"]["micro_batch_size"] == prep.sft_kwargs["per_device_train_batch_size"]

@@ -1,0 +1,58 @@
+"""The one seam between the estimate and the run: the ``TrainingSetup`` of the step the runner executes.
+
+:func:`executed_setup` reads it off what the runner really passes to the trainer (the ``SFTConfig`` arguments after
+the recipe's overrides and the machine's adaptations) and the recipe; the runner loads and configures the model
+from the same object (``setup.load_dtype``, attention, LoRA settings), and the estimate it reports in ``plan.json``
+and ``summary.json`` is the estimate of this setup.  So an override of the batch, the optimizer, checkpointing,
+``max_length`` or packing is re-estimated, and the loss path is the installed TRL's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..export.versions import trl_fuses_lm_head
+from ..recommender.model import ModelSpec
+from ..recommender.training_setup import TrainingSetup
+
+
+def compute_dtype(sft_kwargs: dict[str, Any]) -> str:
+    """``bf16`` / ``fp16`` (the Trainer's autocast) or ``fp32``."""
+    return "bf16" if sft_kwargs.get("bf16") else "fp16" if sft_kwargs.get("fp16") else "fp32"
+
+
+def checkpointing(sft_kwargs: dict[str, Any]) -> bool:
+    return bool(sft_kwargs.get("activation_checkpointing", sft_kwargs.get("gradient_checkpointing", False)))
+
+
+def executed_setup(recipe, spec: ModelSpec, sft_kwargs: dict[str, Any], *, device: str,
+                   batch_shape: tuple[int, ...] | None = None, padded: bool | None = None,
+                   weights_dtype: str | None = None) -> TrainingSetup:
+    """The step the runner runs for ``recipe`` with ``sft_kwargs`` on ``device``.
+
+    ``batch_shape`` / ``padded``: the (batch, sequence) shape the collator produced and whether it padded a row,
+    when known (a measurement); otherwise the worst case: ``per_device_train_batch_size`` rows of ``max_length``
+    tokens, padded when there are several rows (packing: one row of all of them, no padding).
+    ``weights_dtype``: the plan's choice for full fine-tuning (``bf16``: pure bf16); the recipe's
+    ``method.weights_dtype`` wins.  Only a bf16 run can hold pure-bf16 weights.
+    """
+    packing = bool(recipe.data.packing)
+    batch = int(sft_kwargs["per_device_train_batch_size"])
+    length = int(sft_kwargs.get("max_length") or spec.sequence_length(None))
+    if batch_shape is not None:
+        batch, length = int(batch_shape[0]), int(batch_shape[-1])
+    elif packing:
+        batch, length = 1, batch * length
+    dtype = compute_dtype(sft_kwargs)
+    weights = recipe.method.weights_dtype or weights_dtype
+    weights = weights if recipe.method.type == "full" and dtype == "bf16" else None
+    targets = recipe.method.target_modules
+    loss = "fused" if trl_fuses_lm_head() and not sft_kwargs.get("label_smoothing_factor") else "logits"
+    return TrainingSetup(
+        method=recipe.method.type, micro_batch_size=batch, seq_len=length, dtype=dtype,
+        optim=sft_kwargs.get("optim", "adamw_torch_fused"), gradient_checkpointing=checkpointing(sft_kwargs),
+        lora_r=recipe.method.lora_r, lora_alpha=recipe.method.lora_alpha, lora_dropout=recipe.method.lora_dropout,
+        lora_target_modules=targets if isinstance(targets, str) else tuple(targets),
+        attn_implementation=recipe.model.attn_implementation or spec.default_attn_implementation,
+        weights_dtype=weights if weights != "fp32" else None, device=device, loss=loss,
+        padded=(batch > 1 and not packing) if padded is None else padded, packing=packing)

@@ -1,0 +1,39 @@
+"""The replica of the runner's step is the runner's step: same tracked peak with real tensors, and the same again
+with fake ones (which is what lets real-size models be traced without their weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import recipe
+
+#: integration tier (make test-integration): real torch / transformers / trainer / server work
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("arch,method,training,data", [
+    ("llama", {"type": "full"}, {"bf16": True}, "padded"),
+    ("llama", {"type": "lora", "lora_r": 8, "lora_dropout": 0.05}, {"bf16": True}, "padded"),
+    ("qwen2", {"type": "full", "weights_dtype": "bf16"}, {"bf16": True, "gradient_checkpointing": True}, "unpadded"),
+    ("phi3", {"type": "lora", "lora_r": 8, "lora_dropout": 0.0}, {}, "unpadded"),
+])
+def test_replica_tracks_the_same_peak_as_the_runners_own_steps(model_dir, text_data, tmp_path, arch, method,
+                                                                training, data):
+    from finetune_helper.measure.replica import measure_replica
+    from finetune_helper.measure.runner_step import measure_recipe
+    from finetune_helper.recommender.model import ModelSpec
+    from finetune_helper.train.setup import executed_setup
+
+    r = recipe(model_dir(arch), text_data[data], method=method, training=training)
+    runner = measure_recipe(r, steps=3, run_dir=tmp_path / "run")
+    config = json.loads((model_dir(arch) / "config.json").read_text())
+    shape, padded = runner.batches[1]
+    setup = executed_setup(r, ModelSpec.from_config(config), runner.sft_kwargs, device="cpu", batch_shape=shape,
+                           padded=padded)
+    real = measure_replica(config, setup, steps=3)
+    # steps 2 and 3 (optimizer states exist) are the steady ones; the runner's batches differ only in token values
+    assert abs(real[1] - runner.steps[1].tracked_bytes) / runner.steps[1].tracked_bytes < 0.005
+    if not padded:
+        assert measure_replica(config, setup, steps=3, fake=True) == real  # fake tensors: byte for byte
