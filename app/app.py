@@ -120,10 +120,13 @@ class App:
         spec = self._model_spec(model)
         gpu_spec = resolve_gpu(str(gpu or "").strip() or "")
         n_gpus = _opt_int(gpus, "gpus") or 1
+        from finetune_helper.recommender.calibration import lookup
+
         req = PlanRequest(model=spec, gpu=gpu_spec, gpus=n_gpus, method=str(method), seq_len=_seq_len(seq_len),
                           dataset_size=_opt_int(dataset_size, "dataset-size"), epochs=_number(epochs, "epochs"),
                           target_effective_batch=_opt_int(target_batch, "target-batch") or 0,
-                          lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"))
+                          lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"),
+                          calibration=lookup(gpu_spec.name, spec.name, str(method)))
         return recommend_plan(req)
 
     def recommend(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max):
@@ -184,6 +187,13 @@ class App:
                               trust_remote_code=bool(trust_remote_code))
         run_id = self.runs.start(recipe, name=(run_name or "").strip() or None)
         return run_id, f"Started **{run_id}**: preparing (loading the model and data takes a few seconds)."
+
+    def start_probe(self, recipe_yaml, data_file, data_path, trust_remote_code, run_name):
+        recipe = build_recipe(self.workspace, recipe_yaml, data_file=data_file, data_path=data_path or "",
+                              trust_remote_code=bool(trust_remote_code))
+        run_id = self.runs.start(recipe, name=(run_name or "").strip() or "probe", probe=True)
+        return run_id, (f"Started **{run_id}**: measuring a few real steps at the recommended micro-batch and larger "
+                        "ones (finetune-helper probe); the table appears below when it ends.")
 
     def run_status(self, run_id) -> dict[str, Any]:
         return self.runs.status(run_id)
@@ -360,7 +370,23 @@ def progress_html(st: dict[str, Any]) -> str:
     return f'<div class="fh-bar"><div style="width:{pct:.1f}%"></div></div><div id="fh-status">{text}</div>'
 
 
+def probe_markdown(probe: dict[str, Any]) -> str:
+    """``finetune-helper probe``'s result as a table: micro-batch, estimated, measured, error."""
+    rows = ["| micro-batch | estimated | measured | error | fits |", "|---:|---:|---:|---:|:---|"]
+    for r in probe.get("rows", []):
+        measured = fmt_gib(r["measured_bytes"]) if r.get("measured_bytes") else "-"
+        err = f"{r['error']:+.1%}" if r.get("error") is not None else "-"
+        fits = {True: "yes", False: "no", None: "-"}[r.get("fits")]
+        rows.append(f"| {r['micro_batch']} | {fmt_gib(r['estimated_bytes'])} | {measured} | {err} | {fits} |")
+    cal = probe.get("calibration")
+    note = (f"\n\nCalibration measured / estimated = {cal['ratio']:.3f} on {cal['device']} ({probe.get('measure')}); "
+            "later plans for this device, model and method use it." if cal else "")
+    return f"Probe on {probe.get('device')} ({probe.get('measure')}):\n\n" + "\n".join(rows) + note
+
+
 def memory_markdown(st: dict[str, Any]) -> str:
+    if st.get("probe"):
+        return probe_markdown(st["probe"])
     measured, estimated = st.get("peak_memory_bytes"), st.get("estimated_peak_memory_bytes")
     if measured:
         ratio = f" ({measured / estimated - 1:+.1%})" if estimated else ""
@@ -450,6 +476,7 @@ def _train_tab() -> SimpleNamespace:
         t.start_btn = gr.Button("Start", variant="primary", elem_id="start-btn")
         t.stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop-btn")
         t.resume_btn = gr.Button("Resume", elem_id="resume-btn")
+        t.probe_btn = gr.Button("Probe memory", elem_id="probe-btn")
         t.refresh_btn = gr.Button("Refresh")
     t.run_id = gr.Dropdown([], value=None, allow_custom_value=True, label="Run", elem_id="run-id")
     t.message = gr.Markdown(elem_id="train-message")
@@ -501,6 +528,11 @@ def _wire(app: App, demo: gr.Blocks, rec: SimpleNamespace, train: SimpleNamespac
     train.start_btn.click(_errors_shown(app.start_run), [train.recipe_yaml, train.data_file, train.data_path,
                                                          train.trust, train.run_name],
                           [train.run_id, train.message], api_name="start_run").success(
+        lambda current: gr.Dropdown(choices=app.run_ids(), value=current), train.run_id, train.run_id,
+        api_visibility="private")
+    train.probe_btn.click(_errors_shown(app.start_probe), [train.recipe_yaml, train.data_file, train.data_path,
+                                                           train.trust, train.run_name],
+                          [train.run_id, train.message], api_name="start_probe").success(
         lambda current: gr.Dropdown(choices=app.run_ids(), value=current), train.run_id, train.run_id,
         api_visibility="private")
     train.stop_btn.click(_errors_shown(app.stop_run), train.run_id, train.message, api_name="stop_run")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -19,6 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# probes store calibrations: never in the user's own store
+os.environ["FINETUNE_HELPER_CALIBRATION"] = os.path.join(tempfile.mkdtemp(prefix="fh-test-calibration-"),
+                                                         "calibration.json")
 
 #: the architectures counted exactly without torch (finetune_helper/architectures.py)
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")

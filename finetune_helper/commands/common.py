@@ -68,13 +68,16 @@ def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
         from ..recommender.gpu import detect_gpu_count
 
         gpus = detect_gpu_count() if args.gpu.strip().lower() == "auto" else 1
+    from ..recommender.calibration import lookup
+
     req = PlanRequest(model=spec, gpu=gpu, gpus=gpus, method=args.method, seq_len=args.seq_len,
                       dataset_size=args.dataset_size, epochs=args.epochs, target_effective_batch=args.target_batch,
                       optim=args.optim, lr_min=args.lr_min, lr_max=args.lr_max,
                       gradient_checkpointing=args.gradient_checkpointing, safety_margin=args.safety_margin,
                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
-                      attn_implementation=args.attn_implementation)
+                      attn_implementation=args.attn_implementation,
+                      calibration=lookup(gpu.name, spec.name, args.method))
     return recommend_plan(req)
 
 

@@ -95,6 +95,12 @@ class MemoryEstimate:
         """Predicted ``torch.cuda.max_memory_allocated`` (no CUDA context, no fragmentation, no paged states)."""
         return self.total_bytes - self.overhead - self.paged_bytes
 
+    def calibrated(self, ratio: float) -> MemoryEstimate:
+        """This estimate with its allocated bytes scaled by a probe's measured / estimated ``ratio``
+        (:mod:`.calibration`); the difference shows as ``transient`` and in ``details["calibration"]``."""
+        delta = int(round((ratio - 1) * self.allocated_peak))
+        return replace(self, transient=self.transient + delta, details={**self.details, "calibration": delta})
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "parameters": self.parameters,

@@ -20,6 +20,7 @@ from typing import Any
 from .. import defaults
 from ..errors import FinetuneHelperError
 from ..units import fmt_gib
+from .calibration import Calibration
 from .gpu import GPUSpec
 from .memory import MemoryEstimate, estimate_memory
 from .model import ModelSpec
@@ -67,6 +68,9 @@ class PlanRequest:
     #: full fine-tuning's weight storage: None lets the planner decide (fp32 masters under autocast; pure bf16 only
     #: when that does not fit), ``fp32`` or ``bf16`` forces it.
     weights_dtype: str | None = None
+    #: a ``finetune-helper probe`` measurement of this device, model and method (:mod:`.calibration`): every
+    #: estimate's allocated bytes are scaled by its ratio
+    calibration: Calibration | None = None
     #: None means the architecture's default (``sdpa``; ``eager`` for Gemma 2).
     attn_implementation: str | None = None
 
@@ -268,7 +272,9 @@ def _estimate(req: PlanRequest, micro: int, gc: bool, optim: str, method: str | 
     gpus = gpus or req.gpus
     if sharding is None:
         sharding = "ddp" if gpus > 1 else "none"
-    return estimate_memory(req.model, req.setup(micro, gc, optim, method, weights), gpus=gpus, sharding=sharding)
+    est = estimate_memory(req.model, req.setup(micro, gc, optim, method, weights), gpus=gpus, sharding=sharding)
+    calibrated = req.calibration is not None and (method or req.method) == req.calibration.method
+    return est.calibrated(req.calibration.ratio) if calibrated else est
 
 
 def _largest_batch(req: PlanRequest, option: _Option, cap: int) -> int:
@@ -488,7 +494,8 @@ def recommend_plan(req: PlanRequest) -> Plan:
     cap = max(1, min(MAX_MICRO_BATCH, math.ceil(target / req.gpus)))
     fit = _fit(req, cap)
     escalation = () if fit.fits else _escalate(req)
-    reasons["fits"] = _fits_reason(req, fit, escalation)
+    reasons["fits"] = _fits_reason(req, fit, escalation) + (f"; {req.calibration.describe()}"
+                                                            if req.calibration else "")
     reasons["per_device_train_batch_size"] = _batch_reason(req, fit, cap, target)
 
     micro = fit.micro

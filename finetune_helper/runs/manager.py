@@ -37,6 +37,8 @@ from .workspace import Workspace
 RECIPE_FILE = "input-recipe.yaml"  # the recipe as the app submitted it; the runner writes its own recipe.yaml
 PROCESS_FILE = "process.json"
 LOG_FILE = "train.log"
+#: ``finetune-helper probe --result`` writes here (a probe started from the app)
+PROBE_FILE = "probe.json"
 #: exit codes of ``finetune-helper run`` (runner.py) and what the app calls them
 EXIT_STATES = {0: "done", 1: "failed", 2: "failed", 3: "diverged", 4: "out of memory", 130: "stopped"}
 #: Hub user-access tokens start with ``hf_`` (huggingface_hub docs, "User access tokens")
@@ -265,17 +267,17 @@ class RunManager:
                     run_id is not None and info.get("run_id") == run_id and info.get("starting")):
                 path.unlink(missing_ok=True)
 
-    def _launch(self, run_id: str, args: list[str]) -> None:
+    def _launch(self, run_id: str, args: list[str], subcommand: str = "run") -> None:
         run_dir = self.workspace.runs / run_id
-        command = [self.python, "-m", "finetune_helper", "run", *args]
+        command = [self.python, "-m", "finetune_helper", subcommand, *args]
         with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
-            log.write(f"$ finetune-helper run {' '.join(args)}\n")
+            log.write(f"$ finetune-helper {subcommand} {' '.join(args)}\n")
             log.flush()
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=self.workspace.root, env=self.env, start_new_session=True)
         self._procs[run_id] = proc
         info = {"run_id": run_id, "pid": proc.pid, "started": time.time(), "args": args, "returncode": None,
-                "stop_requested": False, "devices": self.devices}
+                "stop_requested": False, "devices": self.devices, "command": subcommand}
         (run_dir / PROCESS_FILE).write_text(json.dumps(info, indent=2) + "\n")
         with self._mutex():
             for device in self.devices:
@@ -292,8 +294,9 @@ class RunManager:
                 path.write_text(json.dumps(info, indent=2) + "\n")
             self._release_locks(proc.pid)
 
-    def start(self, recipe: Recipe, name: str | None = None) -> str:
-        """Launch a new run of ``recipe``; returns its id (the run folder's name under ``runs/``)."""
+    def start(self, recipe: Recipe, name: str | None = None, *, probe: bool = False) -> str:
+        """Launch a new run of ``recipe`` (``probe``: ``finetune-helper probe``, a few measured steps at a few
+        micro-batches, its result in ``probe.json``); returns its id (the run folder's name under ``runs/``)."""
         with self._lock:
             stem = _slug(name or Path(recipe.model.name).name or "run")
             run_id = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -306,7 +309,11 @@ class RunManager:
                 run_dir = self.workspace.runs / run_id
                 run_dir.mkdir()
                 (run_dir / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
-                self._launch(run_id, [str(run_dir / RECIPE_FILE), "--output-dir", str(run_dir)])
+                if probe:
+                    self._launch(run_id, [str(run_dir / RECIPE_FILE), "--output-dir", str(run_dir / "probe"),
+                                          "--result", str(run_dir / PROBE_FILE)], "probe")
+                else:
+                    self._launch(run_id, [str(run_dir / RECIPE_FILE), "--output-dir", str(run_dir)])
             except BaseException:
                 self._release_locks(None, run_id)
                 raise
@@ -395,6 +402,7 @@ class RunManager:
             "estimated_peak_memory_bytes": ((summary or {}).get("estimated_peak_memory_bytes")
                                             or last.get("estimated_peak_memory_bytes")),
             "metrics": metrics, "summary": summary, "log_tail": log_tail(run_dir),
+            "kind": info.get("command", "run"), "probe": _fresh_json(run_dir / PROBE_FILE, started),
             "started": started or None,
             "can_resume": not alive and state != "done" and last_checkpoint(run_dir) is not None,
         }

@@ -154,6 +154,7 @@ def load_tokenizer(model_path: str, recipe: Recipe, log: Callable[[str], None]):
 
 def _plan_request(recipe: Recipe, spec, gpu, n_train: int):  # -> recommender.plan.PlanRequest
     """What the recipe asks the planner (the training examples counted from the data unless the recipe says)."""
+    from ..recommender.calibration import lookup
     from ..recommender.plan import PlanRequest
 
     targets = recipe.method.target_modules
@@ -164,7 +165,7 @@ def _plan_request(recipe: Recipe, spec, gpu, n_train: int):  # -> recommender.pl
         lr_max=recipe.recommend.lr_max, lora_r=recipe.method.lora_r, lora_alpha=recipe.method.lora_alpha,
         lora_dropout=recipe.method.lora_dropout, attn_implementation=recipe.model.attn_implementation,
         lora_target_modules=targets if isinstance(targets, str) else tuple(targets),
-        weights_dtype=recipe.method.weights_dtype,
+        weights_dtype=recipe.method.weights_dtype, calibration=lookup(gpu.name, spec.name, recipe.method.type),
     )
 
 

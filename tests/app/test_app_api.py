@@ -42,8 +42,8 @@ def client(app_server):
 
 def test_named_endpoints_are_listed(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/recommend", "/export", "/start_run", "/run_status", "/stop_run", "/resume_run", "/list_runs",
-            "/run_details"} <= names
+    assert {"/recommend", "/export", "/start_run", "/start_probe", "/run_status", "/stop_run", "/resume_run",
+            "/list_runs", "/run_details"} <= names
 
 
 def test_recommend_matches_the_core_planner(client):
@@ -262,3 +262,17 @@ def test_app_command_rejects_bad_options_in_one_line(argv, field, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and field in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_probe_from_the_train_tab_measures_the_recipe_and_shows_the_table(client):
+    """Probe runs as its own process, like a run; its table (estimated next to measured) comes back in the status."""
+    raw = yaml.safe_load(tiny_recipe(10))
+    raw["data"]["max_examples"] = 200
+    run_id, message = client.predict(yaml.safe_dump(raw), None, "", False, "probe test", api_name="/start_probe")
+    assert run_id.startswith("probe-test-") and "probe" in message
+    st = wait_for(lambda: (s := client.predict(run_id, api_name="/run_status"))["state"] == "done" and s, 180,
+                  "the probe to end")
+    assert st["kind"] == "probe"
+    rows = st["probe"]["rows"]
+    assert rows[0]["micro_batch"] == 64 and abs(rows[0]["error"]) < 0.05
+    assert st["probe"]["calibration"]["device"] == "cpu"

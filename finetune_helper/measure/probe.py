@@ -1,0 +1,169 @@
+"""``finetune-helper probe``'s core: measure a recipe's real steps on this machine, next to the estimate, and the
+calibration it yields.
+
+At the micro-batch the runner would use, then (a bounded search) at larger ones, a few optimizer steps run through
+the runner's own path (:func:`.runner_step.measure_recipe`).  Measured is ``torch.cuda.max_memory_allocated``
+(and ``max_memory_reserved``) on a GPU, the peak of live tensor bytes on the CPU.  The estimate is that of the
+setup that ran (``train.setup.executed_setup``) at the batch shape the collator made, without any calibration.
+On a GPU the search stops at the first micro-batch that runs out of memory or reserves more than the GPU's
+usable budget; on the CPU it measures two larger batches and judges nothing (the CPU has no such limit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+#: larger micro-batches tried after the recommended one (each doubles it), at most
+SEARCH_STEPS = 2
+
+
+@dataclass
+class ProbeRow:
+    micro_batch: int
+    #: the estimate of the step that ran, and what was measured
+    estimated_bytes: int
+    measured_bytes: int | None
+    reserved_bytes: int | None = None
+    #: False: out of memory or over the budget; None: not judged (CPU)
+    fits: bool | None = None
+    note: str = ""
+
+    @property
+    def error(self) -> float | None:
+        if not self.measured_bytes:
+            return None
+        return (self.estimated_bytes - self.measured_bytes) / self.measured_bytes
+
+
+@dataclass
+class ProbeResult:
+    device: str
+    model: str
+    method: str
+    measure: str
+    budget_bytes: int | None
+    rows: list[ProbeRow] = field(default_factory=list)
+
+    @property
+    def recommended(self) -> ProbeRow:
+        return self.rows[0]
+
+    @property
+    def largest_fitting(self) -> int | None:
+        fitting = [r.micro_batch for r in self.rows if r.fits]
+        return max(fitting) if fitting else None
+
+    def calibration(self):  # -> recommender.calibration.Calibration | None
+        """The measured / estimated ratio at the recommended micro-batch, as a calibration to store."""
+        from ..recommender.calibration import Calibration
+
+        row = self.recommended
+        if not row.measured_bytes or not row.estimated_bytes:
+            return None
+        return Calibration(device=self.device, model=self.model, method=self.method,
+                           ratio=round(row.measured_bytes / row.estimated_bytes, 4),
+                           measured_bytes=row.measured_bytes, estimated_bytes=row.estimated_bytes,
+                           micro_batch=row.micro_batch, date=datetime.date.today().isoformat(), measure=self.measure)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "rows"},
+                "rows": [{**dataclasses.asdict(r), "error": r.error} for r in self.rows],
+                "largest_fitting": self.largest_fitting}
+
+
+def _device_name() -> tuple[str, bool]:
+    """(the calibration key of this machine's device, whether it is CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        from ..recommender.gpu import detect_gpu
+
+        return detect_gpu().name, True
+    return "cpu", False
+
+
+def _measure_at(recipe, micro: int, *, steps: int, run_dir: Path, cuda: bool, budget: int | None,
+                log: Callable[[str], None]) -> ProbeRow:
+    import torch
+
+    from ..recommender.memory import estimate_memory
+    from ..train.setup import executed_setup
+    from .runner_step import measure_recipe
+
+    accumulation = recipe.training.get("gradient_accumulation_steps")
+    training = {**recipe.training, "per_device_train_batch_size": micro}
+    if accumulation is None:
+        training["gradient_accumulation_steps"] = 1
+    probed = dataclasses.replace(recipe, training=training)
+    try:
+        m = measure_recipe(probed, steps=steps, run_dir=run_dir / f"batch-{micro}", log=log, track=not cuda)
+    except torch.OutOfMemoryError:
+        return ProbeRow(micro, 0, None, None, False, "out of memory")
+    spec = m.plan.request.model
+    peak = max(range(len(m.steps)), key=lambda i: (m.steps[i].cuda_allocated or 0) if cuda
+               else m.steps[i].tracked_bytes)
+    shape, padded = m.batches[min(peak, len(m.batches) - 1)]
+    setup = executed_setup(probed, spec, m.sft_kwargs, device="cuda" if cuda else "cpu", batch_shape=shape,
+                           padded=padded, weights_dtype=m.plan.weights_dtype)
+    estimated = estimate_memory(spec, setup, accumulation=int(m.sft_kwargs.get("gradient_accumulation_steps", 1)))
+    if cuda:
+        measured, reserved = m.cuda_allocated, m.cuda_reserved
+        return ProbeRow(micro, estimated.allocated_peak, measured, reserved,
+                        fits=reserved is not None and budget is not None and reserved <= budget)
+    return ProbeRow(micro, estimated.allocated_peak, m.steps[peak].tracked_bytes, None, None,
+                    f"batch {shape[0]} x {shape[-1]}{', padded' if padded else ''}")
+
+
+def probe_recipe(recipe, *, run_dir: str | Path, steps: int = 2, search: bool = True,
+                 log: Callable[[str], None] = lambda _: None) -> ProbeResult:
+    """Measure ``recipe``'s steps at the runner's micro-batch and, with ``search``, up to :data:`SEARCH_STEPS`
+    doublings of it (stopping at the first that does not fit on a GPU)."""
+    from ..train import runner
+
+    run_dir = Path(run_dir)
+    device, cuda = _device_name()
+    prep, _ = runner.prepare(dataclasses.replace(recipe, training={**recipe.training, "max_steps": steps}),
+                             run_dir / "plan", log, dry_run=True)
+    micro = int(prep.sft_kwargs["per_device_train_batch_size"])
+    budget = None
+    if cuda:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        budget = int(total * (1 - prep.plan.request.safety_margin))
+    result = ProbeResult(device=device, model=prep.plan.request.model.name, method=recipe.method.type,
+                         measure="cuda max_memory_allocated" if cuda else "tracked live tensor bytes",
+                         budget_bytes=budget)
+    for i in range(1 + (SEARCH_STEPS if search else 0)):
+        batch = micro * 2 ** i
+        if i and (batch > len(prep.train_dataset) or batch > 1024):
+            break
+        log(f"probe: micro-batch {batch} ({steps} steps)")
+        row = _measure_at(recipe, batch, steps=steps, run_dir=run_dir, cuda=cuda, budget=budget, log=log)
+        result.rows.append(row)
+        if row.fits is False:
+            break
+        if cuda and row.reserved_bytes and budget and row.reserved_bytes * 2 > budget * 4:
+            break  # the next doubling cannot fit: no need to run out of memory to know
+    return result
+
+
+def format_table(result: ProbeResult) -> str:
+    from ..units import fmt_gib
+
+    lines = [f"probe on {result.device} ({result.measure}); {result.model}, {result.method}"
+             + (f"; usable budget {fmt_gib(result.budget_bytes)}" if result.budget_bytes else "")]
+    lines.append(f"{'micro-batch':>11}  {'estimated':>10}  {'measured':>10}  {'error':>7}  "
+                 + ("reserved    fits" if result.budget_bytes else "note"))
+    for r in result.rows:
+        measured = fmt_gib(r.measured_bytes) if r.measured_bytes else "-"
+        err = f"{r.error:+.1%}" if r.error is not None and math.isfinite(r.error) else "-"
+        tail = (f"{fmt_gib(r.reserved_bytes) if r.reserved_bytes else '-':>10}  {'yes' if r.fits else 'no'}"
+                if result.budget_bytes else r.note)
+        lines.append(f"{r.micro_batch:>11}  {fmt_gib(r.estimated_bytes):>10}  {measured:>10}  {err:>7}  {tail}")
+    return "\n".join(lines)
