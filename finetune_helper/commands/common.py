@@ -47,6 +47,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    "free (default: %(default)s)")
     p.add_argument("--weights-dtype", default=None, choices=("fp32", "bf16"), help="full fine-tuning's weights "
                    "(default: fp32 masters under autocast, pure bf16 only when that does not fit)")
+    p.add_argument("--packing", action="store_true", help="the data is packed (TRL packing=True, padding-free): a "
+                   "micro-batch's examples run as one row")
 
 
 def target_modules(text: str) -> str | tuple[str, ...]:
@@ -76,7 +78,7 @@ def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
                       gradient_checkpointing=args.gradient_checkpointing, safety_margin=args.safety_margin,
                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
-                      attn_implementation=args.attn_implementation,
+                      attn_implementation=args.attn_implementation, packing=args.packing,
                       calibration=lookup(gpu.name, spec.name, args.method))
     return recommend_plan(req)
 

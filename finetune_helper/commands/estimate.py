@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="whose kernels run the step "
                    "(TRL's fused LM head: Triton on CUDA, torch tiles on the CPU; default: %(default)s)")
     p.add_argument("--unpadded", action="store_true", help="every row is as long as --seq-len (no padding mask)")
-    p.add_argument("--packing", action="store_true", help="padding-free packed rows (TRL packing=True)")
+    p.add_argument("--packing", action="store_true", help="padding-free packing (TRL packing=True): the --batch "
+                   "examples run as one row of batch x seq-len tokens")
     p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps: above 1 the gradients "
                    "live through every micro-step (default: %(default)s)")
     p.set_defaults(func=run)
@@ -35,16 +36,16 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
     from ..recommender.memory import estimate_memory
     from ..recommender.model import resolve_model
     from ..recommender.rules import DEFAULT_OPTIM
-    from ..recommender.training_setup import TrainingSetup
+    from ..recommender.training_setup import TrainingSetup, step_shape
 
     spec = resolve_model(args.model)
-    seq = spec.sequence_length(args.seq_len)
-    setup = TrainingSetup(method=args.method, micro_batch_size=args.batch, seq_len=seq, dtype=args.dtype,
+    rows, seq, padded = step_shape(args.batch, spec.sequence_length(args.seq_len), packing=args.packing)
+    setup = TrainingSetup(method=args.method, micro_batch_size=rows, seq_len=seq, dtype=args.dtype,
                           optim=args.optim or DEFAULT_OPTIM, gradient_checkpointing=args.gradient_checkpointing,
                           lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                           lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
                           attn_implementation=args.attn_implementation or spec.default_attn_implementation,
-                          device=args.device, padded=not args.unpadded and args.batch > 1, packing=args.packing)
+                          device=args.device, padded=padded and not args.unpadded, packing=args.packing)
     sharding = args.sharding or ("ddp" if args.gpus > 1 else "none")
     if args.accumulation < 1:
         raise FinetuneHelperError("accumulation", f"must be >= 1, got {args.accumulation}")

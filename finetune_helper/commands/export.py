@@ -26,6 +26,9 @@ def run(args: argparse.Namespace) -> None:
     plan = gather_plan(args)
     output_dir = args.output_dir or f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
     text = render(plan, args.format, output_dir=output_dir, version=args.transformers_version)
+    if not plan.fits:  # yaml and python carry it as a comment too; json and cli flags cannot
+        print(f"finetune-helper: warning: this plan does not fit in GPU memory: {plan.reasons.get('fits', '')}",
+              file=sys.stderr)
     if not args.output:
         print(text, end="" if text.endswith("\n") else "\n")
         return

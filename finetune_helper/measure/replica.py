@@ -37,18 +37,22 @@ def _fake_parameters(model, mode) -> None:
 
     device = torch.device("cpu")
     convert = mode.fake_tensor_converter.from_meta_and_device
+    done: dict[int, Any] = {}  # tied weights (an embedding shared with the LM head) stay one parameter
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None:
-                module._parameters[name] = torch.nn.Parameter(convert(mode, p, device), requires_grad=p.requires_grad)
+                if id(p) not in done:
+                    done[id(p)] = torch.nn.Parameter(convert(mode, p, device), requires_grad=p.requires_grad)
+                module._parameters[name] = done[id(p)]
         for name, b in list(module._buffers.items()):
             if b is not None:
                 module._buffers[name] = convert(mode, b, device)
 
 
-def build_model(config: dict[str, Any], setup, *, fake: bool = False, mode=None, seed: int = 0):
-    """The model the runner trains for ``setup`` (see the module docstring); ``fake`` needs the ``FakeTensorMode``
-    the step will run under."""
+def build_model(config: dict[str, Any], setup, *, fake: bool = False, mode=None, seed: int = 0,
+                device: str = "cpu"):
+    """The model the runner trains for ``setup`` (see the module docstring), randomly initialised on ``device``;
+    ``fake`` needs the ``FakeTensorMode`` the step will run under."""
     import warnings
 
     import torch
@@ -60,7 +64,7 @@ def build_model(config: dict[str, Any], setup, *, fake: bool = False, mode=None,
     tf_config = AutoConfig.for_model(config["model_type"], **kwargs)
     torch.manual_seed(seed)
     # fake: everything is built on the meta device (PEFT included), then each meta tensor becomes a fake one
-    with torch.device("meta") if fake else nullcontext(), warnings.catch_warnings():
+    with torch.device("meta" if fake else device), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(tf_config, dtype=_dtype(setup.load_dtype),
                                                  attn_implementation=setup.attn_implementation)
@@ -86,23 +90,31 @@ def build_model(config: dict[str, Any], setup, *, fake: bool = False, mode=None,
     return model
 
 
-def make_batch(setup, vocab_size: int, *, pad_token_id: int = 0, seed: int = 0) -> dict[str, Any]:
+def make_batch(setup, vocab_size: int, *, pad_token_id: int = 0, seed: int = 0,
+               device: str = "cpu") -> dict[str, Any]:
     """A collated batch of ``setup``'s shape as TRL's collator makes it: ``input_ids``, ``attention_mask`` and
     ``labels`` (-100 on padding); when ``setup.padded``, every row but the first is half as long (without padding
-    the all-ones mask is left out, see below)."""
+    the all-ones mask is left out, see below).  ``setup.packing``: TRL's padding-free rows, ``position_ids`` that
+    restart at each of several examples and no mask."""
     import torch
 
     b, s = setup.micro_batch_size, setup.seq_len
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (b, s), generator=g)
+    if setup.packing:
+        lengths = [s // 4] * 3 + [s - 3 * (s // 4)]  # four examples per row
+        positions = torch.cat([torch.arange(n) for n in lengths]).repeat(b, 1)
+        batch = {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
+        return {k: v.to(device) for k, v in batch.items()}
     if not (setup.padded and b > 1):
         # an all-ones mask: transformers skips it (SDPA's is_causal) after reading its values, which a fake tensor
         # does not have -- passing none is the same program and keeps the fake trace on it
-        return {"input_ids": ids, "labels": ids.clone()}
+        return {"input_ids": ids.to(device), "labels": ids.clone().to(device)}
     mask = torch.ones(b, s, dtype=torch.long)
     mask[1:, s // 2:] = 0
     ids = ids.masked_fill(mask == 0, pad_token_id)
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def create_optimizer(model, setup, *, learning_rate: float = 1e-5, weight_decay: float = 0.0):
@@ -188,6 +200,10 @@ def measure_replica(config: dict[str, Any], setup, *, steps: int = 3, accumulati
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .tracker import live_bytes_mode, model_tensors
+
+    if fake and setup.packing:
+        raise ValueError("packed rows cannot be traced with fake tensors (transformers reads position_ids' values to "
+                         "find the examples); measure them with real tensors")
 
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     model = build_model(config, setup, fake=fake, mode=mode)

@@ -288,16 +288,17 @@ def _eager_attention(st: _Step) -> int:
 def _sdpa_attention(st: _Step, layer_type: str) -> int:
     """SDPA flash / memory-efficient kernels (and flash_attention_2) keep no s x s matrix: they save q, k, v, the
     output and the fp32 logsumexp (b*nh*s).  Without a mask transformers passes enable_gqa=True (no repeat_kv
-    copies).  A sliding-window layer shorter than the sequence gets an explicit mask: repeat_kv copies k and v, and
-    SDPA converts the bool mask to an additive mask in the compute dtype (b*1*s*s*c per layer) that its backward
-    keeps.  flash_attention_2 handles the window in-kernel (no mask)."""
+    copies).  A padded batch, packed rows and a sliding-window layer shorter than the sequence get an explicit
+    mask: repeat_kv copies k and v, and SDPA converts the bool mask to an additive mask in the compute dtype
+    (b*1*s*s*c per layer) that its backward keeps.  flash_attention_2 handles the window in-kernel (no mask)."""
     spec, N, c, b, s = st.spec, st.N, st.c, st.b, st.s
     nh, qd, kvd = spec.num_attention_heads, spec.q_dim, spec.kv_dim
     n_rep = nh // spec.num_key_value_heads
-    # an explicit mask: a padded batch (transformers' create_causal_mask keeps the padding), or a sliding-window layer
-    # shorter than the sequence
+    # an explicit mask: a padded batch (transformers' create_causal_mask keeps the padding), packed rows (the
+    # position_ids restart per example: masking_utils.find_packed_sequence_indices makes the mask block-diagonal;
+    # only a varlen kernel such as flash_attention_2 goes without), or a sliding-window layer shorter than the sequence
     window = layer_type == "sliding_attention" and st.window is not None and s > st.window
-    masked = st.impl == "sdpa" and ((st.setup.padded and not st.setup.packing) or window)
+    masked = st.impl == "sdpa" and (st.setup.padded or st.setup.packing or window)
     n = c * N * qd  # q after RoPE
     if masked:
         n += 2 * c * N * (qd if n_rep > 1 else kvd) + c * b * s * s

@@ -21,6 +21,13 @@ from ..errors import FinetuneHelperError
 from ..names import is_hub_id, model_size
 
 
+#: bounds that keep every answer immediate (the step timeline walks the layers): the largest open models are about
+#: 1T parameters (Kimi K2, 2025: 1.04T, 61 layers) and the deepest about 126 layers (Llama 3.1 405B): 2T and
+#: 1024 layers are outside anything real, not close limits
+MAX_PARAMETERS = 2e12
+MAX_LAYERS = 1024
+
+
 @dataclass(frozen=True)
 class Linear:
     """One ``nn.Linear`` inside a decoder layer (the modules LoRA targets and QLoRA quantizes)."""
@@ -77,6 +84,9 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise FinetuneHelperError("model", f"{self.name}: config {name} must be a positive integer, got {value!r}")
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise FinetuneHelperError("model", f"{self.name}: config num_hidden_layers {self.num_hidden_layers} is "
+                                      f"beyond any real model; at most {MAX_LAYERS} are accepted")
         if self.num_attention_heads % self.num_key_value_heads:
             raise FinetuneHelperError("model", f"{self.name}: num_attention_heads ({self.num_attention_heads}) is not "
                                       f"a multiple of num_key_value_heads ({self.num_key_value_heads})")
@@ -352,6 +362,9 @@ def resolve_model(name: str) -> ModelSpec:
     if n is not None:
         if n <= 0:
             raise FinetuneHelperError("model", f"size must be > 0, got {name!r}")
+        if n > MAX_PARAMETERS:
+            raise FinetuneHelperError("model", f"{name!r} is beyond any model this planner describes; sizes up to "
+                                      f"{MAX_PARAMETERS / 1e12:g}T parameters are accepted")
         warnings.warn(f"--model {name}: no config given, assuming a generic Llama-shaped model of about {name}; "
                       "name a catalog model or a config for exact numbers", UserWarning, stacklevel=2)
         return ModelSpec.from_config(generic_size_config(n), name=f"generic-{name}", origin="size")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .. import defaults
 from ..errors import FinetuneHelperError
@@ -27,7 +27,7 @@ from .model import ModelSpec
 from .optimizers import EIGHT_BIT_FALLBACK, OPTIMIZERS, is_eight_bit
 from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, SCHEDULER, WEIGHT_DECAY, reference_batch, scaled_learning_rate,
                     warmup_ratio)
-from .training_setup import TrainingSetup
+from .training_setup import TrainingSetup, step_shape
 
 #: Largest per-device micro-batch the planner proposes (beyond it throughput stops improving on any current GPU).
 MAX_MICRO_BATCH = 128
@@ -73,6 +73,10 @@ class PlanRequest:
     calibration: Calibration | None = None
     #: None means the architecture's default (``sdpa``; ``eager`` for Gemma 2).
     attn_implementation: str | None = None
+    #: padding-free packed rows (TRL ``packing=True``): the micro-batch's examples run as one row (``step_shape``).
+    packing: bool = False
+    #: where the step runs (``cuda``; ``cpu`` plans a CPU run's memory: no CUDA context, the CPU kernels).
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or not 1 <= self.gpus <= MAX_GPUS_REQUEST:
@@ -121,8 +125,10 @@ class PlanRequest:
               method: str | None = None, weights_dtype: str | None = None) -> TrainingSetup:
         method = method or self.method
         weights = weights_dtype or self.weights_dtype
+        rows, length, padded = step_shape(micro_batch, self.resolved_seq_len, packing=self.packing)
         return TrainingSetup(
-            method=method, micro_batch_size=micro_batch, seq_len=self.resolved_seq_len,
+            method=method, micro_batch_size=rows, seq_len=length, padded=padded, packing=self.packing,
+            device=self.device,
             dtype=self.dtype, optim=optim or self.optim or DEFAULT_OPTIM,
             gradient_checkpointing=gradient_checkpointing, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules,
@@ -277,11 +283,8 @@ def _estimate(req: PlanRequest, micro: int, gc: bool, optim: str, method: str | 
     return est.calibrated(req.calibration.ratio) if calibrated else est
 
 
-def _largest_batch(req: PlanRequest, option: _Option, cap: int) -> int:
-    """Largest micro-batch in [1, cap] under budget (memory grows with batch, so bisect); 0 if 1 does not fit."""
-    def fits(b: int) -> bool:
-        return option.estimate(req, b).total_bytes <= req.budget_bytes
-
+def largest_fitting(fits: Callable[[int], bool], cap: int) -> int:
+    """Largest batch in [1, cap] for which ``fits`` holds (memory grows with the batch, so bisect); 0 if 1 does not."""
     if not fits(1):
         return 0
     lo, hi = 1, cap
@@ -292,6 +295,11 @@ def _largest_batch(req: PlanRequest, option: _Option, cap: int) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def _largest_batch(req: PlanRequest, option: _Option, cap: int) -> int:
+    """Largest micro-batch in [1, cap] whose estimate is under budget; 0 if 1 does not fit."""
+    return largest_fitting(lambda b: option.estimate(req, b).total_bytes <= req.budget_bytes, cap)
 
 
 def _escalate(req: PlanRequest) -> tuple[Escalation, ...]:

@@ -29,6 +29,17 @@ DEVICES = ("cuda", "cpu")
 LOSS_PATHS = ("fused", "logits")
 
 
+def step_shape(batch: int, seq_len: int, *, packing: bool) -> tuple[int, int, bool]:
+    """(rows, row length, padded) of what the collator builds from ``batch`` examples of up to ``seq_len`` tokens.
+
+    Packing (TRL ``packing=True``, padding-free): the examples are concatenated into one row, ``position_ids``
+    restarting at each (no padding; without a varlen kernel transformers builds a block-diagonal mask over the row).
+    Otherwise ``batch`` rows padded to the longest, the worst case: padded whenever there are several rows."""
+    if packing:
+        return 1, batch * seq_len, False
+    return batch, seq_len, batch > 1
+
+
 @dataclass(frozen=True)
 class TrainingSetup:
     #: ``full`` fine-tuning, ``lora`` (frozen base in ``dtype``) or ``qlora`` (frozen base in NF4).

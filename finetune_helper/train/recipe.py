@@ -295,10 +295,24 @@ def recipe_from_dict(raw: Any) -> Recipe:
                   output_dir=_coerce(raw.get("output_dir"), str | None, "output_dir"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings may not repeat a key (the YAML spec requires unique keys; PyYAML silently keeps the last,
+    so ``lr`` written twice would train with whichever came second)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str, source: str = "") -> Any:
     """``text`` parsed as YAML, or a one-line error (field ``recipe``) naming ``source`` and the line."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

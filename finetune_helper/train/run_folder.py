@@ -64,13 +64,50 @@ def first_logged_loss(run_dir: Path) -> float | None:
     return next((float(r["loss"]) for r in read_metrics(run_dir) if isinstance(r.get("loss"), (int, float))), None)
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
-    """The ``checkpoint-<step>`` folders of ``run_dir``, by step."""
+    """The ``checkpoint-<step>`` folders of ``run_dir``, by step, complete or not."""
     found = [p for p in Path(run_dir).glob(CHECKPOINT_PREFIX + "*")
              if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return sorted(found, key=checkpoint_step)
+
+
+#: the weights of a checkpoint: a model or a PEFT adapter, whole or sharded (transformers / PEFT file names)
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+            "adapter_model.safetensors", "adapter_model.bin")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from, or None when it is complete.
+
+    ``Trainer._save_checkpoint`` writes the weights, then the optimizer and scheduler, then the RNG state and last
+    ``trainer_state.json``: a run killed while saving (a second Stop, SIGKILL, a full disk) leaves a folder without
+    the state, or with the state of an earlier write cut short."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or unreadable (the save was cut short)"
+    if not any((path / name).is_file() for name in _WEIGHTS):
+        return "no model or adapter weights"
+    # optimizer.pt (one process); DeepSpeed and FSDP save their sharded optimizer states in folders of their own
+    if not ((path / "optimizer.pt").is_file() or any(path.glob("global_step*")) or any(path.glob("optimizer_*"))):
+        return "no optimizer state"
+    if not (path / "scheduler.pt").is_file():
+        return "no scheduler state"
+    return None
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
+    """The last complete checkpoint of ``run_dir`` (see :func:`checkpoint_problem`), or None."""
+    found = [p for p in checkpoints(run_dir) if checkpoint_problem(p) is None]
     return found[-1] if found else None
+
+
+def skipped_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:
+    """The incomplete checkpoints after the last complete one, with what each lacks (newest last)."""
+    last = last_checkpoint(run_dir)
+    after = checkpoint_step(last) if last is not None else -1
+    return [(p, checkpoint_problem(p) or "") for p in checkpoints(run_dir) if checkpoint_step(p) > after]

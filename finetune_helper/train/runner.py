@@ -166,6 +166,7 @@ def _plan_request(recipe: Recipe, spec, gpu, n_train: int):  # -> recommender.pl
         lora_dropout=recipe.method.lora_dropout, attn_implementation=recipe.model.attn_implementation,
         lora_target_modules=targets if isinstance(targets, str) else tuple(targets),
         weights_dtype=recipe.method.weights_dtype, calibration=lookup(gpu.name, spec.name, recipe.method.type),
+        packing=bool(recipe.data.packing),
     )
 
 
@@ -196,7 +197,8 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
     kwargs.setdefault("logging_nan_inf_filter", False)  # the Trainer would hide NaN/inf losses from the guard
     kwargs.setdefault("disable_tqdm", True)
-    kwargs.setdefault("seed", recipe.seed)
+    if "seed" not in overrides:  # the plan's kwargs carry the default seed: the recipe's wins over it
+        kwargs["seed"] = recipe.seed
     kwargs.setdefault("save_total_limit", 3)
     if has_eval:
         kwargs.setdefault("eval_strategy", "steps")
@@ -532,6 +534,9 @@ def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str
     callbacks = list(extra_callbacks or []) + runner_callbacks(run_dir, log, state)
     t0 = time.time()
     start = last_checkpoint(run_dir) if resume else None
+    if start is not None:
+        for skipped, why in run_folder.skipped_checkpoints(run_dir):
+            log(f"{skipped.name} is incomplete ({why}): resuming from {start.name}")
     trainer, output, oom_events, before = _train_with_backoff(prep, tokenizer, callbacks,
                                                               str(start) if start else None, state, log)
     state["phase"] = "finishing"
@@ -585,12 +590,14 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     run_dir = Path(output_dir or recipe.output_dir or Path("runs") / Path(recipe_path).stem)
     if run_dir.exists() and not run_dir.is_dir():
         raise FinetuneHelperError("output-dir", f"{run_dir} is a file, not a folder")
-    if not resume and not dry_run and last_checkpoint(run_dir) is not None:
+    if not resume and not dry_run and run_folder.checkpoints(run_dir):
         raise FinetuneHelperError("output-dir", f"{run_dir} already holds checkpoints; pass --resume to continue "
                                   "that run, or --output-dir for a new one (nothing was overwritten)")
     if resume:
         if last_checkpoint(run_dir) is None:
-            raise FinetuneHelperError("resume", f"no checkpoint in {run_dir} to resume from")
+            found = run_folder.skipped_checkpoints(run_dir)
+            raise FinetuneHelperError("resume", f"no complete checkpoint in {run_dir} to resume from" + (
+                f" ({found[-1][0].name}: {found[-1][1]})" if found else ""))
         _check_resume_matches(recipe, run_dir)
     state: dict[str, Any] = {"phase": "preparing"}
 

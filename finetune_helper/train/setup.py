@@ -13,7 +13,7 @@ from typing import Any
 
 from ..export.versions import trl_fuses_lm_head
 from ..recommender.model import ModelSpec
-from ..recommender.training_setup import TrainingSetup
+from ..recommender.training_setup import TrainingSetup, step_shape
 
 
 def compute_dtype(sft_kwargs: dict[str, Any]) -> str:
@@ -41,8 +41,10 @@ def executed_setup(recipe, spec: ModelSpec, sft_kwargs: dict[str, Any], *, devic
     length = int(sft_kwargs.get("max_length") or spec.sequence_length(None))
     if batch_shape is not None:
         batch, length = int(batch_shape[0]), int(batch_shape[-1])
-    elif packing:
-        batch, length = 1, batch * length
+        padded = (batch > 1 and not packing) if padded is None else padded
+    else:
+        batch, length, worst = step_shape(batch, length, packing=packing)
+        padded = worst if padded is None else padded
     dtype = compute_dtype(sft_kwargs)
     weights = recipe.method.weights_dtype or weights_dtype
     weights = weights if recipe.method.type == "full" and dtype == "bf16" else None
@@ -55,4 +57,4 @@ def executed_setup(recipe, spec: ModelSpec, sft_kwargs: dict[str, Any], *, devic
         lora_target_modules=targets if isinstance(targets, str) else tuple(targets),
         attn_implementation=recipe.model.attn_implementation or spec.default_attn_implementation,
         weights_dtype=weights if weights != "fp32" else None, device=device, loss=loss,
-        padded=(batch > 1 and not packing) if padded is None else padded, packing=packing)
+        padded=padded, packing=packing)

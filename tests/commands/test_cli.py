@@ -38,7 +38,6 @@ def test_recommend_table_and_json():
                 "warmup_ratio", "gradient_checkpointing", "optim", "bf16", "fp16", "fits", "peak_memory_bytes",
                 "breakdown", "reasons"):
         assert key in data
-    assert data["effective_batch_size"] == data["per_device_train_batch_size"] * data["gradient_accumulation_steps"]
     assert set(data["reasons"]) >= {"per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                                     "warmup_ratio", "gradient_checkpointing", "optim", "precision"}
 
@@ -48,7 +47,6 @@ def test_estimate_json_shape():
                           "--seq-len", "1024", "--gradient-checkpointing", "--json").stdout)
     assert {"parameters", "trainable_parameters", "breakdown", "total_bytes"} <= set(data)
     assert {"weights", "gradients", "optimizer_states", "activations", "overhead"} <= set(data["breakdown"])
-    assert data["total_bytes"] == sum(data["breakdown"].values())
     assert data["parameters"] == 7_615_616_512
 
 
@@ -57,6 +55,13 @@ def test_export_writes_file(tmp_path: Path):
     proc = run("export", "--model", "qwen2.5-0.5b", "--gpu", "24GB", "--format", "yaml", "-o", str(out))
     assert out.is_file() and "learning_rate" in out.read_text()
     assert str(out) in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["json", "cli"])
+def test_export_of_a_plan_that_does_not_fit_warns_on_stderr(fmt):
+    proc = run("export", "--model", "llama-3.1-70b", "--gpu", "24GB", "--method", "full", "--format", fmt)
+    assert "warning: this plan does not fit in GPU memory" in proc.stderr
+    assert "warning" not in run("export", "--model", "qwen2.5-0.5b", "--gpu", "80GB", "--format", fmt).stderr
 
 
 def test_catalog_listings():
@@ -68,6 +73,8 @@ def test_catalog_listings():
 @pytest.mark.parametrize("args,flag", [
     (["recommend", "--model", "llama-3.1-8b", "--gpu", "H1000"], "--gpu"),
     (["recommend", "--model", "lama-3.1-8", "--gpu", "H100"], "--model"),
+    (["recommend", "--model", "1000000B", "--gpu", "H100"], "--model"),   # beyond any real size: refused at once
+    (["estimate", "--model", "100000000B"], "--model"),
     (["recommend", "--model", "llama-3.1-8b", "--gpu", "0GB"], "--gpu"),
     (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--seq-len", "0"], "--seq-len"),
     (["recommend", "--model", "llama-3.2-1b", "--gpu", "H100", "--seq-len", "999999"], "--seq-len"),

@@ -31,6 +31,8 @@ TOLERANCE = 0.05
      {"bf16": True, "gradient_checkpointing": True}, "unpadded", False),
     ("llama", {"type": "qlora", "lora_r": 8}, {}, "padded", False),
     ("llama", {"type": "full"}, {}, "padded", True),
+    # 48 packed examples of 64 tokens: without the block-diagonal mask over the 3072-token row the estimate is 11% low
+    ("qwen2", {"type": "lora", "lora_r": 8}, {"bf16": True, "per_device_train_batch_size": 48}, "unpadded", True),
 ])
 def test_estimate_of_the_runners_step_is_within_5_percent_of_its_tracked_peak(model_dir, text_data, tmp_path, arch,
                                                                                method, training, data, packing):

@@ -143,3 +143,9 @@ def test_hub_id_offline_names_alternatives():
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120).stdout
     assert out.startswith("FinetuneHelperError |")
     assert "catalog" in out and "local directory" in out
+
+
+def test_a_config_deeper_than_any_real_model_is_refused_before_any_estimate():
+    config = {**catalog.find_model("meta-llama/Llama-3.2-1B")["config"], "num_hidden_layers": 100_000}
+    with pytest.raises(FinetuneHelperError, match="num_hidden_layers 100000 is beyond any real model"):
+        ModelSpec.from_config(config, name="deep")

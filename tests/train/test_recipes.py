@@ -121,3 +121,10 @@ def test_missing_data_file(tmp_path, capsys):
                   f"data.path={tmp_path / 'missing.jsonl'}"])
     assert exit_info.value.code == 2
     assert "data.path" in capsys.readouterr().err
+
+
+def test_a_key_written_twice_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("model:\n  name: builtin:tiny-llama\ntraining:\n  learning_rate: 1e-4\n  learning_rate: 1e-3\n")
+    with pytest.raises(FinetuneHelperError, match=r"not valid YAML \(line 5, column 3\): duplicate key 'learning_rate'"):
+        load_recipe(path)

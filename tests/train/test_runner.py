@@ -244,3 +244,37 @@ def test_the_runner_loads_the_model_its_estimate_describes(tmp_path, method, tra
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["run"]["setup"]["device"] == "cpu" and plan["run"]["estimate"]["allocated_peak_bytes"] > 0
     assert plan["run"]["setup"]["micro_batch_size"] == prep.sft_kwargs["per_device_train_batch_size"]
+
+
+def test_resume_falls_back_past_an_incomplete_checkpoint_and_says_so(tmp_path):
+    """The Trainer writes trainer_state.json last: a save cut short (SIGKILL, a second Stop, a full disk) leaves a
+    checkpoint without it, which resume must pass over for the last complete one."""
+    out = tmp_path / "run"
+    run(TINY, steps(4, "training.save_steps=2", "data.max_examples=200"), output_dir=str(out), **QUIET)
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    assert last_checkpoint(out).name == "checkpoint-2"
+    lines: list[str] = []
+    result = run(TINY, steps(6, "training.save_steps=2", "data.max_examples=200"), output_dir=str(out), resume=True,
+                 log=lines.append)
+    assert result.exit_code == 0 and result.summary["global_step"] == 6
+    assert any(line.startswith("checkpoint-4 is incomplete (trainer_state.json") and "from checkpoint-2" in line
+               for line in lines), lines
+    assert last_checkpoint(out).name == "checkpoint-6"
+
+
+def test_resume_with_no_complete_checkpoint_is_one_line_naming_the_broken_one(tmp_path):
+    from finetune_helper.errors import FinetuneHelperError
+
+    out = tmp_path / "run"
+    run(TINY, steps(2, "training.save_steps=2", "data.max_examples=200"), output_dir=str(out), **QUIET)
+    (out / "checkpoint-2" / "scheduler.pt").unlink()
+    with pytest.raises(FinetuneHelperError, match="no complete checkpoint .*checkpoint-2: no scheduler state"):
+        run(TINY, steps(4, "data.max_examples=200"), output_dir=str(out), resume=True, **QUIET)
+    with pytest.raises(FinetuneHelperError, match="already holds checkpoints"):  # and it is not overwritten
+        run(TINY, steps(4, "data.max_examples=200"), output_dir=str(out), **QUIET)
+
+
+def test_the_recipes_seed_reaches_the_trainer(tmp_path):
+    out = tmp_path / "dry"
+    run(TINY, ["seed=7"], output_dir=str(out), dry_run=True, **QUIET)
+    assert json.loads((out / "training_args.json").read_text())["seed"] == 7
