@@ -5,8 +5,8 @@ At the micro-batch the runner would use, then (a bounded search) at larger ones,
 the runner's own path (:func:`.runner_step.measure_recipe`).  Measured is ``torch.cuda.max_memory_allocated``
 (and ``max_memory_reserved``) on a GPU, the peak of live tensor bytes on the CPU.  The estimate is that of the
 setup that ran (``train.setup.executed_setup``) at the batch shape the collator made, without any calibration.
-On a GPU the search stops at the first micro-batch that runs out of memory or reserves more than the GPU's
-usable budget; on the CPU it measures two larger batches and judges nothing (the CPU has no such limit).
+On a GPU the search stops at the first micro-batch that runs out of memory or reserves more than the allocator's
+budget (usable memory less the CUDA context); on the CPU it measures two larger batches and judges nothing (the CPU has no such limit).
 """
 
 from __future__ import annotations
@@ -76,15 +76,15 @@ class ProbeResult:
                 "largest_fitting": self.largest_fitting}
 
 
-def _device_name() -> tuple[str, bool]:
-    """(the calibration key of this machine's device, whether it is CUDA)."""
+def _device():
+    """This machine's GPU (a ``GPUSpec``, named as the catalog names it: the calibration key), or None on a CPU."""
     import torch
 
     if torch.cuda.is_available():
         from ..recommender.gpu import detect_gpu
 
-        return detect_gpu().name, True
-    return "cpu", False
+        return detect_gpu()
+    return None
 
 
 def _measure_at(recipe, micro: int, *, steps: int, run_dir: Path, cuda: bool, budget: int | None,
@@ -105,17 +105,16 @@ def _measure_at(recipe, micro: int, *, steps: int, run_dir: Path, cuda: bool, bu
     except torch.OutOfMemoryError:
         return ProbeRow(micro, 0, None, None, False, "out of memory")
     spec = m.plan.request.model
-    peak = max(range(len(m.steps)), key=lambda i: (m.steps[i].cuda_allocated or 0) if cuda
-               else m.steps[i].tracked_bytes)
-    shape, padded = m.batches[min(peak, len(m.batches) - 1)]
+    peak = m.peak
+    shape, padded = peak.largest_batch
     setup = executed_setup(probed, spec, m.sft_kwargs, device="cuda" if cuda else "cpu", batch_shape=shape,
                            padded=padded, weights_dtype=m.plan.weights_dtype)
     estimated = estimate_memory(spec, setup, accumulation=int(m.sft_kwargs.get("gradient_accumulation_steps", 1)))
     if cuda:
-        measured, reserved = m.cuda_allocated, m.cuda_reserved
+        measured, reserved = peak.cuda_allocated, peak.cuda_reserved
         return ProbeRow(micro, estimated.allocated_peak, measured, reserved,
                         fits=reserved is not None and budget is not None and reserved <= budget)
-    return ProbeRow(micro, estimated.allocated_peak, m.steps[peak].tracked_bytes, None, None,
+    return ProbeRow(micro, estimated.allocated_peak, peak.tracked_bytes, None, None,
                     f"batch {shape[0]} x {shape[-1]}{', padded' if padded else ''}")
 
 
@@ -126,16 +125,17 @@ def probe_recipe(recipe, *, run_dir: str | Path, steps: int = 2, search: bool = 
     from ..train import runner
 
     run_dir = Path(run_dir)
-    device, cuda = _device_name()
+    gpu = _device()
+    device, cuda = (gpu.name, True) if gpu else ("cpu", False)
     prep, _ = runner.prepare(dataclasses.replace(recipe, training={**recipe.training, "max_steps": steps}),
                              run_dir / "plan", log, dry_run=True)
     micro = int(prep.sft_kwargs["per_device_train_batch_size"])
     budget = None
-    if cuda:
-        import torch
+    if gpu is not None:
+        from ..recommender.memory import CUDA_CONTEXT_BYTES
 
-        total = torch.cuda.get_device_properties(0).total_memory
-        budget = int(total * (1 - prep.plan.request.safety_margin))
+        # what the caching allocator may reserve: the usable memory less the CUDA context, which lives outside it
+        budget = int(gpu.memory_bytes * (1 - prep.plan.request.safety_margin)) - CUDA_CONTEXT_BYTES
     result = ProbeResult(device=device, model=prep.plan.request.model.name, method=recipe.method.type,
                          measure="cuda max_memory_allocated" if cuda else "tracked live tensor bytes",
                          budget_bytes=budget)
@@ -148,8 +148,6 @@ def probe_recipe(recipe, *, run_dir: str | Path, steps: int = 2, search: bool = 
         result.rows.append(row)
         if row.fits is False:
             break
-        if cuda and row.reserved_bytes and budget and row.reserved_bytes * 2 > budget * 4:
-            break  # the next doubling cannot fit: no need to run out of memory to know
     return result
 
 
@@ -157,7 +155,7 @@ def format_table(result: ProbeResult) -> str:
     from ..units import fmt_gib
 
     lines = [f"probe on {result.device} ({result.measure}); {result.model}, {result.method}"
-             + (f"; usable budget {fmt_gib(result.budget_bytes)}" if result.budget_bytes else "")]
+             + (f"; allocator budget {fmt_gib(result.budget_bytes)} (usable memory less the CUDA context)" if result.budget_bytes else "")]
     lines.append(f"{'micro-batch':>11}  {'estimated':>10}  {'measured':>10}  {'error':>7}  "
                  + ("reserved    fits" if result.budget_bytes else "note"))
     for r in result.rows:

@@ -34,6 +34,13 @@ class StepPeak:
     #: on CUDA: torch.cuda.max_memory_allocated / max_memory_reserved of this step
     cuda_allocated: int | None = None
     cuda_reserved: int | None = None
+    #: the step's micro-batches: the token shape the collator produced (batch, sequence) and whether it padded a row
+    batches: list[tuple[tuple[int, ...], bool]] = field(default_factory=list)
+
+    @property
+    def largest_batch(self) -> tuple[tuple[int, ...], bool]:
+        """The micro-batch with the most token positions (the one the step's peak is estimated at)."""
+        return max(self.batches, key=lambda b: (b[0][0] * b[0][-1], b[1]))
 
 
 @dataclass
@@ -48,7 +55,10 @@ class Measurement:
 
     @property
     def peak(self) -> StepPeak:
-        """The step with the highest tracked peak (the first step has no optimizer states during its backward)."""
+        """The step with the highest peak: CUDA's allocated on a GPU, else the tracked one (the first step has no
+        optimizer states during its backward)."""
+        if self.device == "cuda":
+            return max(self.steps, key=lambda s: s.cuda_allocated or 0)
         return max(self.steps, key=lambda s: s.tracked_bytes)
 
     @property
@@ -62,12 +72,15 @@ class Measurement:
         return max(values) if values else None
 
 
-def _phase_callback(mode, steps: list[StepPeak], cuda: bool):
+def _phase_callback(mode, steps: list[StepPeak], cuda: bool, batches: list[tuple[tuple[int, ...], bool]]):
     import torch
     from transformers import TrainerCallback
 
+    first = [0]  # index in ``batches`` of the step's first micro-batch
+
     class Phases(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            first[0] = len(batches)
             mode.reset_peak()
             mode.phase("forward")
             if cuda:
@@ -83,7 +96,7 @@ def _phase_callback(mode, steps: list[StepPeak], cuda: bool):
             steps.append(StepPeak(
                 step=state.global_step, tracked_bytes=mode.peak, peak_op=mode.peak_op, by_phase=mode.peak_by_label,
                 cuda_allocated=torch.cuda.max_memory_allocated() if cuda else None,
-                cuda_reserved=torch.cuda.max_memory_reserved() if cuda else None))
+                cuda_reserved=torch.cuda.max_memory_reserved() if cuda else None, batches=batches[first[0]:]))
 
     return Phases()
 
@@ -111,8 +124,8 @@ def measure_recipe(recipe, *, steps: int = 3, run_dir: str | Path, log: Callable
     trainer = runner._trainer(prep, tokenizer, dict(prep.sft_kwargs), [])
     mode = live_bytes_mode()
     peaks: list[StepPeak] = []
-    trainer.add_callback(_phase_callback(mode, peaks, cuda))
     batches: list[tuple[tuple[int, ...], bool]] = []
+    trainer.add_callback(_phase_callback(mode, peaks, cuda, batches))
     compute_loss = trainer.compute_loss
 
     def labelled_compute_loss(model, inputs, *args, **kwargs):

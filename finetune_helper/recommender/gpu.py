@@ -78,7 +78,7 @@ def detect_gpu() -> GPUSpec:
     props = torch.cuda.get_device_properties(0)
     entry = catalog.find_gpu(props.name.replace("NVIDIA", "").strip())
     return GPUSpec(
-        name=props.name,
+        name=entry["name"] if entry else props.name,  # the catalog's name: recipes and calibrations use it
         memory_bytes=int(props.total_memory),
         bf16=bool(torch.cuda.is_bf16_supported(including_emulation=False)),  # T4/V100 only emulate bf16
         peak_tflops=(entry or {}).get("bf16_tflops"),

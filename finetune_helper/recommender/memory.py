@@ -234,13 +234,14 @@ def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sha
 
     # the whole gradient (the breakdown's ``gradients`` is what is live at the peak moment)
     details["gradients.all"] = gradients
-    if setup.loss == "fused":
-        details.update({f"fused_head.{k}": v for k, v in fused_head(spec, setup).items()})
+    head = fused_head(spec, setup) if setup.loss == "fused" else None
+    if head is not None:
+        details.update({f"fused_head.{k}": v for k, v in head.items()})
     if OPTIMIZERS[setup.optim].paged:
         details["paged_optimizer_states"] = optim
     inputs = StepInputs(weights=weights, gradients=gradients, optimizer_states=optim, activations=acts,
                         layer_gradients=layer_grads, outside_gradients=outside_grads,
-                        largest_trainable_tensor=largest * elem)
+                        largest_trainable_tensor=largest * elem, head=head)
     moments = phases(spec, setup, inputs, accumulation=accumulation)
     peak = max(moments, key=lambda p: p.total)
     for moment in moments:

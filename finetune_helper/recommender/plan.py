@@ -137,6 +137,16 @@ class PlanRequest:
         )
 
     @property
+    def target_batch(self) -> int:
+        """The effective batch aimed at: the target, or the whole data when it is smaller (a batch larger than the
+        data would be one partial step)."""
+        return min(self.target_effective_batch, self.dataset_size or defaults.ASSUMED_DATASET_SIZE)
+
+    def accumulation(self, micro: int, gpus: int | None = None) -> int:
+        """The smallest accumulation with ``micro`` x accumulation x GPUs >= :attr:`target_batch`."""
+        return max(1, math.ceil(self.target_batch / (micro * (gpus or self.gpus))))
+
+    @property
     def budget_bytes(self) -> int:
         return int(self.gpu.memory_bytes * (1 - self.safety_margin))
 
@@ -278,7 +288,9 @@ def _estimate(req: PlanRequest, micro: int, gc: bool, optim: str, method: str | 
     gpus = gpus or req.gpus
     if sharding is None:
         sharding = "ddp" if gpus > 1 else "none"
-    est = estimate_memory(req.model, req.setup(micro, gc, optim, method, weights), gpus=gpus, sharding=sharding)
+    # accumulating keeps the gradients alive through the next micro-steps' forward and backward
+    est = estimate_memory(req.model, req.setup(micro, gc, optim, method, weights), gpus=gpus, sharding=sharding,
+                          accumulation=req.accumulation(micro, gpus))
     calibrated = req.calibration is not None and (method or req.method) == req.calibration.method
     return est.calibrated(req.calibration.ratio) if calibrated else est
 
@@ -498,7 +510,7 @@ def recommend_plan(req: PlanRequest) -> Plan:
                             f"fp16 mixed precision: {req.gpu.name} has no bfloat16 (pre-Ampere); fp32 master weights "
                             "and loss scaling")
     dataset = req.dataset_size or defaults.ASSUMED_DATASET_SIZE
-    target = min(req.target_effective_batch, dataset)  # a batch larger than the data would be one partial step
+    target = req.target_batch
     cap = max(1, min(MAX_MICRO_BATCH, math.ceil(target / req.gpus)))
     fit = _fit(req, cap)
     escalation = () if fit.fits else _escalate(req)
@@ -507,7 +519,7 @@ def recommend_plan(req: PlanRequest) -> Plan:
     reasons["per_device_train_batch_size"] = _batch_reason(req, fit, cap, target)
 
     micro = fit.micro
-    accum = max(1, math.ceil(target / (micro * req.gpus)))
+    accum = req.accumulation(micro)
     eff = micro * accum * req.gpus
     reasons["gradient_accumulation_steps"] = (f"smallest with {micro} x accumulation x {req.gpus} GPU"
                                               f"{'s' if req.gpus > 1 else ''} >= target {target}: {accum} "

@@ -167,13 +167,17 @@ def layer_backward_work(spec: ModelSpec, setup: TrainingSetup) -> int:
     return max(mlp, attention) + 2 * N * h * res
 
 
-def embedding_backward(spec: ModelSpec, setup: TrainingSetup, grad_bytes: int) -> int:
+def embedding_backward(spec: ModelSpec, setup: TrainingSetup, grad_bytes: int, *, accumulating: bool) -> int:
     """The input embedding's gradient, made at the very end of the backward (full fine-tuning); with tied
-    embeddings it is added to the lm_head's, a sum of the two (one more matrix) before both are freed."""
+    embeddings it is added to the lm_head's, a sum of the two (one more matrix) before both are freed.  Without
+    accumulation the lm_head's part is the tied weight's gradient (counted with the gradients); while accumulating
+    that gradient exists already, and the lm_head's part is a third matrix waiting for the sum."""
     if setup.method != "full":
         return 0
     matrix = spec.vocab_size * spec.hidden_size * grad_bytes
-    return 2 * matrix if spec.tie_word_embeddings else matrix
+    if not spec.tie_word_embeddings:
+        return matrix
+    return (3 if accumulating else 2) * matrix
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,8 @@ class StepInputs:
     layer_gradients: int
     outside_gradients: int
     largest_trainable_tensor: int
+    #: :func:`fused_head`'s bytes when the loss path is the fused head, else None
+    head: dict[str, int] | None = None
 
 
 def phases(spec: ModelSpec, setup: TrainingSetup, x: StepInputs, *, accumulation: int = 1) -> list[Phase]:
@@ -197,9 +203,11 @@ def phases(spec: ModelSpec, setup: TrainingSetup, x: StepInputs, *, accumulation
             "gradients": x.gradients if accumulation > 1 else 0}
     body = acts.layers + acts.lora + acts.outside_layers
     out: list[Phase] = []
-    if setup.loss == "fused":
-        head = fused_head(spec, setup)
-        out.append(Phase("head forward", {**base, "activations": body, "transient": head["forward"]}))
+    if x.head is not None:
+        head = x.head
+        # the head runs inside the model's forward, so under autocast the weight cache is still alive
+        out.append(Phase("head forward", {**base, "activations": body,
+                                          "transient": head["forward"] + acts.autocast_cache}))
         out.append(Phase("head backward", {**base, "activations": body + head["held"],
                                            "transient": head["backward"]}))
     else:
@@ -221,8 +229,8 @@ def phases(spec: ModelSpec, setup: TrainingSetup, x: StepInputs, *, accumulation
     if setup.method == "full":
         grads = base["gradients"] or grads_above + L * x.layer_gradients
         out.append(Phase("embedding backward", {**base, "gradients": grads, "activations": acts.outside_layers,
-                                                "transient": embedding_backward(spec, setup,
-                                                                                _elem(setup, x))}))
+                                                "transient": embedding_backward(
+                                                    spec, setup, _elem(setup, x), accumulating=accumulation > 1)}))
     out.append(Phase("optimizer step", {"weights": x.weights, "optimizer_states": x.optimizer_states,
                                         "gradients": x.gradients,
                                         "transient": optimizer_temporaries(spec, setup, x.gradients,

@@ -46,7 +46,8 @@ def test_a_plan_uses_the_calibration_and_says_so(store):
     calibrated = fh.recommend("meta-llama/Llama-3.1-8B", gpu="H100", method="lora", dataset_size=5000,
                               calibration=cal(1.2))
     b = calibrated.per_device_train_batch_size
-    again = fh.estimate_memory(plain.request.model, plain.request.setup(b, calibrated.gradient_checkpointing))
+    again = fh.estimate_memory(plain.request.model, plain.request.setup(b, calibrated.gradient_checkpointing),
+                               accumulation=calibrated.gradient_accumulation_steps)
     assert calibrated.peak_memory_bytes == again.total_bytes + round(0.2 * again.allocated_peak)
     assert b <= plain.per_device_train_batch_size
     assert "calibrated on H100 SXM 80GB on 2026-11-29: +20%" in calibrated.reasons["fits"]
