@@ -25,6 +25,8 @@ import dataclasses
 import time
 import warnings
 
+from finetune_helper.recommender.plan import MAX_MICRO_BATCH
+
 #: (model, GPU, method, seq, gradient checkpointing: None lets the planner decide): real-size catalog models on GPUs
 #: where the largest batch is well above 1 and below the cap
 CONFIGS = [
@@ -39,8 +41,8 @@ CONFIGS = [
     ("Qwen/Qwen2.5-0.5B", "a10g", "full", 1024, None),
     ("meta-llama/Llama-3.2-1B", "h100-80gb", "lora", 1024, None),
 ]
-#: the target effective batch is set high so that it does not cap the micro-batch
-TARGET = 128
+#: the target effective batch is the planner's largest micro-batch, so that it does not cap the micro-batch
+TARGET = MAX_MICRO_BATCH
 
 
 def run(model: str, gpu: str, method: str, seq: int, gc: bool | None) -> dict:

@@ -35,9 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from finetune_helper.recommender.plan import MAX_MICRO_BATCH  # noqa: E402  (pure Python: no torch)
 
 #: (model, method, seq, gradient checkpointing: None lets the planner decide, batch kind, LoRA targets)
 GRID = [
@@ -59,9 +62,6 @@ TINY = str(Path(__file__).resolve().parents[1] / "finetune_helper" / "train" / "
 SMOKE_GRID = [(TINY, "lora", 128, True, "padded", "all-linear"), (TINY, "full", 64, False, "packed", "all-linear")]
 SMOKE_GPU = "1GiB"
 GIB = 2**30
-#: the planner's largest micro-batch (``recommender.plan.MAX_MICRO_BATCH``): the target effective batch is set to it
-#: so that the target does not cap the recommended batch, and the search stops there
-MAX_MICRO_BATCH = 128
 
 
 @dataclasses.dataclass
@@ -151,14 +151,11 @@ def estimate_of(spec, setup) -> tuple[int, int]:
     return est.allocated_peak, est.allocated_peak + frag
 
 
-def executed(setup, batch: int, seq: int, kind: str):
-    """The setup the runner executes at micro-batch ``batch`` of ``seq``-token examples of ``kind``
-    (``step_shape``: packing runs them as one row; padded rows are the worst case)."""
-    from finetune_helper.recommender.training_setup import step_shape
-
-    rows, length, padded = step_shape(batch, seq, packing=kind == "packed")
-    return dataclasses.replace(setup, micro_batch_size=rows, seq_len=length, padded=padded and kind == "padded",
-                               packing=kind == "packed")
+def executed(plan, batch: int, kind: str):
+    """The setup the runner executes for ``plan`` at micro-batch ``batch`` with rows of ``kind`` (the request's
+    ``step_shape``: packed rows are one row; several rows are padded unless ``kind`` says they are not)."""
+    setup = plan.request.setup(batch, plan.gradient_checkpointing, plan.optim, weights_dtype=plan.weights_dtype)
+    return dataclasses.replace(setup, padded=setup.padded and kind == "padded")
 
 
 class ReplicaStep:
@@ -184,7 +181,7 @@ class ReplicaStep:
             n = label_tokens(batches)
             dev.reset()
             t0 = time.perf_counter()
-            with dev.tracker if dev.tracker is not None else _null():
+            with dev.tracker if dev.tracker is not None else nullcontext():
                 train_step(self.model, self.optimizer, batches, setup, tokens=n)
             peaks = dev.peaks()
             seconds, tokens = time.perf_counter() - t0, setup.micro_batch_size * setup.seq_len
@@ -196,26 +193,20 @@ class ReplicaStep:
         self.device.release()
 
 
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
-
-
-def trial(step, spec, setup, device: Device, steps: int) -> Trial:
+def trial(step, spec, setup, batch: int, device: Device, steps: int) -> Trial:
+    """``steps`` optimizer steps of ``setup`` (micro-batch ``batch``) against their estimate; an OOM is a result."""
     est_alloc, est_res = estimate_of(spec, setup)
-    batch = setup.micro_batch_size if not setup.packing else None
     try:
         alloc, res, tps = step.run(setup, steps)
         if device.name == "cpu" and alloc > device.budget:
-            return Trial(batch or 0, False, alloc, res, est_alloc, est_res, tps, error="over budget (tracked)")
-        return Trial(batch or 0, True, alloc, res, est_alloc, est_res, tps)
+            return Trial(batch, False, alloc, res, est_alloc, est_res, tps, error="over budget (tracked)")
+        return Trial(batch, True, alloc, res, est_alloc, est_res, tps)
     except Exception as exc:  # an OOM is a result; anything else is reported on the row
         step.optimizer.zero_grad(set_to_none=True)
         device.release()
         if not device.is_oom(exc):
             raise
-        return Trial(batch or 0, False, est_allocated=est_alloc, est_reserved=est_res, error="OOM")
+        return Trial(batch, False, est_allocated=est_alloc, est_reserved=est_res, error="OOM")
 
 
 def bounded_search(run_at, recommended: int, extra: int, deadline: float, cap: int) -> int:
@@ -252,17 +243,15 @@ def check_replica(entry, device: Device, gpu, args, deadline: float) -> Row:
     row.recommended = plan.per_device_train_batch_size
     row.option = (f"{'gc' if plan.gradient_checkpointing else 'no gc'}, {plan.optim}"
                   + (f", {plan.weights_dtype}" if plan.weights_dtype else ""))
-    base, seq = dataclasses.replace(plan.setup, device=device.name), plan.request.resolved_seq_len
     device.cap(plan.request.budget_bytes)
-    step = ReplicaStep(dict(config), executed(base, row.recommended, seq, kind), device)
+    recommended = executed(plan, row.recommended, kind)
+    step = ReplicaStep(dict(config), recommended, device)
     try:
-        first = trial(step, spec, executed(base, row.recommended, seq, kind), device, steps=2)
-        first.batch = row.recommended
+        first = trial(step, spec, recommended, row.recommended, device, steps=2)
         row.trials.append(first)
         if first.ok:
             def run_at(b: int) -> bool:
-                t = trial(step, spec, executed(base, b, seq, kind), device, steps=1)
-                t.batch = b
+                t = trial(step, spec, executed(plan, b, kind), b, device, steps=1)
                 row.trials.append(t)
                 return t.ok
 
@@ -277,29 +266,28 @@ def check_replica(entry, device: Device, gpu, args, deadline: float) -> Row:
 def random_checkpoint(model: str, root: Path) -> Path:
     """``model``'s architecture with random weights and the project's tiny tokenizer, saved under ``root``."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from finetune_helper.measure.tools import hf_config
     from finetune_helper.recommender.catalog import find_model
     from finetune_helper.train.tiny import build_tokenizer
 
     out = root / model.split("/")[-1]
-    cfg = {k: v for k, v in find_model(model)["config"].items() if k not in ("transformers_version", "architectures")}
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        net = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        net = AutoModelForCausalLM.from_config(hf_config(find_model(model)["config"]), dtype=torch.bfloat16)
     net.save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     return out
 
 
 def long_rows(path: Path, words: int) -> Path:
+    """64 plain-text rows of ``words`` digits (longer than any max_length here: unpadded batches)."""
     import random
 
+    from finetune_helper.train.tiny import write_dataset
+
     rng = random.Random(0)
-    with path.open("w") as f:
-        for _ in range(64):
-            f.write(json.dumps({"text": " ".join(str(rng.randrange(10)) for _ in range(words))}) + "\n")
-    return path
+    return write_dataset(path, [{"text": " ".join(str(rng.randrange(10)) for _ in range(words))} for _ in range(64)])
 
 
 def check_runner(method: str, seq: int, gc: bool, checkpoint: Path, data: Path, device: Device, gpu,

@@ -19,7 +19,7 @@ PROG = "finetune-helper"
 #: in the order ``--help`` lists them
 COMMANDS = (estimate, recommend, export, validate, run, probe, app, gpus, models)
 #: error fields that name a recipe setting (``data.path``) or the recipe itself rather than a command-line flag
-_RECIPE_FIELDS = ("recipe", "override", "training", "seed", "output_dir", "stack", "app", "steps")
+_RECIPE_FIELDS = ("recipe", "override", "training", "seed", "output_dir", "stack", "app")
 
 
 class _Parser(argparse.ArgumentParser):

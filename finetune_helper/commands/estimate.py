@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
     print(breakdown_table(data["breakdown"], data["total_bytes"]))
     print()
     act = {k.split(".", 1)[1]: v for k, v in data["details"].items()
-           if k.startswith("activations.") and k not in ("activations.saved", "activations.peak_extra")}
+           if k.startswith("activations.") and k != "activations.saved"}
     if act:
         print("activations: " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in act.items() if v))
     head = {k.split(".", 1)[1]: v for k, v in data["details"].items() if k.startswith("fused_head.")}

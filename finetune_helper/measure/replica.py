@@ -22,14 +22,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
-_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _dtype(name: str):
-    import torch
-
-    return getattr(torch, _TORCH_DTYPES[name])
-
+from .tools import enable_checkpointing, hf_config, torch_dtype
 
 def _fake_parameters(model, mode) -> None:
     """Replace every meta parameter and buffer of ``model`` by a fake CPU tensor of the same shape and dtype."""
@@ -56,17 +49,16 @@ def build_model(config: dict[str, Any], setup, *, fake: bool = False, mode=None,
     import warnings
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if setup.method == "qlora":
         raise ValueError("the replica does not build QLoRA (bitsandbytes NF4): measure it with the runner")
-    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures")}
-    tf_config = AutoConfig.for_model(config["model_type"], **kwargs)
+    tf_config = hf_config(config)
     torch.manual_seed(seed)
     # fake: everything is built on the meta device (PEFT included), then each meta tensor becomes a fake one
     with torch.device("meta" if fake else device), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(tf_config, dtype=_dtype(setup.load_dtype),
+        model = AutoModelForCausalLM.from_config(tf_config, dtype=torch_dtype(setup.load_dtype),
                                                  attn_implementation=setup.attn_implementation)
         model.train()
         if setup.loss == "fused":
@@ -74,7 +66,7 @@ def build_model(config: dict[str, Any], setup, *, fake: bool = False, mode=None,
 
             add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer.__init__
         if setup.gradient_checkpointing:
-            model.activation_checkpointing_enable()
+            enable_checkpointing(model)
         if setup.is_peft:
             from peft import LoraConfig, get_peft_model
 
@@ -147,7 +139,7 @@ def train_step(model, optimizer, batches: list[dict[str, Any]], setup, *, tokens
     ``tokens`` is :func:`label_tokens` of them, counted before (a fake tensor has no values to count)."""
     import torch
 
-    autocast = (torch.autocast(setup.device, dtype=_dtype(setup.dtype)) if setup.autocast else nullcontext())
+    autocast = (torch.autocast(setup.device, dtype=torch_dtype(setup.dtype)) if setup.autocast else nullcontext())
     for batch in batches:
         phase("forward")
         with autocast:

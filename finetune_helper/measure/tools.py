@@ -26,14 +26,24 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-#: ``TrainingSetup`` precision names -> torch dtype names.
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from ..recommender.training_setup import TORCH_DTYPE_NAMES
+
+_DTYPES = TORCH_DTYPE_NAMES
 
 
-def _torch_dtype(name: str):
+def torch_dtype(name: str):
+    """The torch dtype of a precision name (``bf16``) or of a torch dtype name (``bfloat16``)."""
     import torch
 
     return getattr(torch, _DTYPES.get(name, name))
+
+
+def hf_config(config: dict[str, Any]):
+    """A transformers config object from a ``config.json`` dict (its ``model_type`` picks the class)."""
+    from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures")}
+    return AutoConfig.for_model(config["model_type"], **kwargs)
 
 
 def build_model(config: dict[str, Any], dtype: str = "bf16", attn_implementation: str = "sdpa", seed: int = 0,
@@ -49,7 +59,7 @@ def build_model(config: dict[str, Any], dtype: str = "bf16", attn_implementation
     ``dtype`` (``weights_dtype=dtype``; PEFT keeps the adapters fp32).  ``model_for_setup`` applies those rules.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -57,11 +67,9 @@ def build_model(config: dict[str, Any], dtype: str = "bf16", attn_implementation
         weights_dtype = "fp32" if dtype == "fp16" else dtype
     if weights_dtype not in _DTYPES:
         raise ValueError(f"weights_dtype must be one of {sorted(_DTYPES)}, got {weights_dtype!r}")
-    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures")}
-    tf_config = AutoConfig.for_model(config["model_type"], **kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tf_config, attn_implementation=attn_implementation,
-                                             dtype=_torch_dtype(weights_dtype))
+    model = AutoModelForCausalLM.from_config(hf_config(config), attn_implementation=attn_implementation,
+                                             dtype=torch_dtype(weights_dtype))
     model.train()
     # read by saved_tensor_report: the autocast dtype name, None for no autocast
     model._finetune_helper_autocast = _DTYPES[dtype] if autocast and dtype != "fp32" else None
@@ -238,7 +246,7 @@ def saved_tensor_report(model, batch_size: int, seq_len: int, *, gradient_checkp
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             if autocast:  # the Trainer: accelerate's autocast around the whole forward, loss included
-                with torch.autocast("cpu", dtype=_torch_dtype(autocast)):
+                with torch.autocast("cpu", dtype=torch_dtype(autocast)):
                     out = model(**batch)
             else:
                 out = model(**batch)

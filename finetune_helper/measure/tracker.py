@@ -37,6 +37,8 @@ class _Storages:
         self.peak = 0
         self.peak_op = ""
         self.peak_by_label: dict[str, int] = {}
+        #: live bytes by label, kept as storages come and go (read at each new peak)
+        self.by_label: Counter[str] = Counter()
         self.label = "setup"
 
     def add(self, tensor: Any) -> None:
@@ -46,25 +48,27 @@ class _Storages:
         if key in self.bytes:
             if self.bytes[key] != nbytes:  # resized in place (out= ops)
                 self.current += nbytes - self.bytes[key]
+                self.by_label[self.labels[key]] += nbytes - self.bytes[key]
                 self.bytes[key] = nbytes
             return
         self.bytes[key] = nbytes
         self.labels[key] = self.label
         self.current += nbytes
+        self.by_label[self.label] += nbytes
         weakref.finalize(storage, self.free, key)
 
     def free(self, key: int) -> None:
-        self.current -= self.bytes.pop(key, 0)
-        self.labels.pop(key, None)
+        n = self.bytes.pop(key, 0)
+        self.current -= n
+        label = self.labels.pop(key, None)
+        if label is not None:
+            self.by_label[label] -= n
 
     def observe(self, op: str) -> None:
         if self.current > self.peak:
             self.peak = self.current
             self.peak_op = op
-            by_label: Counter[str] = Counter()
-            for key, n in self.bytes.items():
-                by_label[self.labels.get(key, "?")] += n
-            self.peak_by_label = dict(by_label)
+            self.peak_by_label = {label: n for label, n in self.by_label.items() if n}
 
 
 def live_bytes_mode():

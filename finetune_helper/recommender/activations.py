@@ -99,22 +99,9 @@ class ActivationEstimate:
         """What saved_tensors_hooks counts (unique storages, parameters excluded), held into the backward."""
         return self.layers + self.lora + self.outside_layers + self.logits
 
-    def peak_extra(self) -> int:
-        """Short-lived bytes on top of ``saved()`` at the worst moment of the step.
-
-        Backward runs the loss / lm_head first and frees the logits gradients before the last decoder layer's
-        backward (where checkpointing recomputes a layer), so the two do not coexist: the max, not the sum.  The
-        autocast weight cache is alive only during the forward, with the forward's logits transient (accelerate's
-        fp32 conversion of the outputs runs after autocast exits, and its logits-sized fp32 copy is no larger
-        than the loss' own ``logits.float()``: it adds nothing to the max).
-        """
-        forward_logits = self.logits_transient * 6 // 8  # bf16 logits + fp32 copy vs the backward's 8 bytes/elem
-        return max(self.recompute, self.logits_transient, forward_logits + self.autocast_cache)
-
     def as_dict(self) -> dict[str, int]:
         d = asdict(self)
         d["saved"] = self.saved()
-        d["peak_extra"] = self.peak_extra()
         return d
 
 

@@ -24,6 +24,8 @@ from .optimizers import OPTIMIZERS, optimizer_names
 METHODS = defaults.METHODS
 #: bytes of one element for the precisions we train in.
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+#: the torch dtype (``getattr(torch, name)``) of each precision name
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICES = ("cuda", "cpu")
 LOSS_PATHS = ("fused", "logits")

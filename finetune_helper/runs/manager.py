@@ -31,7 +31,7 @@ import yaml
 from ..errors import FinetuneHelperError
 from ..train import run_folder
 from ..train.recipe import Recipe, check_references, parse_yaml, recipe_from_dict
-from ..train.run_folder import last_checkpoint, read_json, read_metrics
+from ..train.run_folder import last_checkpoint, read_json, read_metrics, write_json
 from .workspace import Workspace
 
 RECIPE_FILE = "input-recipe.yaml"  # the recipe as the app submitted it; the runner writes its own recipe.yaml
@@ -278,7 +278,7 @@ class RunManager:
         self._procs[run_id] = proc
         info = {"run_id": run_id, "pid": proc.pid, "started": time.time(), "args": args, "returncode": None,
                 "stop_requested": False, "devices": self.devices, "command": subcommand}
-        (run_dir / PROCESS_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        write_json(run_dir / PROCESS_FILE, info)
         with self._mutex():
             for device in self.devices:
                 self._lock_file(device).write_text(json.dumps({"run_id": run_id, "pid": proc.pid}))
@@ -291,7 +291,7 @@ class RunManager:
             info = read_json(path) or {}
             if info.get("pid") == proc.pid:
                 info.update(returncode=code, ended=time.time())
-                path.write_text(json.dumps(info, indent=2) + "\n")
+                write_json(path, info)
             self._release_locks(proc.pid)
 
     def start(self, recipe: Recipe, name: str | None = None, *, probe: bool = False) -> str:
@@ -325,7 +325,7 @@ class RunManager:
             run_dir = self.run_dir(run_id)
             if self.active_run() == run_id:
                 raise FinetuneHelperError("run", f"{run_id} is still running")
-            if not last_checkpoint(run_dir) is not None:
+            if last_checkpoint(run_dir) is None:
                 raise FinetuneHelperError("run", f"{run_id} has no checkpoint to resume from (it stopped before its "
                                           "first save); start it again instead")
             if (read_json(run_dir / run_folder.SUMMARY) or {}).get("status") == "done":
@@ -352,7 +352,7 @@ class RunManager:
             else:
                 os.kill(info["pid"], signal.SIGTERM)
             info["stop_requested"] = True
-            (run_dir / PROCESS_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            write_json(run_dir / PROCESS_FILE, info)
         return self.status(run_id)
 
     # ------------------------------------------------------------------------------------------- reading

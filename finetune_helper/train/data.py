@@ -176,37 +176,33 @@ def _chat_turns(example: Mapping, fmt: str) -> list:
     raise FinetuneHelperError("data.path", f"{' or '.join(repr(c) for c in _FORMAT_KEEP[fmt])} is missing")
 
 
-def _check_messages(messages: list, where: str) -> list[dict]:
+def _as_messages(turns: list, where: str, role_key: str, content_key: str, role_of, allowed: str) -> list[dict]:
+    """``turns`` as ``{role, content}`` messages: each a mapping whose ``role_key`` ``role_of`` maps to a role (None:
+    not allowed; ``allowed`` says what is) and whose ``content_key`` is a string."""
     out = []
-    for i, turn in enumerate(messages):
+    for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping):
-            raise FinetuneHelperError("data.path", f"{where}[{i}] must be a {{role, content}} object")
-        role, content = turn.get("role"), turn.get("content")
-        if role not in MESSAGE_ROLES:
-            raise FinetuneHelperError("data.path", f"{where}[{i}].role {role!r} is not one of "
-                                                   f"{', '.join(MESSAGE_ROLES)}")
+            raise FinetuneHelperError("data.path", f"{where}[{i}] must be a {{{role_key}, {content_key}}} object")
+        source, content = turn.get(role_key), turn.get(content_key)
+        role = role_of(source)
+        if role is None:
+            raise FinetuneHelperError("data.path", f"{where}[{i}].{role_key} {source!r} is {allowed}")
         if not isinstance(content, str):
-            raise FinetuneHelperError("data.path", f"{where}[{i}].content must be a string, "
+            raise FinetuneHelperError("data.path", f"{where}[{i}].{content_key} must be a string, "
                                                    f"got {type(content).__name__}")
         out.append({"role": role, "content": content})
     return out
 
 
+def _check_messages(messages: list, where: str) -> list[dict]:
+    return _as_messages(messages, where, "role", "content", lambda r: r if r in MESSAGE_ROLES else None,
+                        f"not one of {', '.join(MESSAGE_ROLES)}")
+
+
 def _sharegpt_messages(turns: list) -> list[dict]:
-    out = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, Mapping):
-            raise FinetuneHelperError("data.path", f"conversations[{i}] must be a {{from, value}} object")
-        source, value = turn.get("from"), turn.get("value")
-        role = SHAREGPT_ROLES.get(source.lower() if isinstance(source, str) else source)
-        if role is None:
-            raise FinetuneHelperError("data.path", f"conversations[{i}].from {source!r} is not a known ShareGPT "
-                                                   f"speaker; allowed: {', '.join(SHAREGPT_ROLES)}")
-        if not isinstance(value, str):
-            raise FinetuneHelperError("data.path", f"conversations[{i}].value must be a string, "
-                                                   f"got {type(value).__name__}")
-        out.append({"role": role, "content": value})
-    return out
+    return _as_messages(turns, "conversations", "from", "value",
+                        lambda s: SHAREGPT_ROLES.get(s.lower()) if isinstance(s, str) else None,
+                        f"not a known ShareGPT speaker; allowed: {', '.join(SHAREGPT_ROLES)}")
 
 
 def to_trl_example(example: dict, fmt: str) -> dict:

@@ -37,8 +37,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_exit(run_dir: str | Path, code: int) -> None:
     """How the command ended (the app reads it: how a run ended, even when no app was watching)."""
-    with open(Path(run_dir) / EXIT, "w", encoding="utf-8") as fh:
-        json.dump({"returncode": code, "time": time.time()}, fh)
+    write_json(Path(run_dir) / EXIT, {"returncode": code, "time": time.time()})
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -100,14 +99,18 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def resume_point(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The last complete checkpoint of ``run_dir`` (see :func:`checkpoint_problem`) or None, and the incomplete
+    ones after it with what each lacks (oldest first); read newest first, stopping at the first complete one."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped[::-1]
+        skipped.append((path, problem))
+    return None, skipped[::-1]
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The last complete checkpoint of ``run_dir`` (see :func:`checkpoint_problem`), or None."""
-    found = [p for p in checkpoints(run_dir) if checkpoint_problem(p) is None]
-    return found[-1] if found else None
-
-
-def skipped_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:
-    """The incomplete checkpoints after the last complete one, with what each lacks (newest last)."""
-    last = last_checkpoint(run_dir)
-    after = checkpoint_step(last) if last is not None else -1
-    return [(p, checkpoint_problem(p) or "") for p in checkpoints(run_dir) if checkpoint_step(p) > after]
+    """The last complete checkpoint of ``run_dir``, or None."""
+    return resume_point(run_dir)[0]

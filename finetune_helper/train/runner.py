@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import FinetuneHelperError
+from ..recommender.training_setup import TORCH_DTYPE_NAMES
 from ..units import fmt_gib
 from ..export.versions import RENAMES, check_stack, installed_stack
 from . import run_folder
@@ -178,7 +179,7 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
 
     overrides = dict(recipe.training)
     adaptations: list[str] = []
-    kwargs = training_kwargs(plan, str(run_dir), **overrides)
+    kwargs = training_kwargs(plan, str(run_dir), **{"seed": recipe.seed, **overrides})
     if device == "cpu" and dry_run:
         adaptations.append("no CUDA GPU on this machine: a run here would train on the CPU in fp32")
     elif device == "cpu" and overrides.get("bf16") is True:
@@ -197,8 +198,6 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
     kwargs.setdefault("logging_nan_inf_filter", False)  # the Trainer would hide NaN/inf losses from the guard
     kwargs.setdefault("disable_tqdm", True)
-    if "seed" not in overrides:  # the plan's kwargs carry the default seed: the recipe's wins over it
-        kwargs["seed"] = recipe.seed
     kwargs.setdefault("save_total_limit", 3)
     if has_eval:
         kwargs.setdefault("eval_strategy", "steps")
@@ -351,7 +350,6 @@ def _run_device(sft_kwargs: dict[str, Any]) -> str:
     return "cpu" if sft_kwargs.get("use_cpu") else "cuda"
 
 
-_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
@@ -361,7 +359,7 @@ def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
     from transformers import AutoModelForCausalLM
 
     setup = run_setup(prep, sft_kwargs)
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, _TORCH_DTYPES[setup.load_dtype]),
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, TORCH_DTYPE_NAMES[setup.load_dtype]),
                               "trust_remote_code": prep.recipe.model.trust_remote_code,
                               "attn_implementation": setup.attn_implementation}
     if setup.method == "qlora":
@@ -375,7 +373,7 @@ def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
         # bitsandbytes >= 0.45 quantizes and runs 4-bit layers on the CPU too (slowly): tiny models train there
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=getattr(torch, _TORCH_DTYPES[setup.dtype]))
+            bnb_4bit_compute_dtype=getattr(torch, TORCH_DTYPE_NAMES[setup.dtype]))
     try:
         return AutoModelForCausalLM.from_pretrained(prep.model_path, **kwargs)
     except OSError as exc:
@@ -533,10 +531,9 @@ def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str
         state.update(cuda=True)
     callbacks = list(extra_callbacks or []) + runner_callbacks(run_dir, log, state)
     t0 = time.time()
-    start = last_checkpoint(run_dir) if resume else None
-    if start is not None:
-        for skipped, why in run_folder.skipped_checkpoints(run_dir):
-            log(f"{skipped.name} is incomplete ({why}): resuming from {start.name}")
+    start, skipped = run_folder.resume_point(run_dir) if resume else (None, [])
+    for path, why in skipped if start is not None else ():
+        log(f"{path.name} is incomplete ({why}): resuming from {start.name}")
     trainer, output, oom_events, before = _train_with_backoff(prep, tokenizer, callbacks,
                                                               str(start) if start else None, state, log)
     state["phase"] = "finishing"
@@ -594,10 +591,10 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         raise FinetuneHelperError("output-dir", f"{run_dir} already holds checkpoints; pass --resume to continue "
                                   "that run, or --output-dir for a new one (nothing was overwritten)")
     if resume:
-        if last_checkpoint(run_dir) is None:
-            found = run_folder.skipped_checkpoints(run_dir)
+        start, skipped = run_folder.resume_point(run_dir)
+        if start is None:
             raise FinetuneHelperError("resume", f"no complete checkpoint in {run_dir} to resume from" + (
-                f" ({found[-1][0].name}: {found[-1][1]})" if found else ""))
+                f" ({skipped[-1][0].name}: {skipped[-1][1]})" if skipped else ""))
         _check_resume_matches(recipe, run_dir)
     state: dict[str, Any] = {"phase": "preparing"}
 

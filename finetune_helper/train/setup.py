@@ -13,6 +13,7 @@ from typing import Any
 
 from ..export.versions import trl_fuses_lm_head
 from ..recommender.model import ModelSpec
+from ..recommender.rules import DEFAULT_OPTIM
 from ..recommender.training_setup import TrainingSetup, step_shape
 
 
@@ -52,7 +53,7 @@ def executed_setup(recipe, spec: ModelSpec, sft_kwargs: dict[str, Any], *, devic
     loss = "fused" if trl_fuses_lm_head() and not sft_kwargs.get("label_smoothing_factor") else "logits"
     return TrainingSetup(
         method=recipe.method.type, micro_batch_size=batch, seq_len=length, dtype=dtype,
-        optim=sft_kwargs.get("optim", "adamw_torch_fused"), gradient_checkpointing=checkpointing(sft_kwargs),
+        optim=sft_kwargs.get("optim", DEFAULT_OPTIM), gradient_checkpointing=checkpointing(sft_kwargs),
         lora_r=recipe.method.lora_r, lora_alpha=recipe.method.lora_alpha, lora_dropout=recipe.method.lora_dropout,
         lora_target_modules=targets if isinstance(targets, str) else tuple(targets),
         attn_implementation=recipe.model.attn_implementation or spec.default_attn_implementation,

@@ -43,5 +43,5 @@ def test_probe_measures_the_recommended_and_a_larger_batch_and_stores_the_calibr
 def test_bad_probe_input_is_one_line_exit_2(tmp_path):
     proc = probe("--steps", "0", store=tmp_path / "c.json")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "finetune-helper: error: steps: must be from 1 to 20, got 0"]
+        "finetune-helper: error: --steps: must be from 1 to 20, got 0"]
     assert not (tmp_path / "c.json").exists()

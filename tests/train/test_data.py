@@ -150,6 +150,8 @@ def test_sharegpt_unknown_speaker_is_named():
         dio.to_trl_example(row, "sharegpt")
     assert err(excinfo).field == "data.path"
     assert "conversations[1].from 'bot'" in err(excinfo).message and "human" in err(excinfo).message
+    with pytest.raises(FinetuneHelperError, match=r"conversations\[0\]\.from \['human'\] is not a known"):
+        dio.to_trl_example({"conversations": [{"from": ["human"], "value": "q"}]}, "sharegpt")  # not a crash
 
 
 def test_messages_are_validated_and_extra_keys_dropped():
