@@ -6,14 +6,18 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export GRADIO_ANALYTICS_ENABLED := False
 # The browser tests drive Debian's chromium through Playwright; `playwright install` cannot download here.
 CHROMIUM ?= /usr/bin/chromium
 export FINETUNE_HELPER_CHROMIUM := $(CHROMIUM)
+
+# The demo, the tests and the benchmarks run offline (nothing may reach the Hub); `make app` and the installed
+# commands do not force it, so the app can download the models and datasets its users name.
+OFFLINE_TARGETS := demo test test-unit test-integration test-browser test-fast test-latest bench
+$(OFFLINE_TARGETS): export HF_HUB_OFFLINE := 1
+$(OFFLINE_TARGETS): export TRANSFORMERS_OFFLINE := 1
+$(OFFLINE_TARGETS): export HF_DATASETS_OFFLINE := 1
 
 .PHONY: setup demo test test-unit test-integration test-browser test-fast test-latest lock bench clean chromium app
 

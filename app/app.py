@@ -421,14 +421,14 @@ def _recommend_tab(app: App) -> SimpleNamespace:
                               label="Model", info="catalog, Hub id (owner/name), or a folder in the workspace")
         t.gpu = gr.Dropdown(gpu_choices, value="auto" if app.detected_gpu else "RTX 4090",
                             allow_custom_value=True, label="GPU", info="catalog name, or memory such as 24GB")
-        t.n_gpus = gr.Number(1, precision=0, minimum=1, label="GPUs")
+        t.n_gpus = gr.Number(1, step=1, minimum=1, label="GPUs")
         t.method = gr.Radio(list(defaults.METHODS), value="lora", label="Method")
     with gr.Row():
-        t.seq_len = gr.Number(0, precision=0, minimum=0, label="Sequence length",
+        t.seq_len = gr.Number(0, step=1, minimum=0, label="Sequence length",
                               info="0: min(2048, the model's maximum)")
-        t.dataset_size = gr.Number(20000, precision=0, label="Training examples")
+        t.dataset_size = gr.Number(20000, step=1, label="Training examples")
         t.epochs = gr.Number(2, label="Epochs")
-        t.target_batch = gr.Number(defaults.TARGET_EFFECTIVE_BATCH, precision=0, label="Target effective batch")
+        t.target_batch = gr.Number(defaults.TARGET_EFFECTIVE_BATCH, step=1, label="Target effective batch")
         t.lr_min = gr.Number(defaults.LR_MIN, label="LR min")
         t.lr_max = gr.Number(defaults.LR_MAX, label="LR max")
     t.button = gr.Button("Recommend", variant="primary", elem_id="recommend-btn")

@@ -12,14 +12,14 @@ import sys
 import warnings
 from typing import Sequence
 
-from .commands import app, estimate, export, gpus, models, probe, recommend, run, validate
+from .commands import app, estimate, export, gpus, models, probe, recommend, resume, run, validate
 from .errors import FinetuneHelperError
 
 PROG = "finetune-helper"
 #: in the order ``--help`` lists them
-COMMANDS = (estimate, recommend, export, validate, run, probe, app, gpus, models)
+COMMANDS = (estimate, recommend, export, validate, run, resume, probe, app, gpus, models)
 #: error fields that name a recipe setting (``data.path``) or the recipe itself rather than a command-line flag
-_RECIPE_FIELDS = ("recipe", "override", "training", "seed", "output_dir", "stack", "app")
+_RECIPE_FIELDS = ("recipe", "override", "training", "seed", "output_dir", "stack", "app", "run_dir")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,8 +57,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     # `run RECIPE --dry-run key=value`: overrides may follow the flags, which argparse's subparsers cannot interleave
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) in ("run", "validate", "probe") and all("=" in e and not e.startswith("-")
-                                                                      for e in extra):
+        takes_overrides = getattr(args, "command", None) in ("run", "resume", "validate", "probe")
+        if takes_overrides and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

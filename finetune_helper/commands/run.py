@@ -17,20 +17,31 @@ def add_parser(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. training.max_steps=20 data.path=my.jsonl")
     p.add_argument("--output-dir", default=None, help="run folder (default: the recipe's output_dir or runs/<name>)")
-    p.add_argument("--dry-run", action="store_true", help="write plan.json, training_args.json, recipe.yaml; stop")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="write plan.json, training_args.json, recipe.yaml; stop "
+                   "(refused into a folder that holds a run)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last complete checkpoint, "
+                   "with the run's saved arguments (see also: finetune-helper resume RUN_DIR)")
     p.set_defaults(func=run, after=record_exit)
 
 
 def run(args: argparse.Namespace) -> int:
+    return start(args, args.recipe, args.overrides, output_dir=args.output_dir, dry_run=args.dry_run,
+                 resume=args.resume)
+
+
+def start(args: argparse.Namespace, recipe: str, overrides: list[str], *, output_dir: str | None, dry_run: bool,
+          resume: bool) -> int:
+    """Run a recipe and print how it ended; ``args.run_state`` tells :func:`record_exit` whether the run got as far
+    as writing its files."""
     from ..train.runner import RunStopped, format_summary, run as run_recipe
 
     def log(line: str) -> None:
         print(line, flush=True)
 
+    args.run_state = {}
     try:
-        result = run_recipe(args.recipe, args.overrides, output_dir=args.output_dir, dry_run=args.dry_run,
-                            resume=args.resume, log=log)
+        result = run_recipe(recipe, overrides, output_dir=output_dir, dry_run=dry_run, resume=resume, log=log,
+                            state=args.run_state)
     except RunStopped as stop:
         print(f"{PROG}: stopped: {stop}", file=sys.stderr)
         return stop.code
@@ -54,8 +65,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def record_exit(args: argparse.Namespace, code: int) -> None:
-    """``run --output-dir DIR`` leaves its exit code in DIR (the app reads it: how a run ended, even unwatched)."""
-    if args.output_dir and os.path.isdir(args.output_dir):
-        from ..train.run_folder import write_exit
+    """Leave the exit code in the run folder (the app reads it: how a run ended, even unwatched) -- unless the folder
+    holds another run this command did not write to: a run refused for it, or a resume with nothing to do, changes
+    nothing there."""
+    run_dir = getattr(args, "output_dir", None) or getattr(args, "run_dir", None)
+    if not run_dir or not os.path.isdir(run_dir):
+        return
+    from ..train.run_folder import run_traces, write_exit
 
-        write_exit(args.output_dir, code)
+    if getattr(args, "run_state", {}).get("wrote_files") or not run_traces(run_dir):
+        write_exit(run_dir, code)

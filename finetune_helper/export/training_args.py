@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import defaults
 from ..errors import FinetuneHelperError
-from .versions import ALIASES, Names, installed_version, introspected_names, names_for
+from .versions import ALIASES, Names, installed_sft_field_names, installed_version, introspected_names, names_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..recommender.plan import Plan
@@ -38,10 +38,10 @@ def save_steps_for(total_steps: int) -> int:
     return max(logging_steps_for(total_steps), min(500, math.ceil(total_steps / 5)))
 
 
-def _check_override_names(overrides: dict[str, Any], names: Names) -> None:
+def _check_override_names(overrides: dict[str, Any], names: Names, extra: frozenset[str] = frozenset()) -> None:
     if names.fields is None:
         return
-    known = names.fields | ALIASES
+    known = names.fields | ALIASES | extra
     for key in overrides:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
@@ -49,8 +49,9 @@ def _check_override_names(overrides: dict[str, Any], names: Names) -> None:
             raise FinetuneHelperError(key, f"not a TrainingArguments argument in {names.label}{hint}")
 
 
-def build_kwargs(plan: Plan, output_dir: str, names: Names, overrides: dict[str, Any]) -> dict[str, Any]:
-    _check_override_names(overrides, names)
+def build_kwargs(plan: Plan, output_dir: str, names: Names, overrides: dict[str, Any], *,
+                 extra_fields: frozenset[str] = frozenset()) -> dict[str, Any]:
+    _check_override_names(overrides, names, extra_fields)
     kwargs: dict[str, Any] = {"output_dir": str(output_dir)}
     kwargs.update(plan.training_kwargs())  # 4.x names: warmup_ratio, gradient_checkpointing
     steps = plan.total_steps
@@ -90,13 +91,16 @@ def _renamed(kwargs: dict[str, Any], old: str, new: str, value: Any) -> dict[str
     return {(new if k == old else k): (value if k == old else v) for k, v in kwargs.items()}
 
 
-def training_kwargs(plan: Plan, output_dir: str, *, version: str | None = None, **overrides: Any) -> dict[str, Any]:
+def training_kwargs(plan: Plan, output_dir: str, *, version: str | None = None, sft: bool = False,
+                    **overrides: Any) -> dict[str, Any]:
     """The plan's ``TrainingArguments`` keyword arguments, named for transformers ``version`` (default: the
-    installed one), plus output, logging, saving and seed settings (see the module docstring); ``overrides`` win.
+    installed one), plus output, logging, saving and seed settings (see the module docstring); ``overrides`` win
+    (``sft``: they may also name the installed TRL ``SFTConfig``'s own fields, for the runner).
 
     Imports neither transformers nor torch. Override names are checked against the installed version's fields
     (read from its source) when writing for the installed version; :func:`to_training_arguments` always checks."""
-    return build_kwargs(plan, output_dir, names_for(version), overrides)
+    extra = installed_sft_field_names() if sft else frozenset()
+    return build_kwargs(plan, output_dir, names_for(version), overrides, extra_fields=extra)
 
 
 def to_training_arguments(plan: Plan, output_dir: str, **overrides: Any) -> Any:

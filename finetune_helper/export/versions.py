@@ -76,20 +76,32 @@ def target_major(version: str | None = None) -> int:
 def installed_field_names() -> frozenset[str] | None:
     """``TrainingArguments``' init fields in the installed transformers, read from its source with :mod:`ast`
     (neither transformers nor torch is imported), or None when they cannot be read."""
+    return _class_fields("transformers", "training_args.py", "TrainingArguments")
+
+
+@functools.lru_cache(maxsize=1)
+def installed_sft_field_names() -> frozenset[str]:
+    """The fields TRL's ``SFTConfig`` adds to ``TrainingArguments`` (``max_length``, ``packing_strategy``,
+    ``loss_type``, ``dataset_num_proc``...), read the same way; empty when TRL's source cannot be read."""
+    return _class_fields("trl", "trainer/sft_config.py", "SFTConfig") or frozenset()
+
+
+def _class_fields(package: str, relative: str, class_name: str) -> frozenset[str] | None:
+    """The init fields of dataclass ``class_name`` in ``package``'s file ``relative``, by :mod:`ast`."""
     try:
-        spec = importlib.util.find_spec("transformers")  # a top-level package: found, not executed
+        spec = importlib.util.find_spec(package)  # a top-level package: found, not executed
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
     for location in spec.submodule_search_locations:
-        path = Path(location) / "training_args.py"
+        path = Path(location) / relative
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (OSError, SyntaxError, UnicodeDecodeError):
             continue
         for node in tree.body:
-            if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
+            if isinstance(node, ast.ClassDef) and node.name == class_name:
                 names = {stmt.target.id for stmt in node.body
                          if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
                          and _is_init_field(stmt)}

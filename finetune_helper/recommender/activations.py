@@ -94,6 +94,8 @@ class ActivationEstimate:
     #: precision full: every decoder linear; LoRA: the adapters' A and B) lives until the forward (loss included)
     #: ends although no saved tensor outside the checkpoints holds it; 0 otherwise.
     autocast_cache: int = 0
+    #: the final norm's part of ``outside_layers``: freed by its backward, before the decoder layers' backward.
+    final_norm: int = 0
 
     def saved(self) -> int:
         """What saved_tensors_hooks counts (unique storages, parameters excluded), held into the backward."""
@@ -412,7 +414,12 @@ def _outside_bytes(st: _Step) -> int:
         rot = int(spec.head_dim * (spec.config.get("partial_rotary_factor") or 1.0))
         pairs = len(set(st.layer_types)) if spec.model_type == "gemma3_text" else 1
         n += pairs * 2 * st.s * rot * st.res
-    return n + _norm(N, spec.hidden_size, input_grad=True, trainable=st.full, gemma=st.gemma, in_bytes=st.res)
+    return n + _final_norm_bytes(st)
+
+
+def _final_norm_bytes(st: _Step) -> int:
+    """The final norm's saved tensors (its input always requires grad)."""
+    return _norm(st.N, st.spec.hidden_size, input_grad=True, trainable=st.full, gemma=st.gemma, in_bytes=st.res)
 
 
 def _logits_bytes(st: _Step) -> tuple[int, int]:
@@ -476,4 +483,5 @@ def estimate_activations(spec: ModelSpec, setup: TrainingSetup) -> ActivationEst
         recompute=int(recompute),
         logits_transient=int(logits_transient),
         autocast_cache=int(autocast_cache),
+        final_norm=int(_final_norm_bytes(st)),
     )

@@ -136,7 +136,7 @@ def optimizer_temporaries(spec: ModelSpec, setup: TrainingSetup, trainable_bytes
     return 2 * largest_tensor
 
 
-def layer_backward_work(spec: ModelSpec, setup: TrainingSetup) -> int:
+def layer_backward_work(spec: ModelSpec, setup: TrainingSetup, *, with_mlp: bool = True) -> int:
     """Bytes a decoder layer's backward allocates on top of what it holds: the larger of its MLP's and its
     attention's gradient temporaries, plus the residual-stream gradients flowing in and out.
 
@@ -164,7 +164,56 @@ def layer_backward_work(spec: ModelSpec, setup: TrainingSetup) -> int:
         attention += 2 * N * qd * c
     if setup.attn_implementation == "eager":
         attention += setup.micro_batch_size * spec.num_attention_heads * setup.seq_len ** 2 * _F32
+    if not with_mlp:
+        return attention + N * h * res
     return max(mlp, attention) + 2 * N * h * res
+
+
+def recompute_work(spec: ModelSpec, setup: TrainingSetup) -> int:
+    """With checkpointing: bytes a decoder layer's backward needs on top of the tensors its recompute saves again
+    (:attr:`.activations.ActivationEstimate.recompute`), the larger of three moments, each with the gradient
+    flowing into the layer (N x h) alive.  Read off op-by-op traces of the runner's step
+    (``benchmarks/estimate_vs_fake.py``; torch ``utils/checkpoint.py``, non-reentrant, stops recomputing once the
+    last saved tensor is back):
+
+    * **recompute forward, at down_proj**: the attention block's residual output (N x h, held for the layer's last
+      add) and the base projection's output (N x h); a LoRA-adapted down_proj whose base does not save its input
+      also holds the product ``act(gate) * up`` (N x I) and the MLP's input (N x h), and runs PEFT's path: the
+      fp32 cast of the product and dropout's output (N x I x 4 each, when the adapters are fp32 under autocast;
+      lora_A saves the cast of that), and the gradient of the adapter's scaled output (N x h), made before the
+      recompute starts.
+    * **MLP backward**: the gradient of the product and of its two factors (three N x I); a base that saved the
+      product (full fine-tuning, QLoRA on CUDA) has freed it by then, and a LoRA down_proj has freed its mask and
+      lora_A's input.  Before that, the LoRA path back: the fp32 gradient of lora_A's input cast and of dropout
+      (N x I x 4 each), lora_A's input freed.
+    * **attention backward**: :func:`layer_backward_work`'s attention term (the MLP's saved tensors are gone).
+    """
+    c = DTYPE_BYTES[setup.dtype]
+    res = _F32 if (setup.autocast and setup.method == "full" and not setup.pure_bf16) else c
+    N, h, I = setup.tokens, spec.hidden_size, spec.intermediate_size
+    saves_product = setup.method == "full" or (setup.method == "qlora" and setup.device == "cuda")
+    forward = N * h * res + N * h * c
+    backward = N * I * (2 * c if saves_product else 3 * c)
+    adapted = setup.is_peft and "down_proj" in {lin.name for lin in spec.lora_linears(setup.lora_target_modules)}
+    if adapted:
+        fp32_adapters = setup.method == "lora" and setup.autocast and c != _F32
+        drop = setup.lora_dropout > 0
+        adapter = _F32 if fp32_adapters or setup.method == "lora" else 2
+        mask = 1 if setup.device == "cuda" else adapter
+        # saved by the down adapter: dropout's mask and lora_A's input (its own cast, or dropout's output)
+        saved = N * I * ((mask if drop else 0) + (c if fp32_adapters or not drop else adapter))
+        # the gradient of the adapter's scaled output: ``* scaling`` needs no saved tensor, so its backward runs
+        # before the recompute starts
+        forward += N * h * c
+        if fp32_adapters:
+            forward += N * I * (_F32 + (_F32 if drop else 0))
+            backward = max(backward - saved, N * I * (_F32 + (_F32 if drop else 0)) - N * I * c)
+        else:
+            backward -= saved
+        if not saves_product:
+            forward += N * I * c + N * h * c  # the product, and the MLP's input its forward still references
+    attention = layer_backward_work(spec, setup, with_mlp=False)
+    return N * h * res + max(forward, backward, attention)
 
 
 def embedding_backward(spec: ModelSpec, setup: TrainingSetup, grad_bytes: int, *, accumulating: bool) -> int:
@@ -218,9 +267,9 @@ def phases(spec: ModelSpec, setup: TrainingSetup, x: StepInputs, *, accumulation
     L = spec.num_hidden_layers
     gc = setup.gradient_checkpointing
     per_layer = (acts.layers // L) if gc else (acts.layers + acts.lora) // L
-    work = layer_backward_work(spec, setup) + (acts.recompute if gc else 0)
+    work = acts.recompute + recompute_work(spec, setup) if gc else layer_backward_work(spec, setup)
     grads_above = x.outside_gradients - _embedding_grad(spec, setup, x)
-    held = body
+    held = body - acts.final_norm
     for done in range(L):
         grads = base["gradients"] or grads_above + (done + 1) * x.layer_gradients
         out.append(Phase(f"layer {L - done - 1} backward", {**base, "gradients": grads, "activations": held,

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -31,7 +32,10 @@ import yaml
 from ..errors import FinetuneHelperError
 from ..train import run_folder
 from ..train.recipe import Recipe, check_references, parse_yaml, recipe_from_dict
-from ..train.run_folder import last_checkpoint, read_json, read_metrics, write_json
+from ..train.run_folder import last_checkpoint
+from ..train.run_folder import read_json as _read_any_json
+from ..train.run_folder import read_metrics as _read_any_metrics
+from ..train.run_folder import write_json as _write_any_json
 from .workspace import Workspace
 
 RECIPE_FILE = "input-recipe.yaml"  # the recipe as the app submitted it; the runner writes its own recipe.yaml
@@ -106,12 +110,59 @@ def build_recipe(workspace: Workspace, text: str, *, data_file: str | None = Non
     return recipe
 
 
+# --------------------------------------------------------------------------- run-folder files, never through a link
+def _regular(path: Path) -> bool:
+    """Whether ``path`` is a regular file itself: a run folder's file that is a link (to a file outside the
+    workspace, say) is neither shown nor written through."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_json(path: Path) -> Any:
+    return _read_any_json(path) if _regular(path) else None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return _read_any_metrics(run_dir) if _regular(Path(run_dir) / run_folder.METRICS) else []
+
+
+def write_json(path: Path, data: Any) -> None:
+    if os.path.lexists(path) and not _regular(path):
+        raise FinetuneHelperError("run", f"{path.name} in {path.parent.name} is not a regular file (a link?): the app "
+                                  "does not write through it")
+    _write_any_json(path, data)
+
+
+def _own_process(pid: Any, info: dict[str, Any], run_dir: Path) -> bool:
+    """Whether ``pid`` is the process this app launched for ``run_dir`` (Linux: its command line is exactly the one
+    recorded in process.json, and it started when the record says); a pid recycled by another program, or named by
+    a hand-written process.json, is not signalled."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return False
+    expected = ["-m", "finetune_helper", str(info.get("command", "run")), *map(str, info.get("args") or [])]
+    if [a.decode(errors="replace") for a in argv[1:]] != expected or str(run_dir) not in " ".join(expected):
+        return False
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of /proc/PID/stat: start time in ticks
+    return abs(started - float(info.get("started") or 0)) < 5.0
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.\-]+", "-", text).strip("-").lower()[:40] or "run"
 
 
 def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
     path = Path(run_dir) / LOG_FILE
+    if not _regular(path):
+        return ""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -291,7 +342,8 @@ class RunManager:
             info = read_json(path) or {}
             if info.get("pid") == proc.pid:
                 info.update(returncode=code, ended=time.time())
-                write_json(path, info)
+                with contextlib.suppress(FinetuneHelperError):  # process.json replaced by a link: left alone
+                    write_json(path, info)
             self._release_locks(proc.pid)
 
     def start(self, recipe: Recipe, name: str | None = None, *, probe: bool = False) -> str:
@@ -332,7 +384,7 @@ class RunManager:
                 raise FinetuneHelperError("run", f"{run_id} already finished; start a new run to train more")
             self._take_locks(run_id)
             try:
-                self._launch(run_id, [str(run_dir / RECIPE_FILE), "--output-dir", str(run_dir), "--resume"])
+                self._launch(run_id, [str(run_dir)], "resume")  # its saved recipe and arguments
             except BaseException:
                 self._release_locks(None, run_id)
                 raise
@@ -344,8 +396,10 @@ class RunManager:
         run_dir = self.run_dir(run_id)
         with self._lock:  # the reaper thread rewrites process.json too
             info = read_json(run_dir / PROCESS_FILE) or {}
-            if not self._alive(run_id, info.get("pid")):
-                raise FinetuneHelperError("run", f"{run_id} is not running")
+            proc = self._procs.get(run_id)
+            ours = (proc is not None and proc.pid == info.get("pid")) or _own_process(info.get("pid"), info, run_dir)
+            if not ours or not self._alive(run_id, info.get("pid")):
+                raise FinetuneHelperError("run", f"{run_id} is not running (no process this app started for it)")
             if info.get("stop_requested"):  # a second Stop: the run did not stop (a hung data loader, NCCL, ...)
                 os.killpg(info["pid"], signal.SIGKILL)  # its own session: the group id is its pid
                 info["killed"] = True
@@ -409,7 +463,8 @@ class RunManager:
 
     def run_ids(self) -> list[str]:
         """The run folders in the workspace, newest first (names only: no status is read)."""
-        folders = [p for p in self.workspace.runs.iterdir() if p.is_dir() and (p / PROCESS_FILE).exists()]
+        folders = [p for p in self.workspace.runs.iterdir()
+                   if p.is_dir() and not p.is_symlink() and _regular(p / PROCESS_FILE)]
         return [p.name for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     def list_runs(self) -> list[dict[str, Any]]:
@@ -439,13 +494,13 @@ class RunManager:
         recipe = run_dir / run_folder.RECIPE
         return {**st, "plan": read_json(run_dir / run_folder.PLAN),
                 "training_args": read_json(run_dir / run_folder.TRAINING_ARGS),
-                "recipe": redact(recipe.read_text(encoding="utf-8")) if recipe.exists() else None}
+                "recipe": redact(recipe.read_text(encoding="utf-8")) if _regular(recipe) else None}
 
 
 def _fresh_json(path: Path, since: float) -> Any:
     """``path`` as JSON if it was written by the current attempt (at or after ``since``), else None."""
     try:
-        if path.stat().st_mtime < since:
+        if not _regular(path) or path.stat().st_mtime < since:
             return None
     except OSError:
         return None
@@ -455,6 +510,8 @@ def _fresh_json(path: Path, since: float) -> Any:
 def _recipe_model(run_dir: Path) -> str | None:
     """The model as the user named it (plan.json holds the resolved path, e.g. the built-in's cache folder)."""
     try:
+        if not _regular(run_dir / RECIPE_FILE):
+            return None
         raw = yaml.safe_load((run_dir / RECIPE_FILE).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return None

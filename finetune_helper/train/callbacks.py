@@ -11,10 +11,7 @@ from typing import Any, Callable
 
 from ..units import fmt_duration
 from . import run_folder
-
-#: A loss this many times the first logged loss counts as exploding (a run that ends up worse than the random
-#: start has diverged; NaN/inf are caught the same way).
-EXPLODE_FACTOR = 2.0
+from .divergence import DivergenceGuard
 
 
 def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str, Any]):
@@ -52,18 +49,19 @@ def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str,
                 log(f"step {st.global_step}/{st.max_steps} | eval loss {logs['eval_loss']:.4f}")
 
     class Guard(TrainerCallback):
-        """Divergence stop (NaN/inf/exploding loss) and a clean stop on SIGINT/SIGTERM."""
+        """Divergence stop (:mod:`.divergence`) and a clean stop on SIGINT/SIGTERM."""
+
+        def __init__(self) -> None:
+            # a resumed run keeps the reference of its start (the first logged losses in metrics.jsonl)
+            self.guard = DivergenceGuard(reference=state.get("first_loss"))
 
         def on_log(self, args, st, control, logs=None, **kw):
             loss = (logs or {}).get("loss")
             if loss is None:
                 return
-            grad_norm = (logs or {}).get("grad_norm")
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                loss = float("nan") if math.isfinite(loss) else loss
-            first = state.setdefault("first_loss", loss)
-            if not math.isfinite(loss) or (math.isfinite(first) and loss > EXPLODE_FACTOR * first):
-                state["diverged"] = {"step": st.global_step, "loss": loss, "first_loss": first,
+            why = self.guard.update(loss, (logs or {}).get("grad_norm"), loss_scaler=bool(args.fp16))
+            if why:
+                state["diverged"] = {"step": st.global_step, "loss": loss, "why": why,
                                      "learning_rate": args.learning_rate}
                 control.should_save = False  # never save the diverged weights
                 control.should_training_stop = True

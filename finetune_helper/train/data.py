@@ -434,14 +434,20 @@ def _load_local(path: Path, split: str) -> "datasets.Dataset":
         raise FinetuneHelperError("data.path", f"could not read {path} as {builder}: {_first_line(exc)}") from None
 
 
-def _load_hub(dataset_id: str, split: str) -> "datasets.Dataset":
+def _load_hub(dataset_id: str, split: str, config: str | None) -> "datasets.Dataset":
     import datasets
 
     try:
-        loaded = datasets.load_dataset(dataset_id, split=split)
+        loaded = datasets.load_dataset(dataset_id, config, split=split)
     except Exception as exc:  # noqa: BLE001
+        text = _first_line(exc)
+        # datasets names the bad part: "Unknown split ...", "BuilderConfig 'x' not found. Available: [...]"
+        if "split" in text.lower() and "unknown" in text.lower():
+            raise FinetuneHelperError("data.split", f"{dataset_id!r} has no split {split!r}: {text}") from None
+        if "config" in text.lower() and ("not found" in text.lower() or "available" in text.lower()):
+            raise FinetuneHelperError("data.config", f"{dataset_id!r}: {text}") from None
         raise FinetuneHelperError("data.path", f"no such file, and {dataset_id!r} could not be loaded as a Hub "
-                                               f"dataset (offline?): {_first_line(exc)}; give a local "
+                                               f"dataset (offline?): {text}; give a local "
                                                f"{'/'.join(SUFFIX_BUILDERS)} file or directory") from None
     if not isinstance(loaded, datasets.Dataset):
         raise FinetuneHelperError("data.path", f"{dataset_id!r} split {split!r} is not a plain dataset "
@@ -469,13 +475,14 @@ def _apply_columns(dataset: "datasets.Dataset", columns: Mapping[str, str]) -> "
     return dataset.rename_columns(mapping) if mapping else dataset
 
 
-def load_data(path_or_id: str, *, split: str = "train", fmt: str | None = None, columns: dict | None = None
-              ) -> tuple["datasets.Dataset", str]:
+def load_data(path_or_id: str, *, split: str = "train", config: str | None = None, fmt: str | None = None,
+              columns: dict | None = None) -> tuple["datasets.Dataset", str]:
     """Load a local .json/.jsonl/.csv/.parquet file (or a directory of one type of them) or a Hub dataset id.
 
     ``columns`` renames your columns to the format's names before detection (``{"question": "instruction"}``);
     ``fmt`` (None or ``"auto"`` to detect) must fit the columns. CSV cells are read as strings, empty cells as "".
-    Local files have one split, ``train`` (slices like ``train[:100]`` work); ``split`` picks a Hub split.
+    Local files have one split, ``train`` (slices like ``train[:100]`` work) and no configurations; ``split`` and
+    ``config`` pick a Hub dataset's split and configuration.
     Returns ``(dataset, format)``; the rows are not converted yet (see :func:`to_trl_dataset`).
     """
     if not isinstance(path_or_id, str) or not path_or_id.strip():
@@ -485,12 +492,14 @@ def load_data(path_or_id: str, *, split: str = "train", fmt: str | None = None, 
         raise FinetuneHelperError("data.format", f"{fmt!r} is not a known format; allowed: auto, {', '.join(FORMATS)}")
     path = Path(path_or_id).expanduser()
     if path.exists():
+        if config:
+            raise FinetuneHelperError("data.config", f"a local file has no configurations, got {config!r}")
         dataset = _load_local(path, split)
     elif (path.suffix.lower() in SUFFIX_BUILDERS or path_or_id.startswith((".", "/", "~"))
           or path_or_id.endswith(("/", "\\")) or not is_hub_id(path_or_id, owner_optional=True)):
         raise FinetuneHelperError("data.path", f"no such file: {path_or_id}")
     else:
-        dataset = _load_hub(path_or_id, split)
+        dataset = _load_hub(path_or_id, split, config)
 
     if columns:
         dataset = _apply_columns(dataset, columns)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class MethodSection:
     weights_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [self.target_modules]  # one name (PEFT would read a bare string as a regex)
         if self.type not in METHODS:
             raise FinetuneHelperError("method.type", f"{self.type!r} is not one of {', '.join(METHODS)}")
         if self.lora_r <= 0:
@@ -83,6 +86,11 @@ class MethodSection:
 class DataSection:
     #: a local .json/.jsonl/.csv/.parquet file, a Hub dataset id, or ``builtin:arithmetic`` (generated offline).
     path: str = ""
+    #: the split to train on: a Hub dataset's own split name (``train_sft``), or ``train`` for a local file (slices
+    #: such as ``train[:1000]`` work for both).
+    split: str = "train"
+    #: a Hub dataset's configuration (subset) name, when it has several; empty for its default.
+    config: str | None = None
     #: ``auto`` or one of alpaca, sharegpt, messages, prompt_completion, text.
     format: str = "auto"
     #: rename your columns to the format's names, e.g. {question: instruction, answer: output}.
@@ -97,6 +105,8 @@ class DataSection:
     max_examples: int | None = None
 
     def __post_init__(self) -> None:
+        if not self.split.strip():
+            raise FinetuneHelperError("data.split", "must name a split, e.g. train or train_sft")
         if self.format not in DATA_FORMATS:
             raise FinetuneHelperError("data.format", f"{self.format!r} is not one of {', '.join(DATA_FORMATS)}")
         if not 0 <= self.eval_fraction <= 0.5:
@@ -187,21 +197,28 @@ _SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection
 _TOP_LEVEL = {f.name for f in dataclasses.fields(Recipe)}
 
 
+#: SFTConfig fields a recipe sets in its data section, where the planner reads them
+_DATA_FIELDS = {"max_length": "data.max_length", "packing": "data.packing"}
+
+
 def _check_training_keys(training: dict[str, Any]) -> None:
     """Names in ``training`` must be TrainingArguments fields of the installed transformers (read without import)."""
-    from ..export.versions import ALIASES, installed_field_names
+    from ..export.versions import ALIASES, installed_field_names, installed_sft_field_names
 
     known = installed_field_names()
     if known is None:
         return
-    known = known | ALIASES
+    known = known | installed_sft_field_names() | ALIASES
     for key in training:
+        if key in _DATA_FIELDS:
+            raise FinetuneHelperError(f"training.{key}", f"is {_DATA_FIELDS[key]} in a recipe (the plan is made for "
+                                      "it): set it there")
         if key == "output_dir":
             raise FinetuneHelperError("training.output_dir", "is set by --output-dir or the recipe's top-level "
                                       "output_dir (checkpoints must land in the run folder)")
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
-            raise FinetuneHelperError(f"training.{key}", "is not a TrainingArguments field"
+            raise FinetuneHelperError(f"training.{key}", "is not a TrainingArguments or SFTConfig field"
                                       + (f"; did you mean {' or '.join(close)}?" if close else ""))
 
 
@@ -228,7 +245,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, name)
-            except FinetuneHelperError:
+            except FinetuneHelperError as exc:
+                if "finite" in exc.message:
+                    raise
                 continue
         raise FinetuneHelperError(name, f"must be {_type_name(tp)}, got {value!r}")
     base = origin or tp
@@ -239,13 +258,18 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif base is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise FinetuneHelperError(name, f"must be a finite number, got {value!r}")
+            return number
     elif base is str:
         if isinstance(value, str):
             return value

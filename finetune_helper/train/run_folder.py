@@ -23,6 +23,37 @@ FINAL = "final"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
+#: the first line of the recipe.yaml a run writes: how a run folder's own file is told from a user's recipe
+RECIPE_HEADER = "# fully resolved recipe, as run"
+
+
+def is_own_recipe(path: Path) -> bool:
+    """Whether ``path`` is a recipe.yaml a run wrote (a regular file starting with :data:`RECIPE_HEADER`)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return fh.readline().rstrip("\n") == RECIPE_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def run_traces(run_dir: Path) -> list[str]:
+    """What in ``run_dir`` shows that a run trained there (checkpoints, metrics, final model, summary); empty for a
+    new folder or one that only holds a dry run's files."""
+    run_dir = Path(run_dir)
+    found = [p.name for p in checkpoints(run_dir)[-1:]]
+    found += [name for name in (METRICS, FINAL, SUMMARY) if (run_dir / name).exists()]
+    return found
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` trained to its end (its summary says done)."""
+    summary = read_json(Path(run_dir) / SUMMARY)
+    return isinstance(summary, dict) and summary.get("status") == "done"
+
+
 def read_json(path: Path) -> Any:
     """``path`` as JSON, or None when it is missing, unreadable or being written."""
     try:
@@ -58,9 +89,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [records[k] for k in sorted(records)]
 
 
-def first_logged_loss(run_dir: Path) -> float | None:
-    """The loss of the earliest logged step (a resumed run's divergence reference must not restart)."""
-    return next((float(r["loss"]) for r in read_metrics(run_dir) if isinstance(r.get("loss"), (int, float))), None)
+def starting_loss(run_dir: Path, logs: int) -> float | None:
+    """The mean loss of the first ``logs`` logged steps, None before there are that many (a resumed run's
+    divergence reference must not restart)."""
+    losses = [float(r["loss"]) for r in read_metrics(run_dir) if isinstance(r.get("loss"), (int, float))][:logs]
+    return sum(losses) / logs if len(losses) == logs else None
 
 
 def checkpoint_step(path: Path) -> int:

@@ -30,8 +30,9 @@ from ..units import fmt_gib
 from ..export.versions import RENAMES, check_stack, installed_stack
 from . import run_folder
 from .callbacks import runner_callbacks
+from .divergence import PATIENCE
 from .recipe import BUILTIN_DATA, BUILTIN_MODEL, Recipe, load_recipe, resolve_recipe_gpu, resolve_recipe_model
-from .run_folder import first_logged_loss, last_checkpoint, write_json
+from .run_folder import last_checkpoint, starting_loss, write_json
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 #: ChatML with generation markers (Qwen's template format), used when a tokenizer has no chat template of its own;
@@ -82,6 +83,8 @@ class Prepared:
     data_format: str
     data_note: str | None
     holdout: list[dict] | None  # builtin data: held-out problems for exact match
+    #: a resumed run: ``sft_kwargs`` are the run's saved training_args.json (but for the training length)
+    resumed: bool = False
 
 
 def _device() -> str:
@@ -104,13 +107,26 @@ def _resolve_model_path(recipe: Recipe, log: Callable[[str], None]) -> str:
     return name
 
 
-def _load_data(recipe: Recipe, tokenizer, log: Callable[[str], None]):
+def _load_data(recipe: Recipe, tokenizer, log: Callable[[str], None], *, check_only: bool = False):
     from datasets import Dataset
 
     from . import data as dataio
 
+    if check_only and not recipe.data.path.startswith("builtin:") and not Path(recipe.data.path).expanduser().exists():
+        try:
+            return _load_data(recipe, tokenizer, log)
+        except FinetuneHelperError as exc:
+            if exc.field != "data.path" or "could not be loaded" not in exc.message:
+                raise
+            log(f"note: data.path {recipe.data.path!r} cannot be read here (a Hub dataset, offline?): its split, "
+                "configuration and format are checked when the run loads it")
+            return None, None, recipe.data.format, {}, None, None
+
     holdout = None
     if recipe.data.path == BUILTIN_DATA:
+        if recipe.data.split != "train" or recipe.data.config:
+            raise FinetuneHelperError("data.split" if recipe.data.split != "train" else "data.config",
+                                      f"{BUILTIN_DATA} has one split, train, and no configurations")
         from .tiny import N_DEMO_TRAIN, N_HOLDOUT, synthetic_dataset
 
         n = recipe.data.max_examples or N_DEMO_TRAIN
@@ -120,8 +136,9 @@ def _load_data(recipe: Recipe, tokenizer, log: Callable[[str], None]):
         detected = dataio.detect_format(dataset.column_names, dataset[0])
         log(f"data: {BUILTIN_DATA} ({n} generated {fmt} examples, {len(holdout)} held-out problems)")
     else:
-        dataset, detected = dataio.load_data(recipe.data.path, fmt=None if recipe.data.format == "auto" else
-                                                  recipe.data.format, columns=recipe.data.columns or None)
+        dataset, detected = dataio.load_data(recipe.data.path, split=recipe.data.split, config=recipe.data.config,
+                                             fmt=None if recipe.data.format == "auto" else recipe.data.format,
+                                             columns=recipe.data.columns or None)
         if recipe.data.max_examples:
             dataset = dataset.select(range(min(recipe.data.max_examples, len(dataset))))
         log(f"data: {recipe.data.path} ({len(dataset)} examples, format {detected})")
@@ -179,7 +196,7 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
 
     overrides = dict(recipe.training)
     adaptations: list[str] = []
-    kwargs = training_kwargs(plan, str(run_dir), **{"seed": recipe.seed, **overrides})
+    kwargs = training_kwargs(plan, str(run_dir), sft=True, **{"seed": recipe.seed, **overrides})
     if device == "cpu" and dry_run:
         adaptations.append("no CUDA GPU on this machine: a run here would train on the CPU in fp32")
     elif device == "cpu" and overrides.get("bf16") is True:
@@ -212,15 +229,20 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
                 "data.packing: padding-free rows are attended as one masked sequence without flash_attention_2, "
                 "quadratic in the packed length (benchmarks/train_throughput.py: 2.7x slower than padded batches on "
                 "the CPU); on a GPU set model.attn_implementation=flash_attention_2")
+    sft.update({k: v for k, v in overrides.items() if k in sft})  # training: completion_only_loss wins, say
     return _check_sft_config({**kwargs, **sft}, overrides, device), adaptations
 
 
 def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *,
-            dry_run: bool = False) -> tuple[Prepared, Any]:
+            dry_run: bool = False, resume: bool = False, check_only: bool = False) -> tuple[Prepared, Any]:
     """Resolve model, data and plan; return the preparation and the tokenizer.
 
     A dry run of a Hub model that is not available offline plans from the catalog config without its tokenizer
-    (nothing is downloaded); the loss-masking settings are then decided at run time.
+    (nothing is downloaded); the loss-masking settings are then decided at run time.  ``check_only``
+    (``finetune-helper validate``) goes further: a Hub dataset that cannot be read offline is planned for
+    ``recommend.dataset_size`` (or the planner's assumption) and said in the log.  ``resume`` continues with the
+    run's saved ``training_args.json`` (an out-of-memory back-off's batch included), only the training length
+    taken from the recipe.
     """
     from datasets.utils.logging import disable_progress_bar as datasets_quiet
     from transformers.utils.logging import disable_progress_bar as transformers_quiet
@@ -236,24 +258,56 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
     gpu = resolve_recipe_gpu(recipe)  # before any slow work: a misspelt GPU fails at once
     model_path = _resolve_model_path(recipe, log)
     spec = resolve_recipe_model(model_path)
+    check_targets(recipe, spec)
     try:
         tokenizer = load_tokenizer(model_path, recipe, log)
     except FinetuneHelperError:
-        if not dry_run:
+        if not (dry_run or check_only):
             raise
         tokenizer = None
-        log(f"tokenizer: {model_path} is not available here; dry run plans without it")
-    train, evaluation, fmt, trl_kwargs, note, holdout = _load_data(recipe, tokenizer, log)
+        log(f"tokenizer: {model_path} is not available here; planned without it")
+    train, evaluation, fmt, trl_kwargs, note, holdout = _load_data(recipe, tokenizer, log, check_only=check_only)
 
     device = _device()
-    plan = recommend_plan(_plan_request(recipe, spec, gpu, len(train)))
+    try:
+        plan = recommend_plan(_plan_request(recipe, spec, gpu, len(train) if train is not None else None))
+    except FinetuneHelperError as exc:  # the planner names its command-line flags; a recipe names its fields
+        raise FinetuneHelperError(_RECIPE_FIELD.get(exc.field, exc.field), exc.message) from None
     overrides = dict(recipe.training)
-    sft_kwargs, adaptations = _sft_kwargs(recipe, plan, run_dir, device, dry_run=dry_run,
+    sft_kwargs, adaptations = _sft_kwargs(recipe, plan, run_dir, device, dry_run=dry_run or check_only,
                                           has_eval=evaluation is not None, trl_kwargs=trl_kwargs)
+    resumed = resume and (saved := run_folder.read_json(run_dir / run_folder.TRAINING_ARGS)) is not None
+    if resumed:
+        length = {k: sft_kwargs[k] for k in _LENGTH_ARGS if k in sft_kwargs}
+        sft_kwargs = {**saved, **length}
     prepared = Prepared(recipe=recipe, run_dir=run_dir, model_path=model_path, plan=plan, sft_kwargs=sft_kwargs,
                         overrides=overrides, adaptations=adaptations, train_dataset=train, eval_dataset=evaluation,
-                        data_format=fmt, data_note=note, holdout=holdout)
+                        data_format=fmt, data_note=note, holdout=holdout, resumed=resumed)
     return prepared, tokenizer
+
+
+#: the planner's fields (its command-line flags) as the recipe names them
+_RECIPE_FIELD = {"seq-len": "data.max_length", "epochs": "recommend.epochs", "dataset-size": "recommend.dataset_size",
+                 "target-batch": "recommend.target_effective_batch", "lr-min": "recommend.lr_min",
+                 "lora-r": "method.lora_r", "lora-alpha": "method.lora_alpha", "lora-dropout": "method.lora_dropout",
+                 "lora_target_modules": "method.target_modules", "weights-dtype": "method.weights_dtype",
+                 "attn-implementation": "model.attn_implementation", "gpus": "hardware.gpus", "gpu": "hardware.gpu",
+                 "method": "method.type", "model": "model.name"}
+
+#: training_args.json fields a resumed run takes from its recipe rather than from the saved arguments: its length
+_LENGTH_ARGS = ("num_train_epochs", "max_steps")
+
+
+def check_targets(recipe: Recipe, spec) -> None:
+    """``method.target_modules`` against the model's linear layers, every name: PEFT matches by suffix and refuses
+    only when no name matches, so ``[q_projj, v_proj]`` would silently train v_proj alone."""
+    targets = recipe.method.target_modules
+    if recipe.method.type == "full" or targets == "all-linear":
+        return
+    try:
+        spec.lora_linears(tuple(targets) if isinstance(targets, list) else targets)
+    except FinetuneHelperError as exc:
+        raise FinetuneHelperError("method.target_modules", exc.message) from None
 
 
 #: TrainingArguments fields that must be positive when a recipe sets them
@@ -308,8 +362,12 @@ def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], dev
 
 
 def write_run_files(prep: Prepared) -> None:
+    """recipe.yaml, plan.json and training_args.json; a resumed run keeps the plan.json it started with."""
     prep.run_dir.mkdir(parents=True, exist_ok=True)
-    (prep.run_dir / run_folder.RECIPE).write_text("# fully resolved recipe, as run\n" + prep.recipe.to_yaml())
+    (prep.run_dir / run_folder.RECIPE).write_text(run_folder.RECIPE_HEADER + "\n" + prep.recipe.to_yaml())
+    write_json(prep.run_dir / run_folder.TRAINING_ARGS, prep.sft_kwargs)
+    if prep.resumed and (prep.run_dir / run_folder.PLAN).is_file():
+        return
     plan = prep.plan.to_dict()
     plan["overrides"] = prep.overrides
     plan["adaptations"] = prep.adaptations
@@ -321,7 +379,6 @@ def write_run_files(prep: Prepared) -> None:
     plan["train_examples"] = len(prep.train_dataset)
     plan["eval_examples"] = len(prep.eval_dataset) if prep.eval_dataset is not None else 0
     write_json(prep.run_dir / run_folder.PLAN, plan)
-    write_json(prep.run_dir / run_folder.TRAINING_ARGS, prep.sft_kwargs)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -458,6 +515,7 @@ def _train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         oom_events.append(_halve_batch(sft_kwargs, prep.run_dir, log))
+        write_json(prep.run_dir / run_folder.TRAINING_ARGS, sft_kwargs)  # what runs now, and what a resume continues
         resume_from = oom_events[-1]["resumed_from"] and str(prep.run_dir / oom_events[-1]["resumed_from"])
 
 
@@ -488,9 +546,8 @@ def _stop_early(run_dir: Path, summary: dict[str, Any], state: dict[str, Any]) -
         d = state["diverged"]
         lr = d["learning_rate"]
         code, status = EXIT_DIVERGED, "diverged"
-        message = (f"loss diverged at step {d['step']} ({d['loss']:.4g}, first logged {d['first_loss']:.4g}): "
-                   f"learning rate {lr:.2g} is likely too high: try {lr / 10:.2g}; last good checkpoint: "
-                   f"{ckpt if ckpt else 'none'}")
+        message = (f"loss diverged at step {d['step']} ({d['why']}): learning rate {lr:.2g} is likely too high: try "
+                   f"{lr / 10:.2g}; last good checkpoint: {ckpt if ckpt else 'none'}")
     else:
         code, status = EXIT_INTERRUPTED, "interrupted"
         message = (f"interrupted by {state['signal']} at step {summary['global_step']}; checkpoint {ckpt}; "
@@ -525,8 +582,8 @@ def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str
 
     run_dir = prep.run_dir
     state = state if state is not None else {}
-    if resume and (first := first_logged_loss(run_dir)) is not None:
-        state["first_loss"] = first
+    if resume and (first := starting_loss(run_dir, PATIENCE)) is not None:
+        state["first_loss"] = first  # the divergence guard's reference
     if torch.cuda.is_available():
         state.update(cuda=True)
     callbacks = list(extra_callbacks or []) + runner_callbacks(run_dir, log, state)
@@ -582,21 +639,25 @@ def format_summary(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------- entry point
 def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, output_dir: str | None = None,
         dry_run: bool = False, resume: bool = False, log: Callable[[str], None] = print,
-        extra_callbacks: list | None = None) -> RunResult:
-    recipe = load_recipe(recipe_path, overrides)
+        extra_callbacks: list | None = None, state: dict[str, Any] | None = None) -> RunResult:
+    """Run ``recipe_path`` into its run folder.  ``state`` (optional, shared with the caller) says how far the run
+    came: ``state["wrote_files"]`` once it wrote its run files (a refused run writes nothing)."""
+    recipe = _absolute_paths(load_recipe(recipe_path, overrides))
     run_dir = Path(output_dir or recipe.output_dir or Path("runs") / Path(recipe_path).stem)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FinetuneHelperError("output-dir", f"{run_dir} is a file, not a folder")
-    if not resume and not dry_run and run_folder.checkpoints(run_dir):
-        raise FinetuneHelperError("output-dir", f"{run_dir} already holds checkpoints; pass --resume to continue "
-                                  "that run, or --output-dir for a new one (nothing was overwritten)")
+    _check_run_folder(run_dir, dry_run=dry_run, resume=resume)
     if resume:
         start, skipped = run_folder.resume_point(run_dir)
         if start is None:
             raise FinetuneHelperError("resume", f"no complete checkpoint in {run_dir} to resume from" + (
                 f" ({skipped[-1][0].name}: {skipped[-1][1]})" if skipped else ""))
-        _check_resume_matches(recipe, run_dir)
-    state: dict[str, Any] = {"phase": "preparing"}
+        longer = _check_resume_matches(recipe, run_dir)
+        if run_folder.finished(run_dir) and not longer:
+            message = (f"{run_dir} finished already (summary.json); nothing to resume and nothing was changed. To "
+                       f"train longer, raise its length: {' or '.join(sorted(_RESUMABLE_CHANGES))}")
+            log(message)
+            return RunResult(run_dir, EXIT_OK, {"status": "finished", "message": message})
+    state = state if state is not None else {}
+    state["phase"] = "preparing"
 
     def on_signal(signum, frame):  # noqa: ARG001
         name = signal.Signals(signum).name
@@ -617,17 +678,48 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
             signal.signal(s, handler)
 
 
+def _absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with a local data file and model folder as absolute paths, so that the run folder's recipe.yaml
+    resumes from any working directory (``finetune-helper resume RUN_DIR``)."""
+    data, model = Path(recipe.data.path).expanduser(), Path(recipe.model.name).expanduser()
+    if not recipe.data.path.startswith("builtin:") and data.exists():
+        recipe.data.path = str(data.resolve())
+    if not recipe.model.name.startswith("builtin:") and model.is_dir():
+        recipe.model.name = str(model.resolve())
+    return recipe
+
+
+def _check_run_folder(run_dir: Path, *, dry_run: bool, resume: bool) -> None:
+    """Refuse, before anything is written, what would write over a run or a user's file."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FinetuneHelperError("output-dir", f"{run_dir} is a file, not a folder")
+    own = run_dir / run_folder.RECIPE
+    if own.exists() and not run_folder.is_own_recipe(own):
+        raise FinetuneHelperError("output-dir", f"{own} is not a recipe.yaml a run wrote (your own recipe?); a run "
+                                  "writes its resolved recipe there: choose another --output-dir (nothing was written)")
+    traces = run_folder.run_traces(run_dir)
+    if dry_run and traces:
+        raise FinetuneHelperError("output-dir", f"{run_dir} holds a run ({', '.join(traces)}); a dry run would rewrite "
+                                  "its recipe.yaml, plan.json and training_args.json: give the dry run another "
+                                  "--output-dir (nothing was written)")
+    if not resume and not dry_run and traces:
+        raise FinetuneHelperError("output-dir", f"{run_dir} already holds a run ({', '.join(traces)}); pass --resume "
+                                  "(or finetune-helper resume) to continue it, or --output-dir for a new one "
+                                  "(nothing was overwritten)")
+
+
 #: recipe settings a resumed run may change: only how long it trains
 _RESUMABLE_CHANGES = {"recommend.epochs", "training.max_steps", "training.num_train_epochs"}
 
 
-def _check_resume_matches(recipe: Recipe, run_dir: Path) -> None:
-    """``--resume`` continues the same run: its saved recipe.yaml must agree but for the training length."""
+def _check_resume_matches(recipe: Recipe, run_dir: Path) -> bool:
+    """``--resume`` continues the same run: its saved recipe.yaml must agree but for the training length.  Returns
+    whether the training length changed."""
     import yaml
 
     saved_file = run_dir / run_folder.RECIPE
     if not saved_file.is_file():
-        return
+        return False
     saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
     now = recipe.to_dict()
 
@@ -642,24 +734,34 @@ def _check_resume_matches(recipe: Recipe, run_dir: Path) -> None:
         return out
 
     a, b = flat(saved), flat(now)
+    longer = False
     for key in sorted(set(a) | set(b)):
-        if key in _RESUMABLE_CHANGES or key == "output_dir":
+        if key == "output_dir":
+            continue
+        if key in _RESUMABLE_CHANGES:
+            longer = longer or a.get(key) != b.get(key)
             continue
         if a.get(key) != b.get(key):
             raise FinetuneHelperError(key, f"differs from the run being resumed ({a.get(key)!r} in {saved_file}, "
                                       f"{b.get(key)!r} now); --resume continues the same run (only the training "
                                       "length may change): use a new --output-dir for a different recipe")
+    return longer
 
 
 def _run(recipe: Recipe, run_dir: Path, *, dry_run: bool, resume: bool, log: Callable[[str], None],
          extra_callbacks: list | None, state: dict[str, Any]) -> RunResult:
-    prep, tokenizer = prepare(recipe, run_dir, log, dry_run=dry_run)
+    prep, tokenizer = prepare(recipe, run_dir, log, dry_run=dry_run, resume=resume)
     plan = prep.plan
-    log(f"plan: per-device batch {plan.per_device_train_batch_size} x accumulation "
-        f"{plan.gradient_accumulation_steps} x {plan.request.gpus} GPU = {plan.effective_batch_size}, lr "
-        f"{plan.learning_rate:.2e}, warmup {plan.warmup_ratio:.1%}, {plan.optim}, checkpointing "
-        f"{'on' if plan.gradient_checkpointing else 'off'} ({'fits' if plan.fits else 'DOES NOT FIT'}: "
-        f"{plan.reasons['fits']})")
+    if prep.resumed:
+        a = prep.sft_kwargs
+        log(f"resuming with the run's own training_args.json: per-device batch {a['per_device_train_batch_size']} x "
+            f"accumulation {a['gradient_accumulation_steps']}, lr {a['learning_rate']:.2e}")
+    else:
+        log(f"plan: per-device batch {plan.per_device_train_batch_size} x accumulation "
+            f"{plan.gradient_accumulation_steps} x {plan.request.gpus} GPU = {plan.effective_batch_size}, lr "
+            f"{plan.learning_rate:.2e}, warmup {plan.warmup_ratio:.1%}, {plan.optim}, checkpointing "
+            f"{'on' if plan.gradient_checkpointing else 'off'} ({'fits' if plan.fits else 'DOES NOT FIT'}: "
+            f"{plan.reasons['fits']})")
     for key, value in prep.overrides.items():
         log(f"override from the recipe's training section: {key}={value!r} (wins over the recommendation)")
     estimate = run_estimate(prep)
@@ -668,7 +770,9 @@ def _run(recipe: Recipe, run_dir: Path, *, dry_run: bool, resume: bool, log: Cal
     for note in prep.adaptations:
         log(f"adapted: {note}")
     write_run_files(prep)
-    log(f"wrote {run_dir}/recipe.yaml, plan.json, training_args.json")
+    state["wrote_files"] = True
+    log(f"wrote {run_dir}/recipe.yaml, training_args.json" + (" (plan.json: the run's own, kept)" if prep.resumed
+                                                                 else ", plan.json"))
     if dry_run:
         return RunResult(run_dir, EXIT_OK, {"status": "dry-run", "run_dir": str(run_dir)})
     return train(prep, tokenizer, resume=resume, log=log, extra_callbacks=extra_callbacks, state=state)

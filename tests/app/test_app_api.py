@@ -107,6 +107,7 @@ def test_export_files_read_back(client, tmp_path):
     (("/etc",) + FORM[1:], "model"),  # a path outside the workspace
     (FORM[:4] + (10**6,) + FORM[5:], "seq-len"),
     (FORM[:8] + (1e-3, 1e-5), "lr-min"),
+    (FORM[:2] + (1.5,) + FORM[3:], "gpus"),  # never rounded to 2
 ])
 def test_bad_recommend_input_is_a_visible_error_and_the_app_keeps_working(client, form, field):
     from gradio_client.exceptions import AppError
@@ -185,8 +186,8 @@ def test_tiny_run_start_poll_stop_resume_and_read_after_restart(client, app_serv
     assert st["state"] == "done" and st["step"] == 200, st["log_tail"]
     assert st["summary"]["status"] == "done" and st["summary"]["train_loss_last"] < st["summary"]["train_loss_first"]
     log = (Path(st["run_dir"]) / "train.log").read_text()
-    assert log.count("$ finetune-helper run ") == 2 and log.rstrip().splitlines()[-1].startswith("saved:")
-    assert "--resume" in log.split("$ finetune-helper run ")[2].splitlines()[0]
+    assert log.count("$ finetune-helper run ") == 1 and log.rstrip().splitlines()[-1].startswith("saved:")
+    assert f"$ finetune-helper resume {st['run_dir']}" in log  # the run's own saved recipe and arguments
     assert FAKE_TOKEN not in json.dumps(st)
     # the live LR plot's planned curve is what the Trainer logged, step by step, across the stop and the resume
     from finetune_helper_app.app import live_lr_frame
@@ -276,3 +277,39 @@ def test_probe_from_the_train_tab_measures_the_recipe_and_shows_the_table(client
     rows = st["probe"]["rows"]
     assert rows[0]["micro_batch"] == 64 and abs(rows[0]["error"]) < 0.05
     assert st["probe"]["calibration"]["device"] == "cpu"
+
+
+def test_linked_run_files_are_not_shown_and_a_forged_process_is_not_signalled(client, app_workspace, tmp_path):
+    """A run folder whose files link outside the workspace, and whose process.json names a process the app never
+    started (its command line even says finetune_helper): nothing is read through the links, nothing is killed."""
+    import subprocess
+    import sys
+    import time
+
+    from gradio_client.exceptions import AppError
+
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("model:\n  name: TOP-SECRET-CONTENT\n")
+    run_dir = app_workspace / "runs" / "forged-run"
+    run_dir.mkdir(parents=True)
+    for name in ("recipe.yaml", "input-recipe.yaml", "plan.json", "summary.json", "train.log"):
+        (run_dir / name).symlink_to(secret)
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "finetune_helper"])
+    try:
+        (run_dir / "process.json").write_text(json.dumps({
+            "run_id": "forged-run", "pid": victim.pid, "started": time.time(), "command": "run",
+            "args": [str(run_dir / "input-recipe.yaml"), "--output-dir", str(run_dir)], "returncode": None}))
+        text, _, plan, _, recipe = client.predict("forged-run", api_name="/run_details")
+        assert "TOP-SECRET" not in json.dumps([text, plan, recipe]) and recipe == ""
+        with pytest.raises(AppError, match="not running"):
+            client.predict("forged-run", api_name="/stop_run")
+        time.sleep(0.5)
+        assert victim.poll() is None  # still alive: never signalled
+        (run_dir / "process.json").unlink()
+        (run_dir / "process.json").symlink_to(secret)  # and a linked process.json is not written through
+        with pytest.raises(AppError):
+            client.predict("forged-run", api_name="/stop_run")
+        assert secret.read_text().startswith("model:")
+    finally:
+        victim.kill()
+        victim.wait()

@@ -47,7 +47,9 @@ def test_real_world_recipes_dry_run_from_catalog_configs(path, local_data, tmp_p
     from finetune_helper.train.runner import run
 
     out = tmp_path / "run"
-    result = run(path, [f"data.path={local_data}"], output_dir=str(out), dry_run=True, log=lambda _: None)
+    # a local file has one split and no configurations: the Hub dataset's are replaced with it
+    result = run(path, [f"data.path={local_data}", "data.split=train", "data.config="], output_dir=str(out),
+                 dry_run=True, log=lambda _: None)
     assert result.exit_code == 0
     plan = json.loads((out / "plan.json").read_text())
     assert plan["fits"], (path.stem, plan["reasons"]["fits"])
@@ -128,3 +130,25 @@ def test_a_key_written_twice_is_an_error_naming_the_line(tmp_path):
     path.write_text("model:\n  name: builtin:tiny-llama\ntraining:\n  learning_rate: 1e-4\n  learning_rate: 1e-3\n")
     with pytest.raises(FinetuneHelperError, match=r"not valid YAML \(line 5, column 3\): duplicate key 'learning_rate'"):
         load_recipe(path)
+
+
+#: the configurations and splits of the Hub datasets the shipped recipes train on, as their dataset cards list them
+#: (the ``configs`` / ``dataset_info`` YAML header of each card's README.md; None: the default configuration only)
+DATASET_CARDS = {
+    # https://huggingface.co/datasets/yahma/alpaca-cleaned: one default configuration, split train
+    "yahma/alpaca-cleaned": {"configs": {None}, "splits": {"train"}},
+    # https://huggingface.co/datasets/HuggingFaceH4/ultrachat_200k: splits train_sft, test_sft, train_gen, test_gen
+    "HuggingFaceH4/ultrachat_200k": {"configs": {None}, "splits": {"train_sft", "test_sft", "train_gen", "test_gen"}},
+    # https://huggingface.co/datasets/HuggingFaceTB/smoltalk: no default configuration; "all" or one subset
+    # (load_dataset("HuggingFaceTB/smoltalk", "all", split="train") in its card); splits train and test
+    "HuggingFaceTB/smoltalk": {"configs": {"all", "smol-magpie-ultra", "smol-constraints", "smol-rewrite",
+                                           "smol-summarize"}, "splits": {"train", "test"}},
+}
+
+
+@pytest.mark.parametrize("path", REAL_WORLD, ids=lambda p: p.stem)
+def test_shipped_recipes_name_splits_and_configs_their_datasets_have(path):
+    recipe = load_recipe(path)
+    card = DATASET_CARDS[recipe.data.path]
+    assert recipe.data.config in card["configs"], (recipe.data.path, recipe.data.config)
+    assert recipe.data.split.split("[")[0] in card["splits"], (recipe.data.path, recipe.data.split)

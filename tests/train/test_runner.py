@@ -147,7 +147,7 @@ def test_interrupt_saves_and_resume_reaches_the_same_final_step(tmp_path):
         run(TINY, steps(10, "training.save_steps=100", "data.max_examples=300"), output_dir=str(out),
             extra_callbacks=[SigtermAt()], **QUIET)
     assert stop.value.code == EXIT_INTERRUPTED and last_checkpoint(out).name == "checkpoint-4"
-    with pytest.raises(Exception, match="already holds checkpoints"):  # nothing is overwritten by accident
+    with pytest.raises(Exception, match="already holds a run"):  # nothing is overwritten by accident
         run(TINY, steps(10, "data.max_examples=300"), output_dir=str(out), **QUIET)
     result = run(TINY, steps(10, "training.save_steps=100", "data.max_examples=300"), output_dir=str(out),
                  resume=True, **QUIET)
@@ -270,7 +270,7 @@ def test_resume_with_no_complete_checkpoint_is_one_line_naming_the_broken_one(tm
     (out / "checkpoint-2" / "scheduler.pt").unlink()
     with pytest.raises(FinetuneHelperError, match="no complete checkpoint .*checkpoint-2: no scheduler state"):
         run(TINY, steps(4, "data.max_examples=200"), output_dir=str(out), resume=True, **QUIET)
-    with pytest.raises(FinetuneHelperError, match="already holds checkpoints"):  # and it is not overwritten
+    with pytest.raises(FinetuneHelperError, match="already holds a run"):  # and it is not overwritten
         run(TINY, steps(4, "data.max_examples=200"), output_dir=str(out), **QUIET)
 
 
@@ -278,3 +278,117 @@ def test_the_recipes_seed_reaches_the_trainer(tmp_path):
     out = tmp_path / "dry"
     run(TINY, ["seed=7"], output_dir=str(out), dry_run=True, **QUIET)
     assert json.loads((out / "training_args.json").read_text())["seed"] == 7
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``folder`` with its modification time and bytes."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_dry_runs_and_refused_runs_never_rewrite_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["run", str(TINY), "--output-dir", str(out), *steps(2, "training.save_steps=2",
+                                                                         "data.max_examples=100")]) == 0
+    assert json.loads((out / "exit.json").read_text())["returncode"] == 0
+    before = snapshot(out)
+    for argv in (["--dry-run"], ["--dry-run", "method.type=lora"], [], ["training.max_steps=9"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["run", str(TINY), "--output-dir", str(out), *argv])
+        assert exit_info.value.code == 2
+        assert "holds a run" in capsys.readouterr().err
+    assert snapshot(out) == before  # recipe.yaml, plan.json, training_args.json, exit.json: untouched
+
+
+def test_a_users_own_recipe_is_never_written_over(tmp_path, capsys, monkeypatch):
+    mine = tmp_path / "recipe.yaml"
+    mine.write_text("# my notes\n" + TINY.read_text())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", "recipe.yaml", "--output-dir", ".", "--dry-run"])
+    assert exit_info.value.code == 2 and "not a recipe.yaml a run wrote" in capsys.readouterr().err
+    assert mine.read_text().startswith("# my notes") and not (tmp_path / "plan.json").exists()
+    assert not (tmp_path / "exit.json").exists()
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(TINY, steps(4, "training.save_steps=2", "data.max_examples=100"), output_dir=str(out), **QUIET)
+    before = snapshot(out)
+    assert cli.main(["resume", str(out)]) == 0
+    assert "finished already" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+def test_resume_command_continues_with_the_saved_arguments_after_an_oom_back_off(tmp_path, capsys):
+    """``finetune-helper resume RUN_DIR``: nothing re-typed; the back-off's batch and accumulation, not a new plan."""
+    out = tmp_path / "run"
+    oom = RaiseOOMOnce(at_step=3)
+
+    class SigtermAt:
+        def __init__(self):
+            from transformers import TrainerCallback
+
+            class _CB(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    if state.global_step == 5:
+                        os.kill(os.getpid(), signal.SIGTERM)
+
+            self.callback = _CB()
+
+    with pytest.raises(RunStopped):
+        run(TINY, steps(8, "training.save_steps=2", "training.per_device_train_batch_size=8",
+                        "training.gradient_accumulation_steps=2", "data.max_examples=300"),
+            output_dir=str(out), extra_callbacks=[oom.callback, SigtermAt().callback], **QUIET)
+    args = json.loads((out / "training_args.json").read_text())
+    assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (4, 4)
+    assert cli.main(["resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "per-device batch 4 x accumulation 4" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["global_step"] == 8
+    assert json.loads((out / "exit.json").read_text())["returncode"] == 0
+
+
+def test_a_misspelt_lora_target_is_an_error_even_when_another_matches(tmp_path):
+    from finetune_helper.errors import FinetuneHelperError
+
+    with pytest.raises(FinetuneHelperError) as err:
+        run(TINY, ["method.type=lora", "method.target_modules=[q_projj, v_proj]"], output_dir=str(tmp_path / "r"),
+            dry_run=True, **QUIET)
+    assert err.value.field == "method.target_modules" and "q_projj" in err.value.message
+    assert not (tmp_path / "r").exists()
+
+
+def test_training_takes_sft_config_fields(tmp_path):
+    out = tmp_path / "dry"
+    run(TINY, ["training.dataset_num_proc=1", "training.loss_type=nll"], output_dir=str(out), dry_run=True, **QUIET)
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["dataset_num_proc"] == 1 and args["loss_type"] == "nll"
+
+
+#: bad recipes that ``run --dry-run`` refuses: ``validate`` must refuse each for the same field
+VALIDATE_EQUALS_RUN = [
+    (["training.num_train_epochs=.inf"], "training.num_train_epochs"),
+    (["recommend.epochs=.nan"], "recommend.epochs"),
+    (["method.type=lora", "method.lora_alpha=-3"], "method.lora_alpha"),
+    (["data.max_length=1000000000"], "data.max_length"),
+    (["training.optim=adamw_foo"], "training"),
+    (["training.lr_scheduler_type=cosinus"], "training"),
+    (["method.type=lora", "method.target_modules=[q_projj, v_proj]"], "method.target_modules"),
+    (["data.path=/etc/hostname"], "data.path"),
+    (["data.split=test"], "data.split"),
+    (["training.max_length=64"], "training.max_length"),
+    (["training.loss_typ=nll"], "training.loss_typ"),
+]
+
+
+@pytest.mark.parametrize("overrides, field", VALIDATE_EQUALS_RUN, ids=[f for _, f in VALIDATE_EQUALS_RUN])
+def test_validate_refuses_what_run_refuses(overrides, field, tmp_path, capsys):
+    for command in (["validate", str(TINY)], ["run", str(TINY), "--dry-run", "--output-dir", str(tmp_path / "r")]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*command, *overrides])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1, (command, err)
+        assert err[0].startswith(f"finetune-helper: error: {field}:"), (command, err)
+    assert not (tmp_path / "r").exists()
