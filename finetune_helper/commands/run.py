@@ -65,13 +65,14 @@ def start(args: argparse.Namespace, recipe: str, overrides: list[str], *, output
 
 
 def record_exit(args: argparse.Namespace, code: int) -> None:
-    """Leave the exit code in the run folder (the app reads it: how a run ended, even unwatched) -- unless the folder
-    holds another run this command did not write to: a run refused for it, or a resume with nothing to do, changes
-    nothing there."""
+    """Leave the exit code in the run folder (the app reads it: how a run ended, even unwatched) -- unless the run
+    was refused for the folder itself (it holds another run, or your own recipe.yaml) or found nothing to do (a
+    finished run resumed): then nothing there changes."""
     run_dir = getattr(args, "output_dir", None) or getattr(args, "run_dir", None)
     if not run_dir or not os.path.isdir(run_dir):
         return
     from ..train.run_folder import run_traces, write_exit
 
-    if getattr(args, "run_state", {}).get("wrote_files") or not run_traces(run_dir):
+    state = getattr(args, "run_state", {})
+    if state.get("wrote_files") or (state.get("folder_ok") and not run_traces(run_dir)):
         write_exit(run_dir, code)

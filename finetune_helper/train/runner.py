@@ -216,6 +216,9 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
     kwargs.setdefault("logging_nan_inf_filter", False)  # the Trainer would hide NaN/inf losses from the guard
     kwargs.setdefault("disable_tqdm", True)
     kwargs.setdefault("save_total_limit", 3)
+    if not has_eval and str(overrides.get("eval_strategy", "no")) != "no":
+        raise FinetuneHelperError("training.eval_strategy", f"{overrides['eval_strategy']!r} needs held-out data: set "
+                                  "data.eval_fraction above 0 (or eval_strategy to no)")
     if has_eval:
         kwargs.setdefault("eval_strategy", "steps")
         kwargs.setdefault("eval_steps", kwargs.get("save_steps", 100))
@@ -641,10 +644,13 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         dry_run: bool = False, resume: bool = False, log: Callable[[str], None] = print,
         extra_callbacks: list | None = None, state: dict[str, Any] | None = None) -> RunResult:
     """Run ``recipe_path`` into its run folder.  ``state`` (optional, shared with the caller) says how far the run
-    came: ``state["wrote_files"]`` once it wrote its run files (a refused run writes nothing)."""
+    came: ``state["folder_ok"]`` once the run folder's checks passed, ``state["wrote_files"]`` once it wrote its
+    run files (a refused run writes nothing)."""
+    state = state if state is not None else {}
     recipe = _absolute_paths(load_recipe(recipe_path, overrides))
     run_dir = Path(output_dir or recipe.output_dir or Path("runs") / Path(recipe_path).stem)
     _check_run_folder(run_dir, dry_run=dry_run, resume=resume)
+    state["folder_ok"] = True  # nothing in the folder stands in the way (its exit code may be recorded)
     if resume:
         start, skipped = run_folder.resume_point(run_dir)
         if start is None:
@@ -656,7 +662,6 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                        f"train longer, raise its length: {' or '.join(sorted(_RESUMABLE_CHANGES))}")
             log(message)
             return RunResult(run_dir, EXIT_OK, {"status": "finished", "message": message})
-    state = state if state is not None else {}
     state["phase"] = "preparing"
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -693,6 +698,7 @@ def _check_run_folder(run_dir: Path, *, dry_run: bool, resume: bool) -> None:
     """Refuse, before anything is written, what would write over a run or a user's file."""
     if run_dir.exists() and not run_dir.is_dir():
         raise FinetuneHelperError("output-dir", f"{run_dir} is a file, not a folder")
+    _check_writable(run_dir)
     own = run_dir / run_folder.RECIPE
     if own.exists() and not run_folder.is_own_recipe(own):
         raise FinetuneHelperError("output-dir", f"{own} is not a recipe.yaml a run wrote (your own recipe?); a run "
@@ -706,6 +712,18 @@ def _check_run_folder(run_dir: Path, *, dry_run: bool, resume: bool) -> None:
         raise FinetuneHelperError("output-dir", f"{run_dir} already holds a run ({', '.join(traces)}); pass --resume "
                                   "(or finetune-helper resume) to continue it, or --output-dir for a new one "
                                   "(nothing was overwritten)")
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run folder can be created and written (before minutes of loading), or a one-line error."""
+    import tempfile
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as exc:
+        raise FinetuneHelperError("output-dir", f"cannot write in {run_dir}: {exc.strerror or exc}") from None
 
 
 #: recipe settings a resumed run may change: only how long it trains

@@ -392,3 +392,16 @@ def test_validate_refuses_what_run_refuses(overrides, field, tmp_path, capsys):
         assert exit_info.value.code == 2 and len(err) == 1, (command, err)
         assert err[0].startswith(f"finetune-helper: error: {field}:"), (command, err)
     assert not (tmp_path / "r").exists()
+
+
+def test_an_unwritable_run_folder_and_eval_without_held_out_data_are_field_errors(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cases = [(["--output-dir", str(blocker / "run")], "--output-dir: cannot write in"),
+             (["--output-dir", str(tmp_path / "ev"), "data.eval_fraction=0", "training.eval_strategy=steps"],
+              "training.eval_strategy:")]
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["run", str(TINY), "training.max_steps=2", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and needle in err[0], err
