@@ -405,3 +405,27 @@ def test_an_unwritable_run_folder_and_eval_without_held_out_data_are_field_error
             cli.main(["run", str(TINY), "training.max_steps=2", *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_folder(tmp_path):
+    """A real `finetune-helper run` process killed with SIGKILL (no handler runs, a save may be cut short) continues
+    with `finetune-helper resume RUN_DIR` to its final step."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "finetune_helper", "run", str(TINY), "--output-dir", str(out),
+           *steps(400, "training.save_steps=2", "data.max_examples=300")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint-6").exists():
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert (out / "checkpoint-6").exists() and not (out / "summary.json").exists()
+    end = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) + 4
+    done = subprocess.run([sys.executable, "-m", "finetune_helper", "resume", str(out), f"training.max_steps={end}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "summary.json").read_text())["global_step"] == end
