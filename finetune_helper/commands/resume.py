@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import FinetuneHelperError
-from .run import record_exit, start
+from .run import add_launch_arguments, dispatch, record_exit
 
 
 def add_parser(subparsers) -> None:
@@ -16,6 +16,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="only the training length may change: recommend.epochs, training.max_steps, "
                         "training.num_train_epochs")
+    add_launch_arguments(p)
     p.set_defaults(func=run, after=record_exit)
 
 
@@ -28,4 +29,4 @@ def run(args: argparse.Namespace) -> int:
     if not is_own_recipe(recipe):
         raise FinetuneHelperError("run_dir", f"{recipe} is missing or not written by a run: {args.run_dir} is not a "
                                   "run folder")
-    return start(args, str(recipe), args.overrides, output_dir=args.run_dir, dry_run=False, resume=True)
+    return dispatch(args, str(recipe), args.overrides, output_dir=args.run_dir, dry_run=False, resume=True)

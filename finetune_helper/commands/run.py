@@ -21,18 +21,58 @@ def add_parser(subparsers) -> None:
                    "(refused into a folder that holds a run)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last complete checkpoint, "
                    "with the run's saved arguments (see also: finetune-helper resume RUN_DIR)")
+    add_launch_arguments(p)
     p.set_defaults(func=run, after=record_exit)
 
 
+def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    """Several GPUs / nodes: the run is launched with torch's launcher (torchrun), one process per GPU."""
+    g = p.add_argument_group("several GPUs (torchrun; without CUDA: CPU processes with the gloo backend)")
+    g.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="processes per node, one per GPU (default: the recipe's hardware.gpus); on a machine without "
+                        "CUDA, N CPU processes (gloo), so the launch path runs anywhere")
+    g.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes taking part (default 1)")
+    g.add_argument("--node-rank", type=int, default=0, metavar="R", help="this node's rank, 0 to M-1")
+    g.add_argument("--main-address", default="127.0.0.1", metavar="HOST", help="the rank-0 node's address")
+    g.add_argument("--main-port", type=int, default=29500, metavar="P", help="a free port on the rank-0 node")
+
+
 def run(args: argparse.Namespace) -> int:
-    return start(args, args.recipe, args.overrides, output_dir=args.output_dir, dry_run=args.dry_run,
-                 resume=args.resume)
+    return dispatch(args, args.recipe, args.overrides, output_dir=args.output_dir, dry_run=args.dry_run,
+                    resume=args.resume)
+
+
+def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, output_dir: str | None, dry_run: bool,
+             resume: bool) -> int:
+    """One process, or (several GPUs or nodes, not a dry run, not already a launcher's worker) the launcher."""
+    from ..train.launch import Launch, in_launcher, launch, world_size
+    from ..train.recipe import load_recipe
+    from ..train.runner import check_run_folder, default_run_dir
+
+    loaded = load_recipe(recipe, overrides)  # a bad recipe fails here, at once, before any process starts
+    gpus = args.gpus if args.gpus is not None else loaded.hardware.gpus
+    spec = Launch(gpus=gpus, nodes=args.nodes, node_rank=args.node_rank, main_address=args.main_address,
+                  main_port=args.main_port)
+    world = world_size() if in_launcher() else spec.world  # a worker plans for the world it is part of
+    if dry_run or in_launcher() or world == 1:
+        if world != loaded.hardware.gpus:
+            overrides = [*overrides, f"hardware.gpus={world}"]
+        return start(args, recipe, overrides, output_dir=output_dir, dry_run=dry_run, resume=resume)
+    run_dir = default_run_dir(loaded, recipe, output_dir)
+    if spec.node_rank == 0:
+        check_run_folder(run_dir, dry_run=False, resume=resume)
+    run_args = ["run", recipe, *overrides, f"hardware.gpus={spec.world}", "--output-dir", str(run_dir),
+                *(["--resume"] if resume else [])]
+    print(f"launching {spec.gpus} process{'es' if spec.gpus > 1 else ''} on this node ({spec.world} in all): "
+          f"{' '.join(spec.command(run_args))}", flush=True)
+    return launch(spec, run_args, run_dir)
 
 
 def start(args: argparse.Namespace, recipe: str, overrides: list[str], *, output_dir: str | None, dry_run: bool,
           resume: bool) -> int:
     """Run a recipe and print how it ended; ``args.run_state`` tells :func:`record_exit` whether the run got as far
     as writing its files."""
+    from ..train.launch import is_main
     from ..train.runner import RunStopped, format_summary, run as run_recipe
 
     def log(line: str) -> None:
@@ -43,7 +83,8 @@ def start(args: argparse.Namespace, recipe: str, overrides: list[str], *, output
         result = run_recipe(recipe, overrides, output_dir=output_dir, dry_run=dry_run, resume=resume, log=log,
                             state=args.run_state)
     except RunStopped as stop:
-        print(f"{PROG}: stopped: {stop}", file=sys.stderr)
+        if is_main():
+            print(f"{PROG}: stopped: {stop}", file=sys.stderr)
         return stop.code
     except (FinetuneHelperError, KeyboardInterrupt, SystemExit):
         raise
@@ -58,7 +99,7 @@ def start(args: argparse.Namespace, recipe: str, overrides: list[str], *, output
         print(f"{PROG}: error: run failed: {type(exc).__name__}: {first} (traceback in {path}; checkpoints in the "
               "run folder are kept)", file=sys.stderr)
         return 1
-    if result.summary.get("status") == "done":
+    if result.summary.get("status") == "done" and is_main():
         print()
         print(format_summary(result.summary))
     return result.exit_code
@@ -68,8 +109,10 @@ def record_exit(args: argparse.Namespace, code: int) -> None:
     """Leave the exit code in the run folder (the app reads it: how a run ended, even unwatched) -- unless the run
     was refused for the folder itself (it holds another run, or your own recipe.yaml) or found nothing to do (a
     finished run resumed): then nothing there changes."""
+    from ..train.launch import is_main
+
     run_dir = getattr(args, "output_dir", None) or getattr(args, "run_dir", None)
-    if not run_dir or not os.path.isdir(run_dir):
+    if not run_dir or not os.path.isdir(run_dir) or not is_main():
         return
     from ..train.run_folder import run_traces, write_exit
 

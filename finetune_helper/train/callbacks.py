@@ -26,6 +26,8 @@ def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str,
             self.tokens0 = state["tokens_at_start"] = st.num_input_tokens_seen or 0
 
         def on_log(self, args, st, control, logs=None, **kw):
+            if not st.is_world_process_zero:  # several processes: rank 0 writes and prints
+                return
             logs = dict(logs or {})
             elapsed = time.time() - self.t0
             done = st.global_step - self.start_step

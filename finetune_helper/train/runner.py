@@ -28,7 +28,7 @@ from ..errors import FinetuneHelperError
 from ..recommender.training_setup import TORCH_DTYPE_NAMES
 from ..units import fmt_gib
 from ..export.versions import RENAMES, check_stack, installed_stack
-from . import run_folder
+from . import launch, run_folder
 from .callbacks import runner_callbacks
 from .divergence import PATIENCE
 from .recipe import BUILTIN_DATA, BUILTIN_MODEL, Recipe, load_recipe, resolve_recipe_gpu, resolve_recipe_model
@@ -215,6 +215,8 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
     kwargs.setdefault("logging_nan_inf_filter", False)  # the Trainer would hide NaN/inf losses from the guard
     kwargs.setdefault("disable_tqdm", True)
+    # DDP: every trainable parameter takes part in each step (find_unused_parameters would walk the graph each time)
+    kwargs.setdefault("ddp_find_unused_parameters", False)
     kwargs.setdefault("save_total_limit", 3)
     if not has_eval and str(overrides.get("eval_strategy", "no")) != "no":
         raise FinetuneHelperError("training.eval_strategy", f"{overrides['eval_strategy']!r} needs held-out data: set "
@@ -503,7 +505,7 @@ def _train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from:
         if len(trainer.train_dataset) == 0:
             raise FinetuneHelperError("data.max_length", f"{sft_kwargs.get('max_length')} tokens leave no answer token "
                                       "in any example (TRL drops those): raise data.max_length")
-        if before is None and prep.holdout:
+        if before is None and prep.holdout and launch.is_main():
             before = _exact_match(prep, trainer.model, tokenizer)
         state["phase"] = "training"
         state["estimated_peak_memory_bytes"] = run_estimate(prep, sft_kwargs).allocated_peak
@@ -512,7 +514,10 @@ def _train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from:
         try:
             return trainer, trainer.train(resume_from_checkpoint=resume_from), oom_events, before
         except torch.OutOfMemoryError:
-            pass
+            if launch.world_size() > 1:  # the other processes wait in a collective: no back-off, stop them all
+                raise RunStopped(EXIT_OOM, f"out of memory on rank {launch.rank()} of {launch.world_size()}: run "
+                                 "again with a smaller training.per_device_train_batch_size or "
+                                 "training.gradient_checkpointing=true") from None
         del trainer  # outside the except block, so the traceback no longer holds it
         gc.collect()
         if torch.cuda.is_available():
@@ -556,7 +561,8 @@ def _stop_early(run_dir: Path, summary: dict[str, Any], state: dict[str, Any]) -
         message = (f"interrupted by {state['signal']} at step {summary['global_step']}; checkpoint {ckpt}; "
                    "run again with --resume to continue")
     summary.update(status=status, message=message)
-    write_json(run_dir / run_folder.SUMMARY, summary)
+    if launch.is_main():
+        write_json(run_dir / run_folder.SUMMARY, summary)
     raise RunStopped(code, message)
 
 
@@ -569,13 +575,14 @@ def _finish(prep: Prepared, trainer, tokenizer, summary: dict[str, Any], before:
         else:
             summary["eval_loss"] = trainer.evaluate().get("eval_loss")
     final = prep.run_dir / run_folder.FINAL
-    trainer.save_model(str(final))
-    tokenizer.save_pretrained(str(final))
+    trainer.save_model(str(final))  # every rank (FSDP gathers the shards); the main process writes
     summary["final"] = str(final)
+    if not launch.is_main():
+        return
+    tokenizer.save_pretrained(str(final))
     if prep.holdout:
         summary["exact_match_before"] = before
         summary["exact_match_after"] = _exact_match(prep, trainer.model, tokenizer)
-    summary["status"] = "done"
 
 
 def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str], None] = print,
@@ -602,7 +609,10 @@ def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str
     if state.get("diverged") or state.get("signal"):
         _stop_early(run_dir, summary, state)
     _finish(prep, trainer, tokenizer, summary, before)
-    write_json(run_dir / run_folder.SUMMARY, summary)
+    summary["status"] = "done"
+    summary["processes"] = launch.world_size()
+    if launch.is_main():
+        write_json(run_dir / run_folder.SUMMARY, summary)
     return RunResult(run_dir, EXIT_OK, summary)
 
 
@@ -648,8 +658,12 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     run files (a refused run writes nothing)."""
     state = state if state is not None else {}
     recipe = _absolute_paths(load_recipe(recipe_path, overrides))
-    run_dir = Path(output_dir or recipe.output_dir or Path("runs") / Path(recipe_path).stem)
-    _check_run_folder(run_dir, dry_run=dry_run, resume=resume)
+    run_dir = default_run_dir(recipe, recipe_path, output_dir)
+    main = launch.is_main()
+    if not main:  # one of several processes: rank 0 checks, writes and prints
+        log = _silent
+    else:
+        check_run_folder(run_dir, dry_run=dry_run, resume=resume)
     state["folder_ok"] = True  # nothing in the folder stands in the way (its exit code may be recorded)
     if resume:
         start, skipped = run_folder.resume_point(run_dir)
@@ -694,7 +708,16 @@ def _absolute_paths(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def _check_run_folder(run_dir: Path, *, dry_run: bool, resume: bool) -> None:
+def _silent(line: str) -> None:  # noqa: ARG001 - the log of a process other than rank 0
+    return None
+
+
+def default_run_dir(recipe: Recipe, recipe_path: str | Path, output_dir: str | None) -> Path:
+    """``--output-dir``, else the recipe's ``output_dir``, else ``runs/<recipe file stem>``."""
+    return Path(output_dir or recipe.output_dir or Path("runs") / Path(recipe_path).stem)
+
+
+def check_run_folder(run_dir: Path, *, dry_run: bool, resume: bool) -> None:
     """Refuse, before anything is written, what would write over a run or a user's file."""
     if run_dir.exists() and not run_dir.is_dir():
         raise FinetuneHelperError("output-dir", f"{run_dir} is a file, not a folder")
@@ -787,8 +810,9 @@ def _run(recipe: Recipe, run_dir: Path, *, dry_run: bool, resume: bool, log: Cal
         f"{fmt_gib(estimate.allocated_peak)} peak tensor memory, at the {estimate.peak_phase}")
     for note in prep.adaptations:
         log(f"adapted: {note}")
-    write_run_files(prep)
-    state["wrote_files"] = True
+    if launch.is_main():
+        write_run_files(prep)
+        state["wrote_files"] = True
     log(f"wrote {run_dir}/recipe.yaml, training_args.json" + (" (plan.json: the run's own, kept)" if prep.resumed
                                                                  else ", plan.json"))
     if dry_run:

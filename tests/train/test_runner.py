@@ -429,3 +429,35 @@ def test_a_run_killed_with_sigkill_resumes_from_its_folder(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "summary.json").read_text())["global_step"] == end
+
+
+def test_two_processes_train_data_parallel_write_the_folder_once_and_resume(tmp_path):
+    """`run --gpus 2` on a machine without CUDA: torchrun starts two CPU processes (gloo), the same launch path as
+    on GPUs. Both train (the plan's effective batch counts both), rank 0 alone writes, and resume continues it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    first = subprocess.run([sys.executable, "-m", "finetune_helper", "run", str(TINY), "--gpus", "2", "--output-dir",
+                            str(out), "--main-port", "29531", *steps(4, "training.save_steps=2",
+                                                                       "data.max_examples=300")],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "launching 2 processes" in first.stdout and first.stdout.count("run: done at step 4/4") == 1
+    plan = json.loads((out / "plan.json").read_text())
+    args = json.loads((out / "training_args.json").read_text())
+    assert plan["gpus"] == 2 and plan["distributed"] == "ddp"
+    assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * 2 == plan["effective_batch_size"]
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == args["per_device_train_batch_size"]
+    steps_logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+                    if "loss" in json.loads(x)]
+    assert steps_logged == [1, 2, 3, 4]  # one writer
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_step"] == 4
+    assert json.loads((out / "exit.json").read_text())["returncode"] == 0
+    again = subprocess.run([sys.executable, "-m", "finetune_helper", "resume", str(out), "--main-port", "29532",
+                            "training.max_steps=6"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "launching 2 processes" in again.stdout
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 6
