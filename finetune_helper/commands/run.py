@@ -57,6 +57,10 @@ def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, out
     if dry_run or in_launcher() or world == 1:
         if world != loaded.hardware.gpus:
             overrides = [*overrides, f"hardware.gpus={world}"]
+        if world == 1 and not in_launcher():
+            # one GPU means one: without a launcher the Trainer would take every visible GPU (n_gpu > 1, which
+            # SFTTrainer refuses); CUDA_VISIBLE_DEVICES chooses another, and is read before CUDA starts
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
         return start(args, recipe, overrides, output_dir=output_dir, dry_run=dry_run, resume=resume)
     run_dir = default_run_dir(loaded, recipe, output_dir)
     if spec.node_rank == 0:

@@ -275,15 +275,23 @@ class RunManager:
             return proc.poll() is None
         return _pid_alive(pid)
 
-    def _take_locks(self, run_id: str) -> None:
-        """One lock file per GPU (``O_EXCL``): a run needs all of its GPUs free."""
-        taken: list[Path] = []
+    def _take_locks(self, run_id: str, count: int = 1) -> list[str]:
+        """Lock ``count`` free GPUs of this manager's, the first free ones (one lock file each, ``O_EXCL``), and
+        return them; without CUDA the one ``cpu`` lock (every process of a run shares the CPU)."""
         with self._mutex():
-            self._take_each(run_id, taken)
+            return self._take_each(run_id, 1 if self.devices == ["cpu"] else count)
 
-    def _take_each(self, run_id: str, taken: list[Path]) -> None:
+    def _take_each(self, run_id: str, count: int) -> list[str]:
+        if count > len(self.devices):
+            raise FinetuneHelperError("hardware.gpus", f"the run needs {count} GPUs; this app has {len(self.devices)} "
+                                      f"({', '.join(self.devices)})")
+        taken: list[Path] = []
+        chosen: list[str] = []
+        busy: list[tuple[str, str]] = []
         try:
             for device in self.devices:
+                if len(chosen) == count:
+                    break
                 path = self._lock_file(device)
                 for attempt in range(2):
                     try:
@@ -291,20 +299,25 @@ class RunManager:
                     except FileExistsError:
                         holder = self._holder(device)
                         if holder is not None:
-                            where = "the CPU" if device == "cpu" else f"GPU {device}"
-                            raise FinetuneHelperError("run", f"run {holder} is still training on {where}; stop it "
-                                                      "first (one run at a time per GPU)") from None
+                            busy.append((device, holder))
+                            break
                         if attempt:
                             raise FinetuneHelperError("run", "another start is taking the GPU lock; try again") from None
                         continue
                     with os.fdopen(fd, "w") as fh:
                         json.dump({"run_id": run_id, "pid": os.getpid(), "starting": True, "time": time.time()}, fh)
                     taken.append(path)
+                    chosen.append(device)
                     break
+            if len(chosen) < count:
+                where = "; ".join(f"run {holder} on {'the CPU' if d == 'cpu' else 'GPU ' + d}" for d, holder in busy)
+                raise FinetuneHelperError("run", f"not enough free GPUs ({len(chosen)} of {count}): {where} is still "
+                                          "training; stop it first (one run at a time per GPU)")
         except BaseException:
             for path in taken:
                 path.unlink(missing_ok=True)
             raise
+        return chosen
 
     def _release_locks(self, pid: int | None, run_id: str | None = None) -> None:
         with self._mutex():
@@ -318,20 +331,25 @@ class RunManager:
                     run_id is not None and info.get("run_id") == run_id and info.get("starting")):
                 path.unlink(missing_ok=True)
 
-    def _launch(self, run_id: str, args: list[str], subcommand: str = "run") -> None:
+    def _launch(self, run_id: str, args: list[str], subcommand: str, devices: list[str]) -> None:
+        """Start the command on ``devices`` (the GPUs it locked: ``CUDA_VISIBLE_DEVICES``, so a one-GPU run on a
+        node with more uses one and several runs share the node)."""
         run_dir = self.workspace.runs / run_id
         command = [self.python, "-m", "finetune_helper", subcommand, *args]
+        env = dict(self.env)
+        if devices != ["cpu"]:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
             log.write(f"$ finetune-helper {subcommand} {' '.join(args)}\n")
             log.flush()
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.workspace.root, env=self.env, start_new_session=True)
+                                    cwd=self.workspace.root, env=env, start_new_session=True)
         self._procs[run_id] = proc
         info = {"run_id": run_id, "pid": proc.pid, "started": time.time(), "args": args, "returncode": None,
-                "stop_requested": False, "devices": self.devices, "command": subcommand}
+                "stop_requested": False, "devices": devices, "command": subcommand}
         write_json(run_dir / PROCESS_FILE, info)
         with self._mutex():
-            for device in self.devices:
+            for device in devices:
                 self._lock_file(device).write_text(json.dumps({"run_id": run_id, "pid": proc.pid}))
         threading.Thread(target=self._reap, args=(run_id, proc), daemon=True, name=f"reap-{run_id}").start()
 
@@ -356,16 +374,16 @@ class RunManager:
             while (self.workspace.runs / run_id).exists():
                 n += 1
                 run_id = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
-            self._take_locks(run_id)
+            devices = self._take_locks(run_id, 1 if probe else recipe.hardware.gpus)
             try:
                 run_dir = self.workspace.runs / run_id
                 run_dir.mkdir()
                 (run_dir / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
                 if probe:
                     self._launch(run_id, [str(run_dir / RECIPE_FILE), "--output-dir", str(run_dir / "probe"),
-                                          "--result", str(run_dir / PROBE_FILE)], "probe")
+                                          "--result", str(run_dir / PROBE_FILE)], "probe", devices)
                 else:
-                    self._launch(run_id, [str(run_dir / RECIPE_FILE), "--output-dir", str(run_dir)])
+                    self._launch(run_id, [str(run_dir / RECIPE_FILE), "--output-dir", str(run_dir)], "run", devices)
             except BaseException:
                 self._release_locks(None, run_id)
                 raise
@@ -382,9 +400,9 @@ class RunManager:
                                           "first save); start it again instead")
             if (read_json(run_dir / run_folder.SUMMARY) or {}).get("status") == "done":
                 raise FinetuneHelperError("run", f"{run_id} already finished; start a new run to train more")
-            self._take_locks(run_id)
+            devices = self._take_locks(run_id, _recipe_gpus(run_dir))
             try:
-                self._launch(run_id, [str(run_dir)], "resume")  # its saved recipe and arguments
+                self._launch(run_id, [str(run_dir)], "resume", devices)  # its saved recipe and arguments
             except BaseException:
                 self._release_locks(None, run_id)
                 raise
@@ -516,6 +534,17 @@ def _recipe_model(run_dir: Path) -> str | None:
     except (OSError, yaml.YAMLError):
         return None
     return (raw.get("model") or {}).get("name") if isinstance(raw, dict) else None
+
+
+def _recipe_gpus(run_dir: Path) -> int:
+    """``hardware.gpus`` of the run's resolved recipe (1 when it cannot be read)."""
+    try:
+        raw = yaml.safe_load((run_dir / run_folder.RECIPE).read_text(encoding="utf-8")) if _regular(
+            run_dir / run_folder.RECIPE) else None
+        gpus = ((raw or {}).get("hardware") or {}).get("gpus", 1)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return 1
+    return gpus if isinstance(gpus, int) and gpus >= 1 else 1
 
 
 def _last_error(run_dir: Path) -> str | None:

@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -379,6 +380,7 @@ def write_run_files(prep: Prepared) -> None:
     plan["data_format"] = prep.data_format
     plan["data_note"] = prep.data_note
     plan["stack"] = installed_stack()
+    plan["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # the GPUs this run may use
     estimate = run_estimate(prep)
     plan["run"] = {"setup": dataclasses.asdict(run_setup(prep, prep.sft_kwargs)), "estimate": estimate.to_dict()}
     plan["train_examples"] = len(prep.train_dataset)

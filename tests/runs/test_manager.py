@@ -350,14 +350,37 @@ def test_a_lock_on_another_gpu_does_not_block(ws, manager):
     assert err.value.field == "run" and b in err.value.message
 
 
-@pytest.mark.parametrize("first,second", [(["0", "1"], ["1"]), (["0", "1"], ["1", "0"])])
+@pytest.mark.parametrize("first,second", [(["0", "1"], ["0"]), (["1", "0"], ["1", "0"])])
 def test_overlapping_gpu_sets_block_each_other(ws, manager, first, second):
+    """A one-GPU run locks one GPU (the first free one): another manager wanting only that one is blocked."""
     holder = manager(ws, devices=first)
     run_id = holder.start(build_recipe(ws, recipe_text({"max_steps": 50})))
+    blocked = manager(ws, devices=[first[0]])
     with pytest.raises(FinetuneHelperError) as err:
-        manager(ws, devices=second).start(build_recipe(ws, recipe_text({"max_steps": 50})))
+        blocked.start(build_recipe(ws, recipe_text({"max_steps": 50})))
     assert run_id in err.value.message
     assert manager(ws, devices=["2"]).active_run() is None
+
+
+def _visible_devices(pid: int) -> str | None:
+    env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+    value = env.get(b"CUDA_VISIBLE_DEVICES")
+    return value.decode() if value is not None else None
+
+
+def test_one_gpu_runs_share_a_node_each_pinned_to_its_own_gpu(ws, manager):
+    """On a two-GPU node two one-GPU runs start side by side, each seeing only the GPU it locked; a third waits."""
+    rm = manager(ws, devices=["0", "1"])
+    text = recipe_text({"max_steps": 200})
+    a, b = rm.start(build_recipe(ws, text)), rm.start(build_recipe(ws, text))
+    pins = {_visible_devices(json.loads((ws.runs / r / "process.json").read_text())["pid"]) for r in (a, b)}
+    assert pins == {"0", "1"}
+    assert [json.loads((ws.runs / r / "process.json").read_text())["devices"] for r in (a, b)] == [["0"], ["1"]]
+    with pytest.raises(FinetuneHelperError, match="not enough free GPUs"):
+        rm.start(build_recipe(ws, text))
+    with pytest.raises(FinetuneHelperError) as err:  # more GPUs than the app has
+        rm.start(build_recipe(ws, recipe_text({"max_steps": 5}, hardware={"gpu": "16GiB", "gpus": 3})))
+    assert err.value.field == "hardware.gpus"
 
 
 @pytest.mark.parametrize("env, gpus, expected", [

@@ -461,3 +461,20 @@ def test_two_processes_train_data_parallel_write_the_folder_once_and_resume(tmp_
     assert again.returncode == 0, again.stderr[-2000:]
     assert "launching 2 processes" in again.stdout
     assert json.loads((out / "summary.json").read_text())["global_step"] == 6
+
+
+@pytest.mark.parametrize("visible, expected", [(None, "0"), ("1", "1")])
+def test_a_one_gpu_run_is_pinned_to_one_gpu(tmp_path, visible, expected):
+    """Without a launcher a one-GPU run sees one GPU (CUDA_VISIBLE_DEVICES=0 unless the user chose one), so the
+    Trainer never takes a multi-GPU node's every GPU (n_gpu > 1, which SFTTrainer refuses)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    out = tmp_path / "dry"
+    done = subprocess.run([sys.executable, "-m", "finetune_helper", "run", str(TINY), "--dry-run", "--output-dir",
+                           str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "plan.json").read_text())["cuda_visible_devices"] == expected
