@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import FinetuneHelperError
+from ..recommender.optimizers import EIGHT_BIT_FALLBACK, is_eight_bit
 from ..recommender.training_setup import TORCH_DTYPE_NAMES
 from ..units import fmt_gib
 from ..export.versions import RENAMES, check_stack, installed_stack
@@ -34,6 +35,7 @@ from .callbacks import runner_callbacks
 from .divergence import PATIENCE
 from .recipe import BUILTIN_DATA, BUILTIN_MODEL, Recipe, load_recipe, resolve_recipe_gpu, resolve_recipe_model
 from .run_folder import last_checkpoint, starting_loss, write_json
+from .setup import checkpointing
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 #: ChatML with generation markers (Qwen's template format), used when a tokenizer has no chat template of its own;
@@ -86,12 +88,26 @@ class Prepared:
     holdout: list[dict] | None  # builtin data: held-out problems for exact match
     #: a resumed run: ``sft_kwargs`` are the run's saved training_args.json (but for the training length)
     resumed: bool = False
+    #: the GPU the recipe names and the one planned for (the detected one when they differ)
+    hardware: dict[str, str] = field(default_factory=dict)
 
 
 def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _detected_gpu():  # -> GPUSpec | None
+    """The local CUDA GPU (name, memory, bf16 support), or None without CUDA; what ``run`` plans for when it differs
+    from the recipe's ``hardware.gpu``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from ..recommender.gpu import detect_gpu
+
+    return detect_gpu()
 
 
 def _resolve_model_path(recipe: Recipe, log: Callable[[str], None]) -> str:
@@ -219,6 +235,9 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
     # DDP: every trainable parameter takes part in each step (find_unused_parameters would walk the graph each time)
     kwargs.setdefault("ddp_find_unused_parameters", False)
     kwargs.setdefault("save_total_limit", 3)
+    if overrides.get("bf16") is True and device == "cuda" and not plan.request.gpu.bf16:
+        raise FinetuneHelperError("training.bf16", f"{plan.request.gpu.name} has no bf16: leave it out (the plan "
+                                  "trains in fp16 with loss scaling there)")
     if not has_eval and str(overrides.get("eval_strategy", "no")) != "no":
         raise FinetuneHelperError("training.eval_strategy", f"{overrides['eval_strategy']!r} needs held-out data: set "
                                   "data.eval_fraction above 0 (or eval_strategy to no)")
@@ -262,6 +281,14 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
     for warning in check_stack():  # a version below the supported range is refused here
         log(f"warning: {warning}")
     gpu = resolve_recipe_gpu(recipe)  # before any slow work: a misspelt GPU fails at once
+    hardware = {"recipe": gpu.describe()}
+    detected = _detected_gpu() if not check_only else None
+    if detected is not None and (detected.name, detected.memory_bytes, detected.bf16) != (
+            gpu.name, gpu.memory_bytes, gpu.bf16):
+        log(f"hardware: this machine has {detected.describe()}; the recipe names {gpu.describe()}: planned for the "
+            "GPU that is here")
+        gpu = detected
+    hardware["planned_for"] = gpu.describe()
     model_path = _resolve_model_path(recipe, log)
     spec = resolve_recipe_model(model_path)
     check_targets(recipe, spec)
@@ -288,7 +315,7 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
         sft_kwargs = {**saved, **length}
     prepared = Prepared(recipe=recipe, run_dir=run_dir, model_path=model_path, plan=plan, sft_kwargs=sft_kwargs,
                         overrides=overrides, adaptations=adaptations, train_dataset=train, eval_dataset=evaluation,
-                        data_format=fmt, data_note=note, holdout=holdout, resumed=resumed)
+                        data_format=fmt, data_note=note, holdout=holdout, resumed=resumed, hardware=hardware)
     return prepared, tokenizer
 
 
@@ -381,6 +408,7 @@ def write_run_files(prep: Prepared) -> None:
     plan["data_note"] = prep.data_note
     plan["stack"] = installed_stack()
     plan["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # the GPUs this run may use
+    plan["hardware"] = prep.hardware
     estimate = run_estimate(prep)
     plan["run"] = {"setup": dataclasses.asdict(run_setup(prep, prep.sft_kwargs)), "estimate": estimate.to_dict()}
     plan["train_examples"] = len(prep.train_dataset)
@@ -469,32 +497,62 @@ def _trainer(prep: Prepared, tokenizer, sft_kwargs: dict[str, Any], callbacks: l
     return trainer
 
 
-def _halve_batch(sft_kwargs: dict[str, Any], run_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """After an out-of-memory step: half the per-device batch, twice the accumulation (same effective batch and
-    learning rate), continuing from the last checkpoint; the event as the summary records it."""
+def _back_off(sft_kwargs: dict[str, Any], run_dir: Path, log: Callable[[str], None], *,
+              cuda: bool) -> dict[str, Any]:
+    """After an out-of-memory step, the planner's ladder, one rung at a time, with the same effective batch and
+    learning rate: halve the per-device batch (twice the accumulation); at batch 1, gradient checkpointing; then
+    8-bit optimizer states (before the first checkpoint only: a checkpoint's optimizer state does not load into
+    another optimizer; CUDA and bitsandbytes needed).  Continues from the last checkpoint; returns the event as the
+    summary records it, or stops with exit 4 when no rung is left."""
     batch, accum = sft_kwargs["per_device_train_batch_size"], sft_kwargs["gradient_accumulation_steps"]
-    if batch == 1:
-        raise RunStopped(EXIT_OOM, "out of memory at per-device batch 1: enable gradient checkpointing "
-                         "(training.gradient_checkpointing=true), use method.type=qlora, a shorter "
-                         "data.max_length, or more GPUs")
     ckpt = last_checkpoint(run_dir)
-    new_batch = batch // 2
-    new_accum = math.ceil(batch * accum / new_batch)
-    sft_kwargs["per_device_train_batch_size"] = new_batch
-    sft_kwargs["gradient_accumulation_steps"] = new_accum
-    sft_kwargs["per_device_eval_batch_size"] = min(sft_kwargs.get("per_device_eval_batch_size", new_batch), new_batch)
-    same = new_batch * new_accum == batch * accum
-    log(f"CUDA out of memory: per-device batch {batch} -> {new_batch}, accumulation {accum} -> {new_accum} "
-        + ("(effective batch and learning rate unchanged)" if same else
-           f"(effective batch {batch * accum} -> {new_batch * new_accum}, learning rate unchanged)")
-        + f"; continuing from {ckpt.name if ckpt else 'the start'}")
-    return {"per_device_train_batch_size": [batch, new_batch], "gradient_accumulation_steps": [accum, new_accum],
-            "resumed_from": ckpt.name if ckpt else None}
+    event: dict[str, Any] = {"resumed_from": ckpt.name if ckpt else None}
+    if batch > 1:
+        new_batch = batch // 2
+        new_accum = math.ceil(batch * accum / new_batch)
+        sft_kwargs["per_device_train_batch_size"] = new_batch
+        sft_kwargs["gradient_accumulation_steps"] = new_accum
+        sft_kwargs["per_device_eval_batch_size"] = min(sft_kwargs.get("per_device_eval_batch_size", new_batch),
+                                                       new_batch)
+        same = new_batch * new_accum == batch * accum
+        what = (f"per-device batch {batch} -> {new_batch}, accumulation {accum} -> {new_accum} "
+                + ("(effective batch and learning rate unchanged)" if same else
+                   f"(effective batch {batch * accum} -> {new_batch * new_accum}, learning rate unchanged)"))
+        event.update(per_device_train_batch_size=[batch, new_batch], gradient_accumulation_steps=[accum, new_accum])
+    elif not checkpointing(sft_kwargs):
+        key = "gradient_checkpointing" if "gradient_checkpointing" in sft_kwargs else "activation_checkpointing"
+        sft_kwargs[key] = True
+        what = "gradient checkpointing on at per-device batch 1 (each layer recomputed in backward)"
+        event["gradient_checkpointing"] = [False, True]
+    elif not is_eight_bit(sft_kwargs.get("optim", "")) and cuda and ckpt is None and _has_bitsandbytes():
+        old = sft_kwargs.get("optim")
+        sft_kwargs["optim"] = EIGHT_BIT_FALLBACK
+        what = f"8-bit optimizer states ({old} -> {EIGHT_BIT_FALLBACK}) at batch 1 with checkpointing"
+        event["optim"] = [old, EIGHT_BIT_FALLBACK]
+    else:
+        raise RunStopped(EXIT_OOM, "out of memory at per-device batch 1 with gradient checkpointing"
+                         + (" and 8-bit optimizer states" if is_eight_bit(sft_kwargs.get("optim", "")) else "")
+                         + ": use method.type=qlora, a shorter data.max_length, or more GPUs (--gpus N)"
+                         + ("" if is_eight_bit(sft_kwargs.get("optim", "")) else
+                            "; training.optim=paged_adamw_8bit on a CUDA GPU with bitsandbytes"))
+    log(f"CUDA out of memory: {what}; continuing from {ckpt.name if ckpt else 'the start'}")
+    return event
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from: str | None, state: dict[str, Any],
                         log: Callable[[str], None]) -> tuple[Any, Any, list[dict[str, Any]], float | None]:
-    """Build the trainer and train, halving the batch on out-of-memory (see :func:`_halve_batch`).
+    """Build the trainer and train, climbing the back-off ladder on out-of-memory (see :func:`_back_off`).
 
     Returns the trainer, its train output, the back-off events and the held-out exact match before training."""
     import torch
@@ -503,7 +561,11 @@ def _train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from:
     oom_events: list[dict[str, Any]] = []
     before = None
     while True:
-        trainer = _trainer(prep, tokenizer, sft_kwargs, callbacks)
+        try:
+            trainer = _trainer(prep, tokenizer, sft_kwargs, callbacks)
+        except torch.OutOfMemoryError as exc:
+            raise RunStopped(EXIT_OOM, f"out of memory while loading the model onto the GPU ({_first_line(exc)}): "
+                             "use method.type=qlora (a 4-bit base), a smaller model, or more GPUs (--gpus N)") from None
         if len(trainer.train_dataset) == 0:
             raise FinetuneHelperError("data.max_length", f"{sft_kwargs.get('max_length')} tokens leave no answer token "
                                       "in any example (TRL drops those): raise data.max_length")
@@ -524,7 +586,7 @@ def _train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        oom_events.append(_halve_batch(sft_kwargs, prep.run_dir, log))
+        oom_events.append(_back_off(sft_kwargs, prep.run_dir, log, cuda=torch.cuda.is_available()))
         write_json(prep.run_dir / run_folder.TRAINING_ARGS, sft_kwargs)  # what runs now, and what a resume continues
         resume_from = oom_events[-1]["resumed_from"] and str(prep.run_dir / oom_events[-1]["resumed_from"])
 

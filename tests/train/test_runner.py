@@ -478,3 +478,82 @@ def test_a_one_gpu_run_is_pinned_to_one_gpu(tmp_path, visible, expected):
                            str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "plan.json").read_text())["cuda_visible_devices"] == expected
+
+
+class MemoryLimit:
+    """A simulated GPU memory limit: the real torch.OutOfMemoryError at the end of any step whose configuration
+    is over it (``fits(args)`` False), as a CUDA step over the limit would raise; or while the trainer loads."""
+
+    def __init__(self, fits, *, at_load: bool = False):
+        from transformers import TrainerCallback
+
+        outer = self
+        self.raised = 0
+
+        class _CB(TrainerCallback):
+            def on_init_end(self, args, state, control, **kw):
+                if at_load:
+                    import torch
+
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+
+            def on_step_end(self, args, state, control, **kw):
+                if not fits(args):
+                    import torch
+
+                    outer.raised += 1
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+        self.callback = _CB()
+
+
+def _checkpointing(args) -> bool:
+    return bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
+
+
+def test_out_of_memory_climbs_the_planners_ladder_keeping_the_effective_batch(tmp_path):
+    out = tmp_path / "ladder"
+    limit = MemoryLimit(lambda args: _checkpointing(args))  # nothing fits without checkpointing
+    result = run(TINY, steps(6, "training.save_steps=2", "training.per_device_train_batch_size=8",
+                             "training.gradient_accumulation_steps=2", "data.max_examples=300"),
+                 output_dir=str(out), extra_callbacks=[limit.callback], **QUIET)
+    assert result.exit_code == 0 and result.summary["global_step"] == 6
+    events = result.summary["oom_backoffs"]
+    assert [e.get("per_device_train_batch_size") for e in events[:3]] == [[8, 4], [4, 2], [2, 1]]
+    assert events[3]["gradient_checkpointing"] == [False, True] and len(events) == 4
+    args = json.loads((out / "training_args.json").read_text())  # what ran last, and what a resume continues
+    assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] == 16
+    assert args.get("activation_checkpointing", args.get("gradient_checkpointing")) is True
+
+
+def test_out_of_memory_with_no_rung_left_exits_4_from_the_cli(tmp_path, capsys):
+    from finetune_helper.train import runner
+
+    limit = MemoryLimit(lambda args: False)
+    with pytest.raises(RunStopped) as stop:
+        runner.run(TINY, steps(6, "training.save_steps=2", "training.per_device_train_batch_size=2",
+                               "data.max_examples=200"), output_dir=str(tmp_path / "r"),
+                   extra_callbacks=[limit.callback], **QUIET)
+    assert stop.value.code == runner.EXIT_OOM and "batch 1 with gradient checkpointing" in str(stop.value)
+    assert limit.raised == 3  # batch 2, batch 1, batch 1 with checkpointing (no 8-bit states without CUDA)
+    load = MemoryLimit(lambda args: True, at_load=True)
+    with pytest.raises(RunStopped) as stop:
+        runner.run(TINY, steps(2), output_dir=str(tmp_path / "load"), extra_callbacks=[load.callback], **QUIET)
+    assert stop.value.code == runner.EXIT_OOM and "while loading" in str(stop.value)
+
+
+@pytest.mark.parametrize("detected, fp16", [("T4", True), ("RTX 4060 Ti 16GB", False)])
+def test_the_run_is_planned_for_the_gpu_that_is_present(tmp_path, monkeypatch, detected, fp16):
+    """A stubbed detection (this machine has no CUDA) returning a card other than the recipe's: the plan is made
+    for it, said in the log and plan.json; a card without bf16 gets fp16."""
+    from finetune_helper.recommender.gpu import resolve_gpu
+    from finetune_helper.train import runner
+
+    monkeypatch.setattr(runner, "_detected_gpu", lambda: resolve_gpu(detected))
+    lines: list[str] = []
+    out = tmp_path / "dry"
+    run(TINY, ["hardware.gpu=A100 80GB"], output_dir=str(out), dry_run=True, log=lines.append)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["gpu"] == resolve_gpu(detected).name and plan["hardware"]["recipe"].startswith("A100 80GB")
+    assert plan["fp16"] is fp16 and plan["bf16"] is not fp16
+    assert any(line.startswith("hardware: this machine has") for line in lines), lines
