@@ -1,4 +1,5 @@
-"""``finetune-helper export``: the plan as TrainingArguments JSON / YAML / Python / CLI flags."""
+"""``finetune-helper export``: the plan as TrainingArguments JSON / YAML / Python / CLI flags, or an accelerate
+launch config."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from .common import add_plan_args, gather_plan
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="the plan as TrainingArguments JSON / YAML / Python / CLI flags")
+    p = subparsers.add_parser("export", help="the plan as TrainingArguments JSON / YAML / Python / CLI flags, or an "
+                              "accelerate launch config (--format accelerate)")
     add_plan_args(p)
-    p.add_argument("--format", default="json", choices=("json", "yaml", "python", "cli"), help="default: %(default)s")
+    p.add_argument("--format", default="json", choices=("json", "yaml", "python", "cli", "accelerate"),
+                   help="default: %(default)s; accelerate: a config for `accelerate launch --config_file`")
     p.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
     p.add_argument("--output-dir", default=None, help="TrainingArguments.output_dir (default: outputs/<model>)")
     p.add_argument("--transformers-version", default=None, help="write for this transformers version, e.g. 4.46 "
@@ -37,4 +40,9 @@ def run(args: argparse.Namespace) -> None:
             fh.write(text if text.endswith("\n") else text + "\n")
     except OSError as exc:
         raise FinetuneHelperError("output", f"cannot write {args.output}: {exc.strerror}") from exc
-    print(f"wrote {args.format} TrainingArguments to {args.output}", file=sys.stderr)
+    what = "accelerate config" if args.format == "accelerate" else f"{args.format} TrainingArguments"
+    print(f"wrote {what} to {args.output}", file=sys.stderr)
+    if args.format == "accelerate":
+        from ..export.formats import launch_command
+
+        print(f"launch: {launch_command(plan, args.output)}", file=sys.stderr)

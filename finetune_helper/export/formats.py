@@ -19,7 +19,7 @@ from .versions import Names, names_for
 if TYPE_CHECKING:  # pragma: no cover
     from ..recommender.plan import Plan
 
-FORMATS = ("json", "yaml", "python", "cli")
+FORMATS = ("json", "yaml", "python", "cli", "accelerate")
 #: ``plan.reasons`` key that explains each exported argument (both versions' names).
 REASON_KEYS = {
     "per_device_train_batch_size": "per_device_train_batch_size",
@@ -151,11 +151,52 @@ def to_cli(plan: Plan, output_dir: str, version: str | None = None) -> str:
     return " ".join(parts) + "\n"
 
 
-_RENDERERS = {"json": to_json, "yaml": to_yaml, "python": to_python, "cli": to_cli}
+def to_accelerate(plan: Plan, output_dir: str, version: str | None = None) -> str:  # noqa: ARG001
+    """An ``accelerate launch --config_file`` YAML for the plan's processes, as ``accelerate config`` writes it:
+    one process (``NO``), data parallel (``MULTI_GPU``) or FSDP (version 2, each decoder layer a unit, full
+    sharding, sharded checkpoints, checkpointing as FSDP's own); mixed precision as the plan's.  Pair it with the
+    TrainingArguments of ``--format yaml`` (the same plan: its ``fsdp`` / ``fsdp_config`` fields match)."""
+    import yaml
+
+    r = plan.request
+    distributed = {"fsdp": "FSDP", "ddp": "MULTI_GPU"}.get(plan.distributed or "", "NO" if r.gpus == 1 else
+                                                             "MULTI_GPU")
+    config: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE", "debug": False, "distributed_type": distributed,
+        "downcast_bf16": "no", "enable_cpu_affinity": False, "machine_rank": 0, "main_training_function": "main",
+        "mixed_precision": "bf16" if plan.bf16 else "fp16" if plan.fp16 else "no", "num_machines": 1,
+        "num_processes": r.gpus, "rdzv_backend": "static", "same_network": True, "tpu_env": [],
+        "tpu_use_cluster": False, "tpu_use_sudo": False, "use_cpu": False,
+    }
+    if distributed == "FSDP":
+        layer = r.model.decoder_layer_class()
+        config["fsdp_config"] = {
+            "fsdp_version": 2, "fsdp_reshard_after_forward": True, "fsdp_offload_params": False,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            **({"fsdp_transformer_layer_cls_to_wrap": layer} if layer else {}),
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_activation_checkpointing": bool(plan.gradient_checkpointing),
+        }
+    header = [f"accelerate config for {r.model.name}, {r.method} fine-tuning on {r.gpus} x {r.gpu.name}: "
+              f"{plan.distributed or 'one process'}, written by finetune-helper",
+              f"launch: {launch_command(plan)}"]
+    if not plan.fits:
+        header.append("WARNING: this plan does not fit in GPU memory: " + _one_line(plan.reasons.get("fits", "")))
+    return "".join(f"# {line}\n" for line in header) + yaml.safe_dump(config, sort_keys=False)
+
+
+def launch_command(plan: Plan, config_file: str = "accelerate_config.yaml") -> str:
+    """The command that runs a training script under the exported accelerate config (multi-node: add
+    ``--num_machines``, ``--machine_rank``, ``--main_process_ip`` and ``--main_process_port`` on each node)."""
+    return f"accelerate launch --config_file {config_file} train.py  # train.py parses --format yaml's TrainingArguments"
+
+
+_RENDERERS = {"json": to_json, "yaml": to_yaml, "python": to_python, "cli": to_cli, "accelerate": to_accelerate}
 
 
 def render(plan: Plan, fmt: str, output_dir: str, version: str | None = None) -> str:
-    """The plan as ``fmt`` text: one of json, yaml, python, cli. Imports neither transformers nor torch."""
+    """The plan as ``fmt`` text: one of json, yaml, python, cli, accelerate. Imports neither transformers nor
+    torch."""
     try:
         renderer = _RENDERERS[fmt]
     except (KeyError, TypeError):
@@ -164,4 +205,4 @@ def render(plan: Plan, fmt: str, output_dir: str, version: str | None = None) ->
     return renderer(plan, output_dir, version=version)
 
 
-__all__ = ["FORMATS", "render", "to_cli", "to_json", "to_python", "to_yaml"]
+__all__ = ["FORMATS", "launch_command", "render", "to_accelerate", "to_cli", "to_json", "to_python", "to_yaml"]

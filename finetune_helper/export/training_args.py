@@ -83,6 +83,26 @@ def build_kwargs(plan: Plan, output_dir: str, names: Names, overrides: dict[str,
     src, dst = (old, new) if names.activation_checkpointing else (new, old)
     if src in kwargs:
         kwargs = _renamed(kwargs, src, dst, kwargs[src])
+    if kwargs.get("fsdp") and "fsdp" not in overrides:
+        kwargs = _fsdp(kwargs, plan, names)
+    return kwargs
+
+
+def _fsdp(kwargs: dict[str, Any], plan: Plan, names: Names) -> dict[str, Any]:
+    """An FSDP plan's arguments: every decoder layer a unit (``transformer_layer_cls_to_wrap``), and checkpointing
+    as FSDP's own (``fsdp_config.activation_checkpointing``: the Trainer's adds an AllGather in backward, the
+    reason transformers' own FSDP docs and warning give, huggingface/transformers#30404)."""
+    config = dict(kwargs.get("fsdp_config") or {})
+    layer = plan.request.model.decoder_layer_class()
+    if layer:
+        config.setdefault("transformer_layer_cls_to_wrap", [layer])
+    for key in ("activation_checkpointing", "gradient_checkpointing"):
+        if kwargs.get(key):
+            kwargs[key] = False
+            config["activation_checkpointing"] = True
+    kwargs["fsdp_config"] = config
+    if names.fsdp_flag:
+        kwargs["fsdp"] = True
     return kwargs
 
 

@@ -86,6 +86,18 @@ def installed_sft_field_names() -> frozenset[str]:
     return _class_fields("trl", "trainer/sft_config.py", "SFTConfig") or frozenset()
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_fsdp_flag() -> bool:
+    """Whether the installed TrainingArguments documents ``fsdp=True`` (its help text, read without import)."""
+    spec = importlib.util.find_spec("transformers")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            return "fsdp=True" in (Path(location) / "training_args.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+    return False
+
+
 def _class_fields(package: str, relative: str, class_name: str) -> frozenset[str] | None:
     """The init fields of dataclass ``class_name`` in ``package``'s file ``relative``, by :mod:`ast`."""
     try:
@@ -128,10 +140,13 @@ class Names:
     activation_checkpointing: bool
     fields: frozenset[str] | None  # all init fields when known (for checking overrides)
     label: str
+    #: ``fsdp=True`` with everything in ``fsdp_config`` (newer 5.x; the ``"full_shard auto_wrap"`` string warns
+    #: there), else the string, which every version reads
+    fsdp_flag: bool = False
 
     @classmethod
-    def from_fields(cls, fields: frozenset[str], label: str) -> Names:
-        return cls("warmup_ratio" in fields, "activation_checkpointing" in fields, fields, label)
+    def from_fields(cls, fields: frozenset[str], label: str, *, fsdp_flag: bool = False) -> Names:
+        return cls("warmup_ratio" in fields, "activation_checkpointing" in fields, fields, label, fsdp_flag)
 
 
 def names_for(version: str | None) -> Names:
@@ -140,7 +155,7 @@ def names_for(version: str | None) -> Names:
     if version is None or str(version).strip() == "":
         fields = installed_field_names()
         if fields is not None:
-            return Names.from_fields(fields, f"transformers {installed_version()}")
+            return Names.from_fields(fields, f"transformers {installed_version()}", fsdp_flag=_installed_fsdp_flag())
     return Names(warmup_ratio=major < 5, activation_checkpointing=major >= 5, fields=None,
                   label=f"transformers {major}.x")
 
@@ -150,7 +165,7 @@ def introspected_names() -> Names:
     from transformers import TrainingArguments
 
     fields = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
-    return Names.from_fields(fields, f"transformers {installed_version()}")
+    return Names.from_fields(fields, f"transformers {installed_version()}", fsdp_flag=_installed_fsdp_flag())
 
 
 # --------------------------------------------------------------------------------------------- the stack

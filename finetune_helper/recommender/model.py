@@ -250,6 +250,14 @@ class ModelSpec:
         per_layer = sum(1 + lin.bias for lin in self.layer_linears()) + self.layer_norm_tensors()
         return 1 + (0 if self.tie_word_embeddings else 1) + self.num_hidden_layers * per_layer + 1
 
+    def decoder_layer_class(self) -> str | None:
+        """The transformers class of one decoder layer (``LlamaForCausalLM`` -> ``LlamaDecoderLayer``): what FSDP
+        wraps as one unit; None when the config names no causal-LM architecture."""
+        for arch in self.config.get("architectures") or []:
+            if isinstance(arch, str) and arch.endswith("ForCausalLM"):
+                return arch[: -len("ForCausalLM")] + "DecoderLayer"
+        return None
+
     def lora_linears(self, target_modules: str | tuple[str, ...] = "all-linear") -> list[Linear]:
         """The layer linears a LoRA config targets; ``all-linear`` is PEFT's every linear but the output layer."""
         linears = self.layer_linears()

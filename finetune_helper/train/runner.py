@@ -431,9 +431,12 @@ def run_estimate(prep: Prepared, sft_kwargs: dict[str, Any] | None = None):  # -
     report next to the plan made for the recipe's GPU)."""
     from ..recommender.memory import estimate_memory
 
-    setup = run_setup(prep, sft_kwargs if sft_kwargs is not None else prep.sft_kwargs)
-    return estimate_memory(prep.plan.request.model, setup,
-                           accumulation=int((sft_kwargs or prep.sft_kwargs).get("gradient_accumulation_steps", 1)))
+    kwargs = sft_kwargs if sft_kwargs is not None else prep.sft_kwargs
+    setup = run_setup(prep, kwargs)
+    gpus = prep.plan.request.gpus  # the processes of the run: FSDP shards over them, DDP replicates
+    sharding = "fsdp" if kwargs.get("fsdp") and gpus > 1 else "ddp" if gpus > 1 else "none"
+    return estimate_memory(prep.plan.request.model, setup, gpus=gpus, sharding=sharding,
+                           accumulation=int(kwargs.get("gradient_accumulation_steps", 1)))
 
 
 def _run_device(sft_kwargs: dict[str, Any]) -> str:
@@ -463,9 +466,13 @@ def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
         from transformers import BitsAndBytesConfig
 
         # bitsandbytes >= 0.45 quantizes and runs 4-bit layers on the CPU too (slowly): tiny models train there
+        compute = getattr(torch, TORCH_DTYPE_NAMES[setup.dtype])
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=getattr(torch, TORCH_DTYPE_NAMES[setup.dtype]))
+            bnb_4bit_compute_dtype=compute,
+            # FSDP shards one dtype per unit: 4-bit weights stored in the compute dtype can be wrapped with the
+            # rest (PEFT's docs, "FSDP + QLoRA": bnb_4bit_quant_storage matching the other parameters' dtype)
+            **({"bnb_4bit_quant_storage": compute} if sft_kwargs.get("fsdp") else {}))
     try:
         return AutoModelForCausalLM.from_pretrained(prep.model_path, **kwargs)
     except OSError as exc:

@@ -23,7 +23,10 @@ def compute_dtype(sft_kwargs: dict[str, Any]) -> str:
 
 
 def checkpointing(sft_kwargs: dict[str, Any]) -> bool:
-    return bool(sft_kwargs.get("activation_checkpointing", sft_kwargs.get("gradient_checkpointing", False)))
+    """The Trainer's checkpointing, or FSDP's own (``fsdp_config.activation_checkpointing``)."""
+    fsdp_config = sft_kwargs.get("fsdp_config") if sft_kwargs.get("fsdp") else None
+    return bool(sft_kwargs.get("activation_checkpointing", sft_kwargs.get("gradient_checkpointing", False))
+                or (isinstance(fsdp_config, dict) and fsdp_config.get("activation_checkpointing")))
 
 
 def executed_setup(recipe, spec: ModelSpec, sft_kwargs: dict[str, Any], *, device: str,

@@ -557,3 +557,17 @@ def test_the_run_is_planned_for_the_gpu_that_is_present(tmp_path, monkeypatch, d
     assert plan["gpu"] == resolve_gpu(detected).name and plan["hardware"]["recipe"].startswith("A100 80GB")
     assert plan["fp16"] is fp16 and plan["bf16"] is not fp16
     assert any(line.startswith("hardware: this machine has") for line in lines), lines
+
+
+def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from finetune_helper.train import runner
+    from finetune_helper.train.recipe import load_recipe
+
+    recipe = load_recipe(TINY, ["method.type=qlora", "training.bf16=true", "training.max_steps=1"])
+    prep, _ = runner.prepare(recipe, tmp_path / "run", **QUIET)
+    plain = runner._load_model(prep, prep.sft_kwargs).config.quantization_config
+    sharded = runner._load_model(prep, {**prep.sft_kwargs, "fsdp": True}).config.quantization_config
+    assert plain.bnb_4bit_quant_storage == torch.uint8 and sharded.bnb_4bit_quant_storage == torch.bfloat16
