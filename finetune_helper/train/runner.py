@@ -809,15 +809,15 @@ def check_run_folder(run_dir: Path, *, dry_run: bool, resume: bool) -> None:
 
 
 def _check_writable(run_dir: Path) -> None:
-    """The run folder can be created and written (before minutes of loading), or a one-line error."""
-    import tempfile
-
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as exc:
-        raise FinetuneHelperError("output-dir", f"cannot write in {run_dir}: {exc.strerror or exc}") from None
+    """The run folder can be created and written (before minutes of loading), or a one-line error; nothing is
+    created here (a refused run leaves no folder behind)."""
+    probe = run_dir.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FinetuneHelperError("output-dir", f"cannot write in {run_dir}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FinetuneHelperError("output-dir", f"cannot write in {run_dir}: {probe} is not writable")
 
 
 #: recipe settings a resumed run may change: only how long it trains
