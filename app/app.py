@@ -247,6 +247,8 @@ class App:
                          f"{_fmt(summary['exact_match_after'], '{:.1%}')} after")
         if d["message"]:
             lines.append(f"message: {d['message']}")
+        if d.get("diagnosis"):
+            lines.append(diagnosis_markdown(d["diagnosis"]))
         return ("\n\n".join(lines), _or_none(loss_frame(d["metrics"])), d["plan"] or {}, d["training_args"] or {},
                 d["recipe"] or "")
 
@@ -367,7 +369,16 @@ def progress_html(st: dict[str, Any]) -> str:
     text = " · ".join(parts)
     if st.get("message"):
         text += f"<br>{html.escape(st['message'])}"
+    if st.get("diagnosis"):  # the doctor, live: what the curves show so far
+        d = st["diagnosis"]
+        text += (f'<br><span id="fh-diagnosis">doctor: <b>{html.escape(d["diagnosis"])}</b>: '
+                 f'{html.escape(d["evidence"])}</span>')
     return f'<div class="fh-bar"><div style="width:{pct:.1f}%"></div></div><div id="fh-status">{text}</div>'
+
+
+def diagnosis_markdown(d: dict[str, Any]) -> str:
+    """The doctor's reading of a run (``finetune-helper doctor``): label, evidence, advice."""
+    return f"**doctor: {d['diagnosis']}**: {d['evidence']}  \nadvice: {d['advice']}"
 
 
 def probe_markdown(probe: dict[str, Any]) -> str:

@@ -12,12 +12,12 @@ import sys
 import warnings
 from typing import Sequence
 
-from .commands import app, estimate, export, gpus, models, probe, recommend, resume, run, validate
+from .commands import app, doctor, estimate, export, gpus, models, probe, recommend, resume, run, validate
 from .errors import FinetuneHelperError
 
 PROG = "finetune-helper"
 #: in the order ``--help`` lists them
-COMMANDS = (estimate, recommend, export, validate, run, resume, probe, app, gpus, models)
+COMMANDS = (estimate, recommend, export, validate, run, resume, doctor, probe, app, gpus, models)
 #: error fields that name a recipe setting (``data.path``) or the recipe itself rather than a command-line flag
 _RECIPE_FIELDS = ("recipe", "override", "training", "seed", "output_dir", "stack", "app", "run_dir")
 

@@ -31,6 +31,7 @@ import yaml
 
 from ..errors import FinetuneHelperError
 from ..train import run_folder
+from ..train.doctor import diagnose
 from ..train.recipe import Recipe, check_references, parse_yaml, recipe_from_dict
 from ..train.run_folder import last_checkpoint
 from ..train.run_folder import read_json as _read_any_json
@@ -460,6 +461,10 @@ class RunManager:
         if state not in ("done", "training", "preparing", "stopping") and message is None:
             message = _last_error(run_dir)
         step = max((m.get("step", 0) for m in metrics), default=0)
+        stopped = (summary or {}).get("message") if (summary or {}).get("status") == "diverged" else None
+        training_args = read_json(run_dir / run_folder.TRAINING_ARGS) or {}
+        diagnosis = diagnose(metrics, stopped=stopped, loss_scaler=bool(training_args.get("fp16"))).as_dict() \
+            if metrics else None
         max_steps = max((m.get("max_steps", 0) for m in metrics), default=0) or None
         now = [m for m in current if "loss" in m]
         return {
@@ -475,7 +480,7 @@ class RunManager:
                                             or last.get("estimated_peak_memory_bytes")),
             "metrics": metrics, "summary": summary, "log_tail": log_tail(run_dir),
             "kind": info.get("command", "run"), "probe": _fresh_json(run_dir / PROBE_FILE, started),
-            "started": started or None,
+            "started": started or None, "diagnosis": diagnosis,
             "can_resume": not alive and state != "done" and last_checkpoint(run_dir) is not None,
         }
 

@@ -184,6 +184,7 @@ def test_tiny_run_start_poll_stop_resume_and_read_after_restart(client, app_serv
     client.predict(run_id, api_name="/resume_run")
     st = wait_for(lambda: not (s := status())["active"] and s["state"] != "stopped" and s, 300, "the resumed run")
     assert st["state"] == "done" and st["step"] == 200, st["log_tail"]
+    assert st["diagnosis"]["diagnosis"] == "healthy", st["diagnosis"]
     assert st["summary"]["status"] == "done" and st["summary"]["train_loss_last"] < st["summary"]["train_loss_first"]
     log = (Path(st["run_dir"]) / "train.log").read_text()
     assert log.count("$ finetune-helper run ") == 1 and log.rstrip().splitlines()[-1].startswith("saved:")
@@ -207,7 +208,7 @@ def test_tiny_run_start_poll_stop_resume_and_read_after_restart(client, app_serv
         row = next(r for r in table["data"] if r[0] == run_id)
         assert row[1] == "done" and row[4] == 200
         summary, loss, plan, args, recipe = second.predict(run_id, api_name="/run_details")
-        assert run_id in summary and "done" in summary
+        assert run_id in summary and "done" in summary and "doctor: healthy" in summary  # the doctor's reading
         assert len(loss["data"]) >= 200 // 5 and plan["method"] == "full"
         assert args["max_steps"] == 200 and "builtin:tiny-llama" in recipe and "my_data.csv" in recipe
     finally:
