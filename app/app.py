@@ -191,9 +191,16 @@ class App:
     def start_probe(self, recipe_yaml, data_file, data_path, trust_remote_code, run_name):
         recipe = build_recipe(self.workspace, recipe_yaml, data_file=data_file, data_path=data_path or "",
                               trust_remote_code=bool(trust_remote_code))
-        run_id = self.runs.start(recipe, name=(run_name or "").strip() or "probe", probe=True)
+        run_id = self.runs.start(recipe, name=(run_name or "").strip() or "probe", kind="probe")
         return run_id, (f"Started **{run_id}**: measuring a few real steps at the recommended micro-batch and larger "
                         "ones (finetune-helper probe); the table appears below when it ends.")
+
+    def start_lr_find(self, recipe_yaml, data_file, data_path, trust_remote_code, run_name):
+        recipe = build_recipe(self.workspace, recipe_yaml, data_file=data_file, data_path=data_path or "",
+                              trust_remote_code=bool(trust_remote_code))
+        run_id = self.runs.start(recipe, name=(run_name or "").strip() or "lr-find", kind="lr-find")
+        return run_id, (f"Started **{run_id}**: the learning-rate range test (finetune-helper lr-find), an "
+                        "exponential sweep on the recipe's model, data and batch; the curve is plotted as it runs.")
 
     def run_status(self, run_id) -> dict[str, Any]:
         return self.runs.status(run_id)
@@ -212,17 +219,21 @@ class App:
     def refresh(self, run_id, last_fingerprint):
         """The Train tab's live view (timer tick): skipped when nothing changed since the last tick."""
         if not run_id:
-            return (*[gr.skip()] * 6, last_fingerprint)
+            return (*[gr.skip()] * 7, last_fingerprint)
         try:
             st = self.runs.status(run_id)
         except (FinetuneHelperError, OSError) as exc:
-            return (f"<p>{html.escape(str(exc))}</p>", *[gr.skip()] * 5, None)
-        fingerprint = (run_id, st["state"], len(st["metrics"]), st["log_tail"][-200:])
+            return (f"<p>{html.escape(str(exc))}</p>", *[gr.skip()] * 6, None)
+        curve = st.get("lr_find") or {}
+        fingerprint = (run_id, st["state"], len(st["metrics"]), st["log_tail"][-200:], len(curve.get("lrs") or []),
+                       curve.get("done"))
         if fingerprint == last_fingerprint:
-            return (*[gr.skip()] * 6, last_fingerprint)
+            return (*[gr.skip()] * 7, last_fingerprint)
         log = "\n".join(st["log_tail"].splitlines()[-LOG_LINES:])  # the newest lines, all in view
+        sweep = (gr.LinePlot(value=_or_none(lr_find_frame(curve)), visible=True) if curve
+                 else gr.LinePlot(visible=False))
         return (progress_html(st), _or_none(loss_frame(st["metrics"])), _or_none(live_lr_frame(st)),
-                memory_markdown(st), log, _status_json(st), fingerprint)
+                memory_markdown(st), log, _status_json(st), sweep, fingerprint)
 
     def current_runs(self):
         """On page load: every run in the list, the one training now (or the newest) selected."""
@@ -395,7 +406,35 @@ def probe_markdown(probe: dict[str, Any]) -> str:
     return f"Probe on {probe.get('device')} ({probe.get('measure')}):\n\n" + "\n".join(rows) + note
 
 
+def lr_find_markdown(curve: dict[str, Any]) -> str:
+    """The range test so far, or its suggestions when it is done."""
+    if not curve.get("done"):
+        lrs = curve.get("lrs") or []
+        return f"LR range test: {len(lrs)} steps so far" + (f", LR {lrs[-1]:.2g}" if lrs else "")
+    steep, clamped, valley, rule = (curve.get(k) for k in ("suggested_lr", "suggested_lr_clamped", "valley_lr",
+                                                             "rule_lr"))
+    lo, hi = curve.get("bounds") or (None, None)
+    parts = [f"LR range test: steepest descent **{steep:.3g}**" + (f" (within the bounds [{lo:g}, {hi:g}]: "
+                                                                  f"{clamped:.3g})" if clamped else "")
+             if steep else "LR range test: the loss never fell"]
+    if valley:
+        parts.append(f"valley {valley:.3g}")
+    parts.append(f"rule-based plan {rule:.3g} (the range test often points 10-100x high on pretrained models: "
+                 "prefer the rule unless the two agree)")
+    return "; ".join(parts)
+
+
+def lr_find_frame(curve: dict[str, Any]) -> pd.DataFrame:
+    """The range test's curve for the loss chart: loss (raw and smoothed) against log10 of the learning rate."""
+    rows = [{"log10_lr": math.log10(lr), "loss": loss, "series": series}
+            for series, values in (("loss", curve.get("losses") or []), ("smoothed", curve.get("smoothed") or []))
+            for lr, loss in zip(curve.get("lrs") or [], values) if math.isfinite(loss)]
+    return pd.DataFrame(rows, columns=["log10_lr", "loss", "series"])
+
+
 def memory_markdown(st: dict[str, Any]) -> str:
+    if st.get("lr_find"):
+        return lr_find_markdown(st["lr_find"])
     if st.get("probe"):
         return probe_markdown(st["probe"])
     measured, estimated = st.get("peak_memory_bytes"), st.get("estimated_peak_memory_bytes")
@@ -488,6 +527,7 @@ def _train_tab() -> SimpleNamespace:
         t.stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop-btn")
         t.resume_btn = gr.Button("Resume", elem_id="resume-btn")
         t.probe_btn = gr.Button("Probe memory", elem_id="probe-btn")
+        t.lr_find_btn = gr.Button("Find LR (range test)", elem_id="lr-find-btn")
         t.refresh_btn = gr.Button("Refresh")
     t.run_id = gr.Dropdown([], value=None, allow_custom_value=True, label="Run", elem_id="run-id")
     t.message = gr.Markdown(elem_id="train-message")
@@ -499,6 +539,8 @@ def _train_tab() -> SimpleNamespace:
                                 label="Learning rate (blue: logged by the Trainer, grey: the planned schedule)",
                                 elem_id="live-lr-plot", height=300, color_map=LR_COLORS)
     t.memory = gr.Markdown(elem_id="run-memory")
+    t.lr_find_plot = gr.LinePlot(x="log10_lr", y="loss", color="series", label="LR range test: loss against "
+                                 "log10(learning rate)", elem_id="lr-find-plot", height=300, visible=False)
     t.log = gr.Textbox(label="Log (newest lines)", lines=LOG_LINES, max_lines=2 * LOG_LINES, elem_id="run-log")
     with gr.Accordion("Run status as JSON", open=False):
         t.status_json = gr.JSON()
@@ -546,12 +588,17 @@ def _wire(app: App, demo: gr.Blocks, rec: SimpleNamespace, train: SimpleNamespac
                           [train.run_id, train.message], api_name="start_probe").success(
         lambda current: gr.Dropdown(choices=app.run_ids(), value=current), train.run_id, train.run_id,
         api_visibility="private")
+    train.lr_find_btn.click(_errors_shown(app.start_lr_find), [train.recipe_yaml, train.data_file, train.data_path,
+                                                               train.trust, train.run_name],
+                            [train.run_id, train.message], api_name="start_lr_find").success(
+        lambda current: gr.Dropdown(choices=app.run_ids(), value=current), train.run_id, train.run_id,
+        api_visibility="private")
     train.stop_btn.click(_errors_shown(app.stop_run), train.run_id, train.message, api_name="stop_run")
     train.resume_btn.click(_errors_shown(app.resume_run), train.run_id, train.message, api_name="resume_run")
     train.refresh_btn.click(_errors_shown(app.run_status), train.run_id, train.status_json, api_name="run_status")
     train.timer.tick(app.refresh, [train.run_id, train.fingerprint],
                      [train.status, train.loss_plot, train.live_lr, train.memory, train.log, train.status_json,
-                      train.fingerprint], api_visibility="private", show_progress="hidden")
+                      train.lr_find_plot, train.fingerprint], api_visibility="private", show_progress="hidden")
     runs.refresh.click(_errors_shown(app.list_runs), None, [runs.table, runs.run], api_name="list_runs")
     runs.show_btn.click(_errors_shown(app.run_details), runs.run, runs.details, api_name="run_details")
     runs.run.change(_errors_shown(app.run_details), runs.run, runs.details, api_visibility="private")

@@ -8,16 +8,17 @@ field it came from).  Warnings print as one line too, only while a command runs.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from typing import Sequence
 
-from .commands import app, doctor, estimate, export, gpus, models, probe, recommend, resume, run, validate
+from .commands import app, doctor, estimate, export, gpus, lr_find, models, probe, recommend, resume, run, validate
 from .errors import FinetuneHelperError
 
 PROG = "finetune-helper"
 #: in the order ``--help`` lists them
-COMMANDS = (estimate, recommend, export, validate, run, resume, doctor, probe, app, gpus, models)
+COMMANDS = (estimate, recommend, export, validate, run, resume, lr_find, doctor, probe, app, gpus, models)
 #: error fields that name a recipe setting (``data.path``) or the recipe itself rather than a command-line flag
 _RECIPE_FIELDS = ("recipe", "override", "training", "seed", "output_dir", "stack", "app", "run_dir")
 
@@ -57,7 +58,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     # `run RECIPE --dry-run key=value`: overrides may follow the flags, which argparse's subparsers cannot interleave
     args, extra = parser.parse_known_args(argv)
     if extra:
-        takes_overrides = getattr(args, "command", None) in ("run", "resume", "validate", "probe")
+        takes_overrides = getattr(args, "command", None) in ("run", "resume", "validate", "probe", "lr-find")
         if takes_overrides and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
@@ -71,6 +72,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    # bitsandbytes (imported by transformers / TRL / PEFT when installed) logs a notice about an optional CPU kernel
+    # on every import: not the user's concern
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     after = getattr(args, "after", None)  # a command's own epilogue, given the exit code (run records it)
     with warnings.catch_warnings():  # restores warnings.showwarning when the command is done
         warnings.showwarning = _one_line_warning

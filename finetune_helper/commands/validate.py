@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,6 @@ def run(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     notes = check_references(recipe)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # as run does: its CPU-kernel notice on import
     check_training_values(recipe.training)  # the recipe's own values first, then everything the run derives
     log: list[str] = []
     with tempfile.TemporaryDirectory(prefix="finetune-helper-validate-") as scratch:  # prepare writes nothing there

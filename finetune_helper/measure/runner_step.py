@@ -121,7 +121,7 @@ def measure_recipe(recipe, *, steps: int = 3, run_dir: str | Path, log: Callable
                                  data=dataclasses.replace(recipe.data, eval_fraction=0.0))
     prep, tokenizer = runner.prepare(recipe, Path(run_dir), log)
     cuda = torch.cuda.is_available() and not prep.sft_kwargs.get("use_cpu")
-    trainer = runner._trainer(prep, tokenizer, dict(prep.sft_kwargs), [])
+    trainer = runner.build_trainer(prep, tokenizer, dict(prep.sft_kwargs), [])
     mode = live_bytes_mode()
     peaks: list[StepPeak] = []
     batches: list[tuple[tuple[int, ...], bool]] = []

@@ -44,6 +44,8 @@ PROCESS_FILE = "process.json"
 LOG_FILE = "train.log"
 #: ``finetune-helper probe --result`` writes here (a probe started from the app)
 PROBE_FILE = "probe.json"
+#: ``finetune-helper lr-find --curve`` writes here, step by step (a range test started from the app)
+LR_FIND_FILE = "lr_find.json"
 #: exit codes of ``finetune-helper run`` (runner.py) and what the app calls them
 EXIT_STATES = {0: "done", 1: "failed", 2: "failed", 3: "diverged", 4: "out of memory", 130: "stopped"}
 #: Hub user-access tokens start with ``hf_`` (huggingface_hub docs, "User access tokens")
@@ -365,9 +367,12 @@ class RunManager:
                     write_json(path, info)
             self._release_locks(proc.pid)
 
-    def start(self, recipe: Recipe, name: str | None = None, *, probe: bool = False) -> str:
-        """Launch a new run of ``recipe`` (``probe``: ``finetune-helper probe``, a few measured steps at a few
-        micro-batches, its result in ``probe.json``); returns its id (the run folder's name under ``runs/``)."""
+    def start(self, recipe: Recipe, name: str | None = None, *, kind: str = "run") -> str:
+        """Launch a new run of ``recipe``; returns its id (the run folder's name under ``runs/``).  ``kind``:
+        ``run``; ``probe`` (``finetune-helper probe``: a few measured steps at a few micro-batches, its result in
+        ``probe.json``); ``lr-find`` (the range test, its curve in ``lr_find.json`` step by step)."""
+        if kind not in ("run", "probe", "lr-find"):
+            raise FinetuneHelperError("kind", f"{kind!r} is not one of run, probe, lr-find")
         with self._lock:
             stem = _slug(name or Path(recipe.model.name).name or "run")
             run_id = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -375,14 +380,17 @@ class RunManager:
             while (self.workspace.runs / run_id).exists():
                 n += 1
                 run_id = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
-            devices = self._take_locks(run_id, 1 if probe else recipe.hardware.gpus)
+            devices = self._take_locks(run_id, recipe.hardware.gpus if kind == "run" else 1)
             try:
                 run_dir = self.workspace.runs / run_id
                 run_dir.mkdir()
                 (run_dir / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
-                if probe:
+                if kind == "probe":
                     self._launch(run_id, [str(run_dir / RECIPE_FILE), "--output-dir", str(run_dir / "probe"),
                                           "--result", str(run_dir / PROBE_FILE)], "probe", devices)
+                elif kind == "lr-find":
+                    self._launch(run_id, [str(run_dir / RECIPE_FILE), "--plot", str(run_dir / "lr_find.png"),
+                                          "--curve", str(run_dir / LR_FIND_FILE)], "lr-find", devices)
                 else:
                     self._launch(run_id, [str(run_dir / RECIPE_FILE), "--output-dir", str(run_dir)], "run", devices)
             except BaseException:
@@ -480,6 +488,7 @@ class RunManager:
                                             or last.get("estimated_peak_memory_bytes")),
             "metrics": metrics, "summary": summary, "log_tail": log_tail(run_dir),
             "kind": info.get("command", "run"), "probe": _fresh_json(run_dir / PROBE_FILE, started),
+            "lr_find": _fresh_json(run_dir / LR_FIND_FILE, started),
             "started": started or None, "diagnosis": diagnosis,
             "can_resume": not alive and state != "done" and last_checkpoint(run_dir) is not None,
         }

@@ -491,7 +491,8 @@ def _peft_config(recipe: Recipe):
                       target_modules=targets if isinstance(targets, str) else list(targets))
 
 
-def _trainer(prep: Prepared, tokenizer, sft_kwargs: dict[str, Any], callbacks: list) -> Any:
+def build_trainer(prep: Prepared, tokenizer, sft_kwargs: dict[str, Any], callbacks: list) -> Any:
+    """The run's ``SFTTrainer`` for these arguments: its model loaded as the setup says, PEFT applied."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -569,7 +570,7 @@ def _train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from:
     before = None
     while True:
         try:
-            trainer = _trainer(prep, tokenizer, sft_kwargs, callbacks)
+            trainer = build_trainer(prep, tokenizer, sft_kwargs, callbacks)
         except torch.OutOfMemoryError as exc:
             raise RunStopped(EXIT_OOM, f"out of memory while loading the model onto the GPU ({_first_line(exc)}): "
                              "use method.type=qlora (a 4-bit base), a smaller model, or more GPUs (--gpus N)") from None

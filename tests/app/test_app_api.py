@@ -42,7 +42,7 @@ def client(app_server):
 
 def test_named_endpoints_are_listed(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/recommend", "/export", "/start_run", "/start_probe", "/run_status", "/stop_run", "/resume_run",
+    assert {"/recommend", "/export", "/start_run", "/start_probe", "/start_lr_find", "/run_status", "/stop_run", "/resume_run",
             "/list_runs", "/run_details"} <= names
 
 
@@ -278,6 +278,22 @@ def test_probe_from_the_train_tab_measures_the_recipe_and_shows_the_table(client
     rows = st["probe"]["rows"]
     assert rows[0]["micro_batch"] == 64 and abs(rows[0]["error"]) < 0.05
     assert st["probe"]["calibration"]["device"] == "cpu"
+
+
+def test_lr_find_from_the_train_tab_runs_the_range_test_and_returns_its_curve(client):
+    """The range test runs as its own process, like a run; its curve (growing step by step) and its suggestions
+    come back in the status."""
+    raw = yaml.safe_load(tiny_recipe(10))
+    raw["data"]["max_examples"] = 300
+    run_id, message = client.predict(yaml.safe_dump(raw), None, "", False, "lr test", api_name="/start_lr_find")
+    assert run_id.startswith("lr-test-") and "range test" in message
+    st = wait_for(lambda: (s := client.predict(run_id, api_name="/run_status"))["state"] == "done" and s, 240,
+                  "the range test to end")
+    curve = st["lr_find"]
+    assert st["kind"] == "lr-find" and curve["done"] and len(curve["lrs"]) == len(curve["losses"]) >= 10
+    assert curve["lrs"][0] == pytest.approx(1e-7) and curve["rule_lr"] > 0
+    lo, hi = curve["bounds"]
+    assert lo <= curve["suggested_lr_clamped"] <= hi
 
 
 def test_linked_run_files_are_not_shown_and_a_forged_process_is_not_signalled(client, app_workspace, tmp_path):
