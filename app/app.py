@@ -52,6 +52,21 @@ CSS = """
 """
 
 
+def _kept_on_error(fn, outputs: int, *, message: bool):
+    """For the page's own events: a core error leaves the last good outputs on screen (``gr.skip()``) and, with
+    ``message``, returns its one line as the last output (shown next to the form) instead of error badges."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+        except FinetuneHelperError as exc:
+            return (*[gr.skip()] * outputs, f"**{exc}**") if message else tuple([gr.skip()] * outputs)
+        result = result if isinstance(result, tuple) else (result,)
+        return (*result, "") if message else result
+    return wrapper
+
+
 def _errors_shown(fn):
     """Core errors become a visible ``gr.Error`` (one line, named field); the app keeps serving."""
 
@@ -482,6 +497,10 @@ def _recommend_tab(app: App) -> SimpleNamespace:
         t.lr_min = gr.Number(defaults.LR_MIN, label="LR min")
         t.lr_max = gr.Number(defaults.LR_MAX, label="LR max")
     t.button = gr.Button("Recommend", variant="primary", elem_id="recommend-btn")
+    t.error = gr.Markdown(elem_id="recommend-error")
+    #: the named endpoints /recommend and /export (errors raised to the API client); the page's own button keeps
+    #: the last good recommendation on screen instead
+    t.api_button = gr.Button(visible=False)
     t.verdict = gr.Markdown(elem_id="verdict")
     t.settings = gr.Dataframe(headers=["setting", "value", "reason"], label="Recommended settings",
                               interactive=False, wrap=True, elem_id="settings-table",
@@ -571,11 +590,15 @@ def _runs_tab() -> SimpleNamespace:
 def _wire(app: App, demo: gr.Blocks, rec: SimpleNamespace, train: SimpleNamespace, runs: SimpleNamespace) -> None:
     """The events: the named endpoints (``api_name``) and the private updates (page load, timer, format change)."""
     export_io = ([*rec.form, rec.export_format], [rec.code, rec.downloads])
-    rec.button.click(_errors_shown(app.recommend), rec.form, rec.outputs, api_name="recommend").then(
+    shown_recommend = _kept_on_error(app.recommend, len(rec.outputs), message=True)
+    shown_export = _kept_on_error(app.export, len(export_io[1]), message=False)
+    rec.api_button.click(_errors_shown(app.recommend), rec.form, rec.outputs, api_name="recommend").then(
         _errors_shown(app.export), *export_io, api_name="export")
+    rec.button.click(shown_recommend, rec.form, [*rec.outputs, rec.error], api_visibility="private").then(
+        shown_export, *export_io, api_visibility="private")
     rec.export_format.change(lambda fmt: gr.Code(language=EXPORT_FORMATS.get(fmt, "python")), rec.export_format,
-                             rec.code, api_visibility="private").then(
-        _errors_shown(app.export), *export_io, api_visibility="private")
+                             rec.code, api_visibility="private").then(shown_export, *export_io,
+                                                                      api_visibility="private")
     train.load_btn.click(_errors_shown(app.load_recipe), [train.recipe_choice, *rec.form], train.recipe_yaml,
                          api_name="load_recipe")
     train.start_btn.click(_errors_shown(app.start_run), [train.recipe_yaml, train.data_file, train.data_path,
@@ -601,12 +624,15 @@ def _wire(app: App, demo: gr.Blocks, rec: SimpleNamespace, train: SimpleNamespac
                       train.lr_find_plot, train.fingerprint], api_visibility="private", show_progress="hidden")
     runs.refresh.click(_errors_shown(app.list_runs), None, [runs.table, runs.run], api_name="list_runs")
     runs.show_btn.click(_errors_shown(app.run_details), runs.run, runs.details, api_name="run_details")
-    runs.run.change(_errors_shown(app.run_details), runs.run, runs.details, api_visibility="private")
+    # picking a run shows it; the list emptied or not yet filled (page load) is no error of the user's
+    runs.run.change(_errors_shown(lambda run_id: app.run_details(run_id) if run_id else
+                                  tuple([gr.skip()] * len(runs.details))),
+                    runs.run, runs.details, api_visibility="private")
     demo.load(_errors_shown(app.list_runs), None, [runs.table, runs.run], api_visibility="private")
     demo.load(app.current_runs, None, train.run_id, api_visibility="private")
     # open on a worked example: the default form's recommendation
-    demo.load(_errors_shown(app.recommend), rec.form, rec.outputs, api_visibility="private").then(
-        _errors_shown(app.export), *export_io, api_visibility="private")
+    demo.load(shown_recommend, rec.form, [*rec.outputs, rec.error], api_visibility="private").then(
+        shown_export, *export_io, api_visibility="private")
     demo.load(_errors_shown(app.load_recipe), [train.recipe_choice, *rec.form], train.recipe_yaml,
               api_visibility="private")
 

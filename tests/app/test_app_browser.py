@@ -78,6 +78,7 @@ def test_recommend_shows_table_charts_and_code(page):
     page.locator("#export-code").get_by_text("TrainingArguments(").first.wait_for()
     page.locator("#downloads [aria-label=\"training_args.yaml\"]").wait_for()
     shot(page, "recommend")
+    assert page.get_by_text("no run selected").count() == 0  # no error the user did not cause (page load)
 
 
 def type_custom(page, label: str, text: str) -> None:
@@ -91,8 +92,11 @@ def type_custom(page, label: str, text: str) -> None:
 def test_bad_input_shows_an_error_and_the_app_keeps_working(page):
     type_custom(page, "GPU", "0GB")
     page.get_by_role("button", name="Recommend", exact=True).click()
-    page.get_by_text("gpu: memory must be > 0").first.wait_for()
+    page.locator("#recommend-error").get_by_text("gpu: memory must be > 0").first.wait_for()
     shot(page, "error")
+    # the last good recommendation stays on screen (no error badges in its place)
+    assert page.locator("#settings-table").get_by_text("per_device_train_batch_size").first.is_visible()
+    assert page.locator("#verdict").get_by_text("RTX 4090").first.is_visible()
     type_custom(page, "GPU", "A100 80GB SXM")
     page.get_by_role("button", name="Recommend", exact=True).click()
     page.locator("#verdict").get_by_text("A100 80GB SXM").first.wait_for()

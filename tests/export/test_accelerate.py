@@ -15,11 +15,13 @@ from finetune_helper import cli
 pytestmark = pytest.mark.integration
 
 SCRIPT = """
-import os
+import os, sys
 from accelerate import PartialState
 PartialState()
-print("worker", os.environ.get("ACCELERATE_USE_FSDP"), os.environ.get("FSDP_VERSION"),
-      os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"), os.environ.get("ACCELERATE_MIXED_PRECISION"), flush=True)
+with open(os.path.join(sys.argv[1], f"worker-{os.getpid()}.txt"), "w") as fh:  # one file each: no interleaving
+    fh.write(" ".join(["worker", str(os.environ.get("ACCELERATE_USE_FSDP")), str(os.environ.get("FSDP_VERSION")),
+                       str(os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")),
+                       str(os.environ.get("ACCELERATE_MIXED_PRECISION"))]))
 """
 
 
@@ -52,9 +54,10 @@ def test_accelerate_launch_runs_the_fsdp_config_with_the_matching_training_argum
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     done = subprocess.run([str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(path),
-                           "--main_process_port", "29561", str(script)], capture_output=True, text=True, timeout=120)
+                           "--main_process_port", "29561", str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    workers = [line.split() for line in done.stdout.splitlines() if line.startswith("worker")]
+    workers = [p.read_text().split() for p in sorted(tmp_path.glob("worker-*.txt"))]
     assert workers == [["worker", "true", "2", "LlamaDecoderLayer", "bf16"]] * 2
     yaml_out = tmp_path / "args.yaml"
     assert cli.main(["export", *args, "--format", "yaml", "-o", str(yaml_out)]) == 0
