@@ -95,7 +95,7 @@ def test_bad_input_shows_an_error_and_the_app_keeps_working(page):
     page.locator("#recommend-error").get_by_text("gpu: memory must be > 0").first.wait_for()
     shot(page, "error")
     # the last good recommendation stays on screen (no error badges in its place)
-    assert page.locator("#settings-table").get_by_text("per_device_train_batch_size").first.is_visible()
+    assert page.locator("#settings-table").get_by_text("learning_rate").first.is_visible()
     assert page.locator("#verdict").get_by_text("RTX 4090").first.is_visible()
     type_custom(page, "GPU", "A100 80GB SXM")
     page.get_by_role("button", name="Recommend", exact=True).click()
