@@ -304,7 +304,8 @@ def verdict_markdown(plan) -> str:
     verdict = ('<span class="fh-fits">Fits</span>' if plan.fits else '<span class="fh-nofit">Does not fit</span>')
     total = plan.peak_memory_bytes
     parts = " + ".join(f"{MEMORY_PARTS.get(k, k)} {b / GiB:.2f}" for k, b in plan.estimate.breakdown.items() if b)
-    lines = [head, f"{verdict}: {plan.reasons['fits']}",
+    lines = [head, f"{verdict}: {plan.reasons['fits']}", *([f"**{plan.lr_note[0].upper() + plan.lr_note[1:]}**"]
+                                                            if plan.lr_note else []),
              f"Peak per GPU {fmt_gib(total)} = {parts} GiB; GPU {fmt_gib(r.gpu.memory_bytes)}, usable "
              f"{fmt_gib(r.budget_bytes)} ({1 - r.safety_margin:.0%})."]
     for step in plan.escalation:

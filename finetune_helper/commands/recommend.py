@@ -26,6 +26,8 @@ def print_plan(plan) -> None:
     print(breakdown_table(d["breakdown"], d["peak_memory_bytes"]))
     print()
     print(f"{'FITS' if plan.fits else 'DOES NOT FIT'}: {plan.reasons['fits']}")
+    if plan.lr_note:
+        print(plan.lr_note[0].upper() + plan.lr_note[1:])
     for step in plan.escalation:
         print(f"  tried {step.change}: {fmt_gib(step.peak_memory_bytes)} -> {'fits' if step.fits else 'does not fit'}")
 

@@ -13,6 +13,7 @@ spec -> estimate -> **plan** -> export.  Rules, in the order they are applied:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,8 +26,9 @@ from .gpu import GPUSpec
 from .memory import MemoryEstimate, estimate_memory
 from .model import ModelSpec
 from .optimizers import EIGHT_BIT_FALLBACK, OPTIMIZERS, is_eight_bit
-from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, SCHEDULER, WEIGHT_DECAY, reference_batch, scaled_learning_rate,
-                    warmup_ratio)
+from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, MIN_EFFECTIVE_BATCH, MIN_STEPS, SCHEDULER, WEIGHT_DECAY,
+                    lr_bounds_note, lr_reference_rate, reference_batch, reference_clipping, scaled_learning_rate,
+                    schedule_reason, warmup_ratio)
 from .training_setup import TrainingSetup, step_shape
 
 #: Largest per-device micro-batch the planner proposes (beyond it throughput stops improving on any current GPU).
@@ -139,8 +141,11 @@ class PlanRequest:
     @property
     def target_batch(self) -> int:
         """The effective batch aimed at: the target, or the whole data when it is smaller (a batch larger than the
-        data would be one partial step)."""
-        return min(self.target_effective_batch, self.dataset_size or defaults.ASSUMED_DATASET_SIZE)
+        data would be one partial step), lowered on small data so that the run has :data:`.rules.MIN_STEPS`
+        optimizer steps, never below :data:`.rules.MIN_EFFECTIVE_BATCH` sequences."""
+        dataset = self.dataset_size or defaults.ASSUMED_DATASET_SIZE
+        for_steps = max(MIN_EFFECTIVE_BATCH, int(dataset * self.epochs // MIN_STEPS))
+        return max(1, min(self.target_effective_batch, dataset, for_steps))
 
     def accumulation(self, micro: int, gpus: int | None = None) -> int:
         """The smallest accumulation with ``micro`` x accumulation x GPUs >= :attr:`target_batch`."""
@@ -184,6 +189,8 @@ class Plan:
     weights_dtype: str | None = None
     reasons: dict[str, str] = field(default_factory=dict)
     escalation: tuple[Escalation, ...] = ()
+    #: the verdict's line when the rule asked for an LR more than 2x outside the bounds (None otherwise)
+    lr_note: str | None = None
 
     @property
     def effective_batch_size(self) -> int:
@@ -277,6 +284,7 @@ class Plan:
             "peak_phase": self.estimate.peak_phase,
             "trainable_parameters": self.estimate.trainable_parameters,
             "reasons": dict(self.reasons),
+            "lr_note": self.lr_note,
             "escalation": [{"change": e.change, "fits": e.fits, "peak_memory_bytes": e.peak_memory_bytes}
                            for e in self.escalation],
         }
@@ -517,16 +525,31 @@ def recommend_plan(req: PlanRequest) -> Plan:
     reasons["fits"] = _fits_reason(req, fit, escalation) + (f"; {req.calibration.describe()}"
                                                             if req.calibration else "")
     reasons["per_device_train_batch_size"] = _batch_reason(req, fit, cap, target)
+    steps_target = target < min(req.target_effective_batch, dataset)  # lowered for enough optimizer steps
+    if steps_target and fit.fits:
+        # the micro-batch (up to the largest that fits) and accumulation whose product overshoots the lowered target
+        # least: rounding a large micro-batch up (17 x 2 for a target of 20) would cost the steps it was lowered for
+        per_gpu = math.ceil(target / req.gpus)
+        smallest = min((math.ceil(per_gpu / a) * a, a) for a in range(math.ceil(per_gpu / fit.micro), per_gpu + 1))
+        micro_for_steps = smallest[0] // smallest[1]
+        if micro_for_steps != fit.micro:
+            reasons["per_device_train_batch_size"] += (f"; {micro_for_steps} used: with it the effective batch "
+                                                       f"overshoots the lowered target {target} least")
+            fit = dataclasses.replace(fit, micro=micro_for_steps,
+                                      estimate=fit.option.estimate(req, micro_for_steps))
 
     micro = fit.micro
     accum = req.accumulation(micro)
     eff = micro * accum * req.gpus
+    lowered = ""
+    if target < req.target_effective_batch:
+        lowered = (f"; target lowered from {req.target_effective_batch} to {target} so that {dataset} examples x "
+                   f"{req.epochs:g} epochs make about {MIN_STEPS} optimizer steps (never below "
+                   f"{MIN_EFFECTIVE_BATCH} sequences)" if steps_target else
+                   f"; target lowered from {req.target_effective_batch} to the {dataset} training examples")
     reasons["gradient_accumulation_steps"] = (f"smallest with {micro} x accumulation x {req.gpus} GPU"
                                               f"{'s' if req.gpus > 1 else ''} >= target {target}: {accum} "
-                                              f"(effective batch {eff})"
-                                              + (f"; target lowered from {req.target_effective_batch} to the "
-                                                 f"{dataset} training examples" if target < req.target_effective_batch
-                                                 else ""))
+                                              f"(effective batch {eff}){lowered}")
     if fit.option.weights == "bf16":
         reasons["precision"] += (
             "; pure bf16 (weights, gradients and AdamW states in bf16) because fp32 master weights do not fit"
@@ -539,13 +562,19 @@ def recommend_plan(req: PlanRequest) -> Plan:
     steps = max(1, math.ceil(math.ceil(dataset / eff) * req.epochs))
     reasons["total_steps"] = (f"ceil({dataset} examples / {eff}) x {req.epochs:g} epochs = {steps}"
                               + ("" if req.dataset_size else
-                                 f" (dataset size not given: {defaults.ASSUMED_DATASET_SIZE} assumed)"))
-    lr, reasons["learning_rate"] = scaled_learning_rate(
+                                 f" (dataset size not given: {defaults.ASSUMED_DATASET_SIZE} assumed)")
+                              + (f"; fewer than {MIN_STEPS} optimizer steps even at the smallest effective batch "
+                                 f"({MIN_EFFECTIVE_BATCH}): more data or epochs would train the adapter further"
+                                 if steps < MIN_STEPS else ""))
+    lr, reasons["learning_rate"], raw_lr = scaled_learning_rate(
         method=req.method, optim=fit.optim, effective_batch=eff, hidden_size=req.model.hidden_size,
         lora_r=req.lora_r, lora_alpha=req.lora_alpha, lr_min=req.lr_min, lr_max=req.lr_max)
-    warm, reasons["warmup_ratio"] = warmup_ratio(steps, eff, reference_batch(req.method, fit.optim))
-    reasons["lr_scheduler_type"] = f"{SCHEDULER} decay after warmup (Llama 2 SFT; transformers decays to 0)"
-    reasons["max_grad_norm"] = f"{MAX_GRAD_NORM}: clip the global gradient norm (Llama 2 pretraining, sec. 2.2; transformers default)"
+    ref_lr = lr_reference_rate(req.method, fit.optim)
+    warm, reasons["warmup_ratio"] = warmup_ratio(steps, eff, reference_batch(req.method, fit.optim),
+                                                 lr_scale=lr / ref_lr)
+    reasons["lr_scheduler_type"] = schedule_reason(req.method, fit.optim)
+    clip, clip_source = reference_clipping(req.method, fit.optim)
+    reasons["max_grad_norm"] = f"{clip}: clip the global gradient norm as the LR reference was tuned ({clip_source})"
     reasons["weight_decay"] = (f"{WEIGHT_DECAY[req.method]}: " + ("AdamW decoupled decay as in Llama 2 SFT"
                                if req.method == "full" else "none on LoRA adapters (QLoRA paper)"))
     distributed, why = _distributed(req, fit)
@@ -556,5 +585,5 @@ def recommend_plan(req: PlanRequest) -> Plan:
         warmup_ratio=warm, gradient_checkpointing=fit.gc, optim=fit.optim, bf16=req.dtype == "bf16",
         fp16=req.dtype == "fp16", fits=fit.fits, estimate=fit.estimate, total_steps=steps, distributed=distributed,
         weight_decay=WEIGHT_DECAY[req.method], reasons=reasons, escalation=escalation,
-        weights_dtype=fit.option.weights,
+        weights_dtype=fit.option.weights, max_grad_norm=clip, lr_note=lr_bounds_note(lr, raw_lr),
     )

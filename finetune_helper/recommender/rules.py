@@ -7,7 +7,9 @@ so.  Pure functions of numbers: :mod:`.plan` applies them to a request.
   square-root rule (Adam family: Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
   Algorithms") or the linear rule (SGD: Goyal et al. 2017, "Accurate, Large Minibatch SGD"), to the model's width
   where the reference gives the widths it covers, to the adapter scale for LoRA, then clamped to the bounds;
-* warmup: a share of the steps, longer for large batches, never fewer than a few steps, capped.
+* warmup: 5-10% of the steps, longer for large batches and high LRs, never fewer than 10 steps, capped in steps;
+* clipping and schedule: the reference's clipping; cosine, with the reference's own schedule named when it differs;
+* enough steps: the effective batch lowered on small data so that the run has :data:`MIN_STEPS` updates.
 """
 
 from __future__ import annotations
@@ -17,12 +19,19 @@ import math
 from . import catalog
 from .optimizers import OPTIMIZERS
 
-#: Warmup: 3% of steps is the common SFT default (Stanford Alpaca and TRL examples use warmup_ratio 0.03); we add
-#: up to 2 points for effective batches far above the reference (large-batch training needs longer warmup, Goyal
-#: et al. 2017 sec. 2.2) and keep at least 10 warmup steps on short runs, capped at 10% (Llama 2 / GPT-3 practice).
-WARMUP_BASE, WARMUP_MAX, WARMUP_MIN_STEPS = 0.03, 0.10, 10
-#: Cosine decay to 0 and clipping at 1.0 (Llama 2 SFT; transformers' default max_grad_norm).
+#: Warmup: 5% of the steps, up to 10% when the effective batch or the learning rate is far above the reference's
+#: (the practical tuning guide this product follows: warmup 5-10% of steps, more for large batches and high LRs;
+#: Goyal et al. 2017 sec. 2.2: a gradual warmup is what makes a large batch / LR trainable): +1.25 points per
+#: doubling.  At least 10 steps on short runs (said when that is above 10%); at most 2000 steps on very long ones
+#: (the warmup Llama 2's pretraining used, Touvron et al. 2023 sec. 2.2).
+WARMUP_BASE, WARMUP_MAX, WARMUP_PER_DOUBLING, WARMUP_MIN_STEPS, WARMUP_MAX_STEPS = 0.05, 0.10, 0.0125, 10, 2000
+#: Cosine decay to 0 after warmup: the product's default schedule (Llama 2 SFT; transformers decays to 0); clipping
+#: comes with each LR reference (``data/lr_references.yaml``), 1.0 when it gives none (transformers' default).
 SCHEDULER, MAX_GRAD_NORM = "cosine", 1.0
+#: Enough optimizer steps: on small data the effective batch is lowered (never below ``MIN_EFFECTIVE_BATCH``
+#: sequences) so that the run has at least ``MIN_STEPS`` updates: a warmup of 10 steps and a decay of several tens
+#: (a heuristic of this product, not a published figure).
+MIN_STEPS, MIN_EFFECTIVE_BATCH = 100, 8
 #: Weight decay: 0.1 for full fine-tuning (Llama 2), 0 for LoRA adapters (QLoRA paper, app. B.2).
 WEIGHT_DECAY = {"full": 0.1, "lora": 0.0, "qlora": 0.0}
 #: The fused AdamW is transformers 5's default optimizer and the fastest torch one on GPU.
@@ -30,9 +39,9 @@ DEFAULT_OPTIM = "adamw_torch_fused"
 
 
 def scaled_learning_rate(*, method: str, optim: str, effective_batch: int, hidden_size: int, lora_r: int,
-                         lora_alpha: float, lr_min: float, lr_max: float) -> tuple[float, str]:
+                         lora_alpha: float, lr_min: float, lr_max: float) -> tuple[float, str, float]:
     """The reference LR for ``method`` and ``optim``'s family, scaled to ``effective_batch`` (and the width and
-    adapter scale where they apply) and clamped to [lr_min, lr_max], with its reason."""
+    adapter scale where they apply) and clamped to [lr_min, lr_max], with its reason and the unclamped value."""
     family = OPTIMIZERS[optim].family
     ref = catalog.lr_reference(method, family)
     ratio = effective_batch / ref["effective_batch"]
@@ -46,13 +55,14 @@ def scaled_learning_rate(*, method: str, optim: str, effective_batch: int, hidde
         if factor != 1:
             raw *= factor
             rule += f" x {note}"
-    if method != "full" and "lora_alpha" in ref:
-        # The adapter's update to W is scaled by alpha/r (Hu et al. 2021, sec. 4.1: tuning alpha is roughly tuning
-        # the learning rate), so a reference taken at another alpha/r is rescaled to ours.
-        factor = (ref["lora_alpha"] / ref["lora_r"]) / (lora_alpha / lora_r)
+    if method != "full" and "lora_alpha" in ref and ref["lora_alpha"] != lora_alpha:
+        # LoRA scales its update by alpha/r. Hu et al. 2021, sec. 4.1: with Adam, "tuning alpha is roughly the same
+        # as tuning the learning rate", and the alpha/r scaling "helps to reduce the need to retune hyperparameters
+        # when we vary r": the LR moves with alpha alone (1/alpha), not with the rank.
+        factor = ref["lora_alpha"] / lora_alpha
         raw *= factor
-        rule += (f" x (alpha/r {ref['lora_alpha']}/{ref['lora_r']} of the reference / {lora_alpha}/{lora_r} "
-                 f"here = {factor:.3g})")
+        rule += (f" x alpha {ref['lora_alpha']} of the reference / {lora_alpha} here = {factor:.3g} (Hu et al. "
+                 "2021 sec. 4.1: alpha acts as the LR, the rank does not; a heuristic)")
     lr = min(max(raw, lr_min), lr_max)
     reason = f"{rule} = {raw:.2e}; reference {ref['learning_rate']:.0e} at batch {ref['effective_batch']} ({ref['source']})"
     if lr != raw:
@@ -60,7 +70,40 @@ def scaled_learning_rate(*, method: str, optim: str, effective_batch: int, hidde
         reason += f"; clamped to {bound} {lr:.1e}"
         if raw > 2 * lr or raw < lr / 2:
             reason += f" (the rule asks for {raw:.1e}: widen the bounds to use it)"
-    return lr, reason
+    return lr, reason, raw
+
+
+def lr_bounds_note(lr: float, raw: float) -> str | None:
+    """The verdict's line when the rule asks for an LR more than 2x outside the bounds, else None."""
+    if raw > 2 * lr:
+        return (f"learning rate: the rule asks for {raw:.1e}, {raw / lr:.1f}x the --lr-max bound {lr:.1e} it was "
+                f"clamped to; widen it (--lr-max {raw:.0e}, or recommend.lr_max in a recipe) to train at the rule's rate")
+    if raw < lr / 2:
+        return (f"learning rate: the rule asks for {raw:.1e}, {lr / raw:.1f}x below the --lr-min bound {lr:.1e} it "
+                f"was clamped to; lower it (--lr-min {raw:.0e}, or recommend.lr_min) to train at the rule's rate")
+    return None
+
+
+def reference_clipping(method: str, optim: str) -> tuple[float, str]:
+    """The gradient-clipping threshold the LR reference was tuned with, and its source."""
+    ref = catalog.lr_reference(method, OPTIMIZERS[optim].family)
+    norm = ref.get("max_grad_norm", MAX_GRAD_NORM)
+    return norm, ref.get("clipping_source", "transformers' default max_grad_norm")
+
+
+def schedule_reason(method: str, optim: str) -> str:
+    """Why cosine, and what the LR reference was tuned with when that differs."""
+    ref = catalog.lr_reference(method, OPTIMIZERS[optim].family)
+    why = f"{SCHEDULER} decay after warmup (Llama 2 SFT; transformers decays to 0)"
+    if ref.get("schedule", SCHEDULER) != SCHEDULER:
+        why += (f"; the LR reference was tuned with a {ref['schedule']} schedule, which holds the peak LR to the end "
+                f"where cosine decays from it (training.lr_scheduler_type=constant_with_warmup reproduces it)")
+    return why
+
+
+def lr_reference_rate(method: str, optim: str) -> float:
+    """The learning rate of the reference for ``method`` and ``optim``'s family."""
+    return catalog.lr_reference(method, OPTIMIZERS[optim].family)["learning_rate"]
 
 
 def reference_batch(method: str, optim: str) -> int:
@@ -78,20 +121,27 @@ def width_factor(hidden_size: int, narrowest: int, widest: int) -> tuple[float, 
                     "them Adam's LR ~ 1/width, muP (Yang et al. 2022, Tensor Programs V, Table 3), a heuristic)")
 
 
-def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int) -> tuple[float, str]:
-    """The warmup share of ``total_steps`` and its reason (see :data:`WARMUP_BASE`)."""
-    ratio, why = WARMUP_BASE, [f"{WARMUP_BASE:.0%} of {total_steps} steps (common SFT default)"]
-    scale = effective_batch / reference_batch
+def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int, *, lr_scale: float = 1.0
+                 ) -> tuple[float, str]:
+    """The warmup share of ``total_steps`` and its reason (see :data:`WARMUP_BASE`); ``lr_scale``: the planned LR
+    over the reference's."""
+    ratio, why = WARMUP_BASE, [f"{WARMUP_BASE:.0%} of {total_steps} steps (5-10% of steps)"]
+    batch_scale = effective_batch / reference_batch
+    scale = max(batch_scale, lr_scale)
     if scale >= 2:
-        extra = min(0.02, 0.01 * math.log2(scale))
+        extra = min(WARMUP_MAX - WARMUP_BASE, WARMUP_PER_DOUBLING * math.log2(scale))
         ratio += extra
-        why.append(f"+{extra:.1%} for an effective batch {scale:.3g}x the reference")
+        what = (f"an effective batch {batch_scale:.3g}x" if batch_scale >= lr_scale else f"a learning rate "
+                f"{lr_scale:.3g}x")
+        why.append(f"+{extra:.2%} for {what} the reference's (Goyal et al. 2017 sec. 2.2: longer warmup)")
     if ratio * total_steps < WARMUP_MIN_STEPS:
-        ratio = WARMUP_MIN_STEPS / total_steps
-        why.append(f"raised to {WARMUP_MIN_STEPS} warmup steps on a short run")
-    if ratio > WARMUP_MAX:
-        ratio = WARMUP_MAX
-        why.append(f"capped at {WARMUP_MAX:.0%}")
+        ratio = min(1.0, WARMUP_MIN_STEPS / total_steps)
+        why.append(f"raised to {WARMUP_MIN_STEPS} warmup steps on a short run"
+                   + (f" ({ratio:.0%}, above the 10% ceiling)" if ratio > WARMUP_MAX else ""))
+    elif ratio * total_steps > WARMUP_MAX_STEPS:
+        ratio = WARMUP_MAX_STEPS / total_steps
+        why.append(f"capped at {WARMUP_MAX_STEPS} steps on a long run (Llama 2's warmup, Touvron et al. 2023 "
+                   "sec. 2.2)")
     ratio = round(ratio, 4)
     n = math.ceil(ratio * total_steps)
     return ratio, "; ".join(why) + f" -> {ratio:.2%} = {n} step{'s' if n != 1 else ''}"
