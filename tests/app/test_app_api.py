@@ -269,7 +269,7 @@ def test_app_command_rejects_bad_options_in_one_line(argv, field, tmp_path):
 def test_probe_from_the_train_tab_measures_the_recipe_and_shows_the_table(client):
     """Probe runs as its own process, like a run; its table (estimated next to measured) comes back in the status."""
     raw = yaml.safe_load(tiny_recipe(10))
-    raw["data"]["max_examples"] = 200
+    raw["data"]["max_examples"] = 600  # enough for 100 steps at the target batch 64: the probe measures batch 64
     run_id, message = client.predict(yaml.safe_dump(raw), None, "", False, "probe test", api_name="/start_probe")
     assert run_id.startswith("probe-test-") and "probe" in message
     st = wait_for(lambda: (s := client.predict(run_id, api_name="/run_status"))["state"] == "done" and s, 180,

@@ -24,7 +24,8 @@ def probe(*args: str, store: Path) -> subprocess.CompletedProcess:
 
 def test_probe_measures_the_recommended_and_a_larger_batch_and_stores_the_calibration(tmp_path):
     store = tmp_path / "calibration.json"
-    proc = probe("data.max_examples=300", "--steps", "2", "--json", "--output-dir", str(tmp_path / "probe"),
+    # 600 examples x 15 epochs: enough steps at the full target batch of 64 (smaller data lowers it, issue 13)
+    proc = probe("data.max_examples=600", "--steps", "2", "--json", "--output-dir", str(tmp_path / "probe"),
                  store=store)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
