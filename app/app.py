@@ -128,7 +128,8 @@ class App:
             return ModelSpec.from_config(TINY_LLAMA_CONFIG, name=BUILTIN_MODEL, origin="builtin")
         return resolve_model(source)
 
-    def plan(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max):
+    def plan(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
+             scheduler=defaults.SCHEDULER):
         from finetune_helper.recommender.gpu import resolve_gpu
         from finetune_helper.recommender.plan import PlanRequest, recommend_plan
 
@@ -141,25 +142,29 @@ class App:
                           dataset_size=_opt_int(dataset_size, "dataset-size"), epochs=_number(epochs, "epochs"),
                           target_effective_batch=_opt_int(target_batch, "target-batch") or 0,
                           lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"),
+                          scheduler=str(scheduler or defaults.SCHEDULER),
                           calibration=lookup(gpu_spec.name, spec.name, str(method)))
         return recommend_plan(req)
 
-    def recommend(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max):
-        plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max)
+    def recommend(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
+                  scheduler=defaults.SCHEDULER):
+        plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
+                         scheduler)
         settings = pd.DataFrame(plan.settings_rows(), columns=["setting", "value", "reason"])
         return (verdict_markdown(plan), settings, memory_frame(plan), schedule_frame(plan), plan.to_dict())
 
     def export(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-               fmt="python"):
+               scheduler=defaults.SCHEDULER, fmt="python"):
         from finetune_helper.export.formats import render
 
         if fmt not in EXPORT_FORMATS:
             raise FinetuneHelperError("format", f"{fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
-        plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max)
+        plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
+                         scheduler)
         output_dir = f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
         texts = {f: render(plan, f, output_dir=output_dir) for f in ("python", "json", "yaml", "cli")}
         texts["recipe"] = self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
-                                           lr_min, lr_max, checked=True)
+                                           lr_min, lr_max, scheduler, checked=True)
         folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=self.exports))
         names = {"python": "train_args.py", "json": "training_args.json", "yaml": "training_args.yaml",
                  "recipe": "recipe.yaml"}
@@ -171,15 +176,17 @@ class App:
         return texts[fmt], files
 
     def recipe_text(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                    data_path: str = PLACEHOLDER_DATA, checked: bool = False) -> str:
+                    scheduler=defaults.SCHEDULER, data_path: str = PLACEHOLDER_DATA, checked: bool = False) -> str:
         """The form as a recipe; ``checked``: the caller has already planned these values (so they are valid)."""
         if not checked:
-            self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max)
+            self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
+                      scheduler)
         recipe = recipe_from_settings(
             model=str(model).strip(), gpu=str(gpu).strip(), gpus=_opt_int(gpus, "gpus") or 1, method=str(method),
             seq_len=_seq_len(seq_len), dataset_size=_opt_int(dataset_size, "dataset-size"),
             epochs=_number(epochs, "epochs"), target_effective_batch=_opt_int(target_batch, "target-batch") or 0,
-            lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"), data_path=data_path)
+            lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"), data_path=data_path,
+            scheduler=str(scheduler or defaults.SCHEDULER))
         header = ("# Made by the finetune-helper app from its recommendation.\n"
                   f"# data.path: replace {PLACEHOLDER_DATA} with your dataset (or upload one in the Train tab).\n"
                   "# Run: finetune-helper run recipe.yaml\n")
@@ -187,10 +194,10 @@ class App:
 
     # --------------------------------------------------------------------------------- train
     def load_recipe(self, choice, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
-                    lr_max) -> str:
+                    lr_max, scheduler=defaults.SCHEDULER) -> str:
         if choice == FROM_RECOMMENDATION:
             return self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
-                                    lr_max)
+                                    lr_max, scheduler)
         names = {p.name: p for p in shipped_recipes()}
         if choice not in names:
             raise FinetuneHelperError("recipe", f"{choice!r} is not a shipped recipe; choose from "
@@ -340,7 +347,8 @@ def memory_frame(plan) -> pd.DataFrame:
 def schedule_frame(plan) -> pd.DataFrame:
     """The learning rate at every optimizer step, as the Trainer schedules it (finetune_helper.recommender.schedule)."""
     warmup = warmup_steps_for(plan.warmup_ratio, plan.total_steps)
-    points = schedule_points(plan.learning_rate, plan.total_steps, warmup, plan.lr_scheduler_type)
+    points = schedule_points(plan.learning_rate, plan.total_steps, warmup, plan.lr_scheduler_type,
+                             options=plan.lr_scheduler_kwargs)
     return pd.DataFrame(points, columns=["step", "learning_rate"])
 
 
@@ -367,7 +375,8 @@ def live_lr_frame(st: dict[str, Any]) -> pd.DataFrame:
         warmup = warmup_steps_for(args.get("warmup_steps", args.get("warmup_ratio", 0)) or 0, total)
         sched = args.get("lr_scheduler_type", "linear")
         try:
-            points = logged_schedule_points(args["learning_rate"], total, warmup, sched, max_points=400)
+            points = logged_schedule_points(args["learning_rate"], total, warmup, sched, max_points=400,
+                                            options=args.get("lr_scheduler_kwargs") or None)
         except FinetuneHelperError:  # a scheduler schedule.py does not model: show the logged values only
             points = []
         rows += [{"step": step, "learning_rate": lr, "series": "schedule"} for step, lr in points]
@@ -497,6 +506,8 @@ def _recommend_tab(app: App) -> SimpleNamespace:
         t.target_batch = gr.Number(defaults.TARGET_EFFECTIVE_BATCH, step=1, label="Target effective batch")
         t.lr_min = gr.Number(defaults.LR_MIN, label="LR min")
         t.lr_max = gr.Number(defaults.LR_MAX, label="LR max")
+        t.scheduler = gr.Dropdown(list(defaults.SCHEDULES), value=defaults.SCHEDULER, label="LR schedule",
+                                  elem_id="scheduler")
     t.button = gr.Button("Recommend", variant="primary", elem_id="recommend-btn")
     t.error = gr.Markdown(elem_id="recommend-error")
     #: the named endpoints /recommend and /export (errors raised to the API client); the page's own button keeps
@@ -520,7 +531,7 @@ def _recommend_tab(app: App) -> SimpleNamespace:
     with gr.Accordion("Plan as JSON", open=False):
         t.plan_json = gr.JSON()
     t.form = [t.model, t.gpu, t.n_gpus, t.method, t.seq_len, t.dataset_size, t.epochs, t.target_batch, t.lr_min,
-              t.lr_max]
+              t.lr_max, t.scheduler]
     t.outputs = [t.verdict, t.settings, t.memory_plot, t.lr_plot, t.plan_json]
     return t
 

@@ -23,6 +23,10 @@ LR_MIN, LR_MAX = 1e-5, 5e-5
 #: target effective batch: 64 sequences, as in Llama 2's SFT (Touvron et al. 2023, sec. 3.1)
 TARGET_EFFECTIVE_BATCH = 64
 EPOCHS = 3.0
+#: the learning-rate schedule after warmup, and the ones a plan can use (transformers ``get_scheduler`` types; why
+#: each, in recommender/rules.py)
+SCHEDULER = "cosine"
+SCHEDULES = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr", "warmup_stable_decay")
 #: examples assumed when the dataset size is not given
 ASSUMED_DATASET_SIZE = 10_000
 #: fraction of GPU memory kept free for what the estimate cannot see (other processes, allocator spikes, NCCL)

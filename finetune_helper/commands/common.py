@@ -41,6 +41,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="target effective batch in sequences (default: %(default)s, Llama 2 SFT)")
     p.add_argument("--lr-min", type=float, default=defaults.LR_MIN, help="lower LR bound (default: %(default)g)")
     p.add_argument("--lr-max", type=float, default=defaults.LR_MAX, help="upper LR bound (default: %(default)g)")
+    p.add_argument("--scheduler", default=defaults.SCHEDULER, choices=defaults.SCHEDULES,
+                   help="learning-rate schedule after warmup (default: %(default)s)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="force on/off (default: only when needed to fit)")
     p.add_argument("--safety-margin", type=float, default=defaults.SAFETY_MARGIN, help="fraction of GPU memory kept "
@@ -78,7 +80,7 @@ def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
                       gradient_checkpointing=args.gradient_checkpointing, safety_margin=args.safety_margin,
                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
-                      attn_implementation=args.attn_implementation, packing=args.packing,
+                      attn_implementation=args.attn_implementation, packing=args.packing, scheduler=args.scheduler,
                       calibration=lookup(gpu.name, spec.name, args.method))
     return recommend_plan(req)
 

@@ -26,9 +26,9 @@ from .gpu import GPUSpec
 from .memory import MemoryEstimate, estimate_memory
 from .model import ModelSpec
 from .optimizers import EIGHT_BIT_FALLBACK, OPTIMIZERS, is_eight_bit
-from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, MIN_EFFECTIVE_BATCH, MIN_STEPS, SCHEDULER, WEIGHT_DECAY,
-                    lr_bounds_note, lr_reference_rate, reference_batch, reference_clipping, scaled_learning_rate,
-                    schedule_reason, warmup_ratio)
+from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, MIN_EFFECTIVE_BATCH, MIN_STEPS, SCHEDULER, SCHEDULES,
+                    WEIGHT_DECAY, lr_bounds_note, lr_reference_rate, reference_batch, reference_clipping,
+                    scaled_learning_rate, schedule_reason, scheduler_kwargs, warmup_ratio)
 from .training_setup import TrainingSetup, step_shape
 
 #: Largest per-device micro-batch the planner proposes (beyond it throughput stops improving on any current GPU).
@@ -79,6 +79,8 @@ class PlanRequest:
     packing: bool = False
     #: where the step runs (``cuda``; ``cpu`` plans a CPU run's memory: no CUDA context, the CPU kernels).
     device: str = "cuda"
+    #: the learning-rate schedule after warmup, one of :data:`.rules.SCHEDULES`.
+    scheduler: str = defaults.SCHEDULER
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or not 1 <= self.gpus <= MAX_GPUS_REQUEST:
@@ -111,6 +113,8 @@ class PlanRequest:
         if self.weights_dtype == "bf16" and (self.method != "full" or not self.gpu.bf16):
             raise FinetuneHelperError("weights-dtype", "bf16 weights are an option of full fine-tuning on a GPU with "
                                       "bfloat16")
+        if self.scheduler not in SCHEDULES:
+            raise FinetuneHelperError("scheduler", f"{self.scheduler!r} is not one of {', '.join(SCHEDULES)}")
         if self.optim is not None and self.optim not in OPTIMIZERS:
             raise FinetuneHelperError("optim", f"{self.optim!r} is not supported; choose from {', '.join(OPTIMIZERS)}")
         self.setup(1, False)  # validates method, LoRA and attention settings early
@@ -210,6 +214,12 @@ class Plan:
     def warmup_steps(self) -> int:
         return math.ceil(self.warmup_ratio * self.total_steps)
 
+    @property
+    def lr_scheduler_kwargs(self) -> dict[str, float | int]:
+        """What ``lr_scheduler_type`` needs (``min_lr_rate``, ``num_decay_steps``), as ``TrainingArguments``
+        passes it to ``get_scheduler``; empty for most schedules."""
+        return scheduler_kwargs(self.lr_scheduler_type, self.total_steps, self.warmup_steps)
+
     def training_kwargs(self) -> dict[str, Any]:
         """The plan as ``TrainingArguments`` keyword arguments, version-neutral (4.x names: ``warmup_ratio``,
         ``gradient_checkpointing``); ``export`` adapts them to the installed transformers."""
@@ -218,6 +228,7 @@ class Plan:
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "learning_rate": self.learning_rate,
             "lr_scheduler_type": self.lr_scheduler_type,
+            **({"lr_scheduler_kwargs": self.lr_scheduler_kwargs} if self.lr_scheduler_kwargs else {}),
             "warmup_ratio": self.warmup_ratio,
             "weight_decay": self.weight_decay,
             "max_grad_norm": self.max_grad_norm,
@@ -269,6 +280,7 @@ class Plan:
             "warmup_steps": self.warmup_steps,
             "total_steps": self.total_steps,
             "lr_scheduler_type": self.lr_scheduler_type,
+            "lr_scheduler_kwargs": self.lr_scheduler_kwargs,
             "weight_decay": self.weight_decay,
             "max_grad_norm": self.max_grad_norm,
             "gradient_checkpointing": self.gradient_checkpointing,
@@ -572,7 +584,7 @@ def recommend_plan(req: PlanRequest) -> Plan:
     ref_lr = lr_reference_rate(req.method, fit.optim)
     warm, reasons["warmup_ratio"] = warmup_ratio(steps, eff, reference_batch(req.method, fit.optim),
                                                  lr_scale=lr / ref_lr)
-    reasons["lr_scheduler_type"] = schedule_reason(req.method, fit.optim)
+    reasons["lr_scheduler_type"] = schedule_reason(req.method, fit.optim, req.scheduler)
     clip, clip_source = reference_clipping(req.method, fit.optim)
     reasons["max_grad_norm"] = f"{clip}: clip the global gradient norm as the LR reference was tuned ({clip_source})"
     reasons["weight_decay"] = (f"{WEIGHT_DECAY[req.method]}: " + ("AdamW decoupled decay as in Llama 2 SFT"
@@ -586,4 +598,5 @@ def recommend_plan(req: PlanRequest) -> Plan:
         fp16=req.dtype == "fp16", fits=fit.fits, estimate=fit.estimate, total_steps=steps, distributed=distributed,
         weight_decay=WEIGHT_DECAY[req.method], reasons=reasons, escalation=escalation,
         weights_dtype=fit.option.weights, max_grad_norm=clip, lr_note=lr_bounds_note(lr, raw_lr),
+        lr_scheduler_type=req.scheduler,
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+from .. import defaults
 from . import catalog
 from .optimizers import OPTIMIZERS
 
@@ -27,7 +28,25 @@ from .optimizers import OPTIMIZERS
 WARMUP_BASE, WARMUP_MAX, WARMUP_PER_DOUBLING, WARMUP_MIN_STEPS, WARMUP_MAX_STEPS = 0.05, 0.10, 0.0125, 10, 2000
 #: Cosine decay to 0 after warmup: the product's default schedule (Llama 2 SFT; transformers decays to 0); clipping
 #: comes with each LR reference (``data/lr_references.yaml``), 1.0 when it gives none (transformers' default).
-SCHEDULER, MAX_GRAD_NORM = "cosine", 1.0
+SCHEDULER, MAX_GRAD_NORM = defaults.SCHEDULER, 1.0
+#: The schedules a plan can use, all built by ``transformers.get_scheduler`` from ``lr_scheduler_type`` and
+#: ``lr_scheduler_kwargs`` (so the Trainer runs exactly what :mod:`.schedule` plots).  Step decay and one-cycle
+#: have no ``get_scheduler`` type: not offered.
+SCHEDULES = defaults.SCHEDULES
+#: cosine_with_min_lr decays to 10% of the peak (Llama 2, Touvron et al. 2023 sec. 2.2: "decay final learning rate
+#: down to 10% of the peak learning rate")
+MIN_LR_RATE = 0.1
+#: warmup-stable-decay holds the peak and decays over the last 20% of the steps (Hagele et al. 2024, "Scaling Laws
+#: and Compute-Optimal Training Beyond Fixed Training Durations": a cooldown of about 20% of the run matches cosine)
+WSD_DECAY_SHARE = 0.2
+_SCHEDULE_WHY = {
+    "cosine": "cosine decay after warmup (Llama 2 SFT; transformers decays to 0)",
+    "linear": "linear decay to 0 after warmup (transformers' default schedule)",
+    "constant_with_warmup": "constant after warmup: the peak LR to the end (how QLoRA's reference was tuned)",
+    "cosine_with_min_lr": f"cosine decay to {MIN_LR_RATE:.0%} of the peak (Llama 2 sec. 2.2)",
+    "warmup_stable_decay": (f"warmup, then the peak held, then a cosine decay over the last {WSD_DECAY_SHARE:.0%} "
+                            "of the steps (Hagele et al. 2024: on par with cosine, and the run can be extended)"),
+}
 #: Enough optimizer steps: on small data the effective batch is lowered (never below ``MIN_EFFECTIVE_BATCH``
 #: sequences) so that the run has at least ``MIN_STEPS`` updates: a warmup of 10 steps and a decay of several tens
 #: (a heuristic of this product, not a published figure).
@@ -91,13 +110,24 @@ def reference_clipping(method: str, optim: str) -> tuple[float, str]:
     return norm, ref.get("clipping_source", "transformers' default max_grad_norm")
 
 
-def schedule_reason(method: str, optim: str) -> str:
-    """Why cosine, and what the LR reference was tuned with when that differs."""
+def scheduler_kwargs(scheduler: str, total_steps: int, warmup_steps: int) -> dict[str, float | int]:
+    """The ``lr_scheduler_kwargs`` ``scheduler`` needs for a run of ``total_steps`` (empty for most)."""
+    if scheduler == "cosine_with_min_lr":
+        return {"min_lr_rate": MIN_LR_RATE}
+    if scheduler == "warmup_stable_decay":
+        return {"num_decay_steps": min(max(1, math.ceil(WSD_DECAY_SHARE * total_steps)),
+                                       max(0, total_steps - warmup_steps))}
+    return {}
+
+
+def schedule_reason(method: str, optim: str, scheduler: str = SCHEDULER) -> str:
+    """Why this schedule, and what the LR reference was tuned with when that differs."""
     ref = catalog.lr_reference(method, OPTIMIZERS[optim].family)
-    why = f"{SCHEDULER} decay after warmup (Llama 2 SFT; transformers decays to 0)"
-    if ref.get("schedule", SCHEDULER) != SCHEDULER:
-        why += (f"; the LR reference was tuned with a {ref['schedule']} schedule, which holds the peak LR to the end "
-                f"where cosine decays from it (training.lr_scheduler_type=constant_with_warmup reproduces it)")
+    why = _SCHEDULE_WHY[scheduler]
+    tuned = {"constant": "constant_with_warmup"}.get(ref.get("schedule", ""), ref.get("schedule", scheduler))
+    if tuned != scheduler:
+        why += (f"; the LR reference was tuned with a {ref['schedule']} schedule (--scheduler {tuned}, "
+                "recommend.scheduler in a recipe, reproduces it)")
     return why
 
 

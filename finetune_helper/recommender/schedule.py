@@ -50,8 +50,11 @@ import math
 
 from ..errors import FinetuneHelperError
 
-#: the ``lr_scheduler_type`` values modelled here (a subset of ``transformers.SchedulerType``)
-SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup")
+#: the ``lr_scheduler_type`` values modelled here (a subset of ``transformers.SchedulerType``); the last two take
+#: ``lr_scheduler_kwargs``: ``min_lr_rate`` (``get_cosine_with_min_lr_schedule_with_warmup``) and
+#: ``num_decay_steps`` / ``decay_type`` / ``min_lr_ratio`` (``get_wsd_schedule``)
+SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr",
+                               "warmup_stable_decay")
 
 #: ``num_cycles`` of transformers' ``get_cosine_schedule_with_warmup`` default (a half cosine from peak to 0)
 COSINE_NUM_CYCLES = 0.5
@@ -95,8 +98,35 @@ def warmup_steps_for(warmup: float | int, total_steps: int) -> int:
     return int(warmup) if warmup >= 1 else math.ceil(total_steps * warmup)
 
 
-def _factor(step: int, total_steps: int, warmup_steps: int, scheduler: str) -> float | int:
-    """The ``lr_lambda(step)`` of transformers' scheduler, operation for operation."""
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * float(COSINE_NUM_CYCLES) * 2.0 * progress))
+
+
+def _wsd(step: int, total_steps: int, warmup_steps: int, kw: dict) -> float:
+    """``_get_wsd_scheduler_lambda`` with ``get_wsd_schedule``'s defaults (linear warmup, the stable phase what is
+    left of ``total_steps``)."""
+    decay = int(kw["num_decay_steps"])
+    decay_type, floor = kw.get("decay_type", "cosine"), float(kw.get("min_lr_ratio", 0))
+    stable = total_steps - warmup_steps - decay
+    if step < warmup_steps:
+        progress = float(step) / float(max(1, warmup_steps))
+        return max(0.0, progress * (1.0 - floor) + floor)
+    if step < warmup_steps + stable:
+        return 1.0
+    if step < warmup_steps + stable + decay:
+        progress = float(step - warmup_steps - stable) / float(max(1, decay))
+        factor = {"linear": lambda p: 1.0 - p, "cosine": _cosine, "1-sqrt": lambda p: 1.0 - math.sqrt(p)
+                  }[decay_type](progress)
+        return max(0.0, factor * (1.0 - floor) + floor)
+    return floor
+
+
+def _factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, kw: dict | None = None) -> float | int:
+    """The ``lr_lambda(step)`` of transformers' scheduler, operation for operation (``kw``: the
+    ``lr_scheduler_kwargs`` the Trainer passes as ``scheduler_specific_kwargs``)."""
+    kw = kw or {}
+    if scheduler == "warmup_stable_decay":
+        return _wsd(step, total_steps, warmup_steps, kw)
     if scheduler == "constant":  # _get_constant_lambda: returns the int 1, warmup ignored
         return 1
     if step < warmup_steps:  # the same warmup expression in all three warmup lambdas
@@ -107,28 +137,34 @@ def _factor(step: int, total_steps: int, warmup_steps: int, scheduler: str) -> f
         return 1.0
     if scheduler == "linear":
         return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
-    # cosine
+    # cosine, and cosine_with_min_lr (the same lambda with min_lr_rate)
     progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(COSINE_NUM_CYCLES) * 2.0 * progress)))
+    if scheduler == "cosine_with_min_lr":
+        floor = float(kw.get("min_lr_rate", 0.0))
+        return max(0, _cosine(progress) * (1 - floor) + floor)
+    return max(0.0, _cosine(progress))
 
 
-def lr_at(step: int, peak_lr: float, total_steps: int, warmup_steps: int, scheduler: str = "linear") -> float:
+def lr_at(step: int, peak_lr: float, total_steps: int, warmup_steps: int, scheduler: str = "linear",
+          options: dict | None = None) -> float:
     """The learning rate the optimizer uses for optimizer step ``step`` (0-based) of a ``total_steps`` run.
 
     ``peak_lr`` is ``TrainingArguments.learning_rate``, ``warmup_steps`` an integer step count (convert a ratio
     with :func:`warmup_steps_for` first), ``scheduler`` one of :data:`SCHEDULERS`.  Steps past the end follow the
-    same formula (linear stays at 0), as transformers' lambdas do.
+    same formula (linear stays at 0), as transformers' lambdas do.  ``options``: ``lr_scheduler_kwargs``.
     """
     _check_scheduler(scheduler)
     _check_total(total_steps)
     _check_warmup_steps(warmup_steps)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise FinetuneHelperError("step", f"optimizer step must be an integer >= 0, got {step!r}")
-    return peak_lr * _factor(step, total_steps, warmup_steps, scheduler)
+    if scheduler == "warmup_stable_decay" and "num_decay_steps" not in (options or {}):
+        raise FinetuneHelperError("lr_scheduler_kwargs", "warmup_stable_decay needs num_decay_steps")
+    return peak_lr * _factor(step, total_steps, warmup_steps, scheduler, options)
 
 
 def logged_lr(global_step: int, peak_lr: float, total_steps: int, warmup_steps: int, scheduler: str = "linear",
-              *, logged_after_scheduler_step: bool = False) -> float:
+              *, logged_after_scheduler_step: bool = False, options: dict | None = None) -> float:
     """The ``learning_rate`` the Trainer logs at ``global_step`` (the ``step`` of a ``log_history`` entry).
 
     transformers >= 4.51 (all of 5.x) logs the LR of the optimizer step it has just taken, read before
@@ -145,7 +181,7 @@ def logged_lr(global_step: int, peak_lr: float, total_steps: int, warmup_steps: 
         raise FinetuneHelperError("global_step",
                                   f"the Trainer logs from global_step 1 on; got {global_step!r}")
     step = global_step if logged_after_scheduler_step else global_step - 1
-    return lr_at(step, peak_lr, total_steps, warmup_steps, scheduler)
+    return lr_at(step, peak_lr, total_steps, warmup_steps, scheduler, options)
 
 
 def _plot_steps(total_steps: int, warmup_steps: int, max_points: int) -> list[int]:
@@ -163,7 +199,7 @@ def _plot_steps(total_steps: int, warmup_steps: int, max_points: int) -> list[in
 
 
 def schedule_points(peak_lr: float, total_steps: int, warmup_steps: int, scheduler: str = "linear",
-                    max_points: int = 400) -> list[tuple[int, float]]:
+                    max_points: int = 400, options: dict | None = None) -> list[tuple[int, float]]:
     """``(step, lr)`` pairs of the whole run for plotting; ``step`` is the 0-based optimizer step.
 
     Every step ``0 .. total_steps - 1`` when ``total_steps <= max_points``; otherwise at most ``max_points`` steps,
@@ -174,15 +210,16 @@ def schedule_points(peak_lr: float, total_steps: int, warmup_steps: int, schedul
     _check_scheduler(scheduler)
     _check_total(total_steps)
     _check_warmup_steps(warmup_steps)
-    return [(s, lr_at(s, peak_lr, total_steps, warmup_steps, scheduler))
+    return [(s, lr_at(s, peak_lr, total_steps, warmup_steps, scheduler, options))
             for s in _plot_steps(total_steps, warmup_steps, max_points)]
 
 
 def logged_schedule_points(peak_lr: float, total_steps: int, warmup_steps: int, scheduler: str = "linear",
-                           max_points: int = 400) -> list[tuple[int, float]]:
+                           max_points: int = 400, options: dict | None = None) -> list[tuple[int, float]]:
     """The planned curve in the coordinates of the Trainer's logs: ``(global_step, logged learning_rate)``.
 
     :func:`schedule_points` shifted by one step (``global_step = step + 1``, 1 .. ``total_steps``), so the value at
     each ``global_step`` is :func:`logged_lr` of it (transformers >= 4.51) and the live LR plot lands on this curve.
     """
-    return [(s + 1, lr) for s, lr in schedule_points(peak_lr, total_steps, warmup_steps, scheduler, max_points)]
+    return [(s + 1, lr) for s, lr in schedule_points(peak_lr, total_steps, warmup_steps, scheduler, max_points,
+                                                     options)]

@@ -136,8 +136,14 @@ class RecommendSection:
     epochs: float = defaults.EPOCHS
     #: training examples; empty means counted from the data.
     dataset_size: int | None = None
+    #: the learning-rate schedule after warmup: cosine, linear, constant_with_warmup, cosine_with_min_lr or
+    #: warmup_stable_decay.
+    scheduler: str = defaults.SCHEDULER
 
     def __post_init__(self) -> None:
+        if self.scheduler not in defaults.SCHEDULES:
+            raise FinetuneHelperError("recommend.scheduler", f"{self.scheduler!r} is not one of "
+                                      f"{', '.join(defaults.SCHEDULES)}")
         if self.target_effective_batch <= 0:
             raise FinetuneHelperError("recommend.target_effective_batch", f"must be > 0, got {self.target_effective_batch}")
         if not 0 < self.lr_min <= self.lr_max < 1:
@@ -183,13 +189,15 @@ PLACEHOLDER_DATA = "train.jsonl"
 def recipe_from_settings(*, model: str, gpu: str, gpus: int = 1, method: str = defaults.RECIPE_METHOD,
                          seq_len: int | None = None, dataset_size: int | None = None, epochs: float = defaults.EPOCHS,
                          target_effective_batch: int = defaults.TARGET_EFFECTIVE_BATCH, lr_min: float = defaults.LR_MIN,
-                         lr_max: float = defaults.LR_MAX, data_path: str = PLACEHOLDER_DATA) -> Recipe:
+                         lr_max: float = defaults.LR_MAX, data_path: str = PLACEHOLDER_DATA,
+                         scheduler: str = defaults.SCHEDULER) -> Recipe:
     """A recipe that reproduces a recommendation (the app's "recipe YAML" download and its Train tab)."""
     return Recipe(model=ModelSection(name=model), method=MethodSection(type=method),
                   data=DataSection(path=data_path, max_length=seq_len),
                   hardware=HardwareSection(gpu=gpu, gpus=gpus),
                   recommend=RecommendSection(target_effective_batch=target_effective_batch, lr_min=lr_min,
-                                             lr_max=lr_max, epochs=epochs, dataset_size=dataset_size))
+                                             lr_max=lr_max, epochs=epochs, dataset_size=dataset_size,
+                                             scheduler=scheduler))
 
 
 _SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection, "hardware": HardwareSection,

@@ -201,7 +201,7 @@ def _plan_request(recipe: Recipe, spec, gpu, n_train: int):  # -> recommender.pl
         lora_dropout=recipe.method.lora_dropout, attn_implementation=recipe.model.attn_implementation,
         lora_target_modules=targets if isinstance(targets, str) else tuple(targets),
         weights_dtype=recipe.method.weights_dtype, calibration=lookup(gpu.name, spec.name, recipe.method.type),
-        packing=bool(recipe.data.packing),
+        packing=bool(recipe.data.packing), scheduler=recipe.recommend.scheduler,
     )
 
 
@@ -225,6 +225,15 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
         if plan.optim not in ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor") and "optim" not in overrides:
             kwargs["optim"] = "adamw_torch"
             adaptations.append(f"optim {plan.optim} needs bitsandbytes on CUDA: adamw_torch on the CPU")
+    if kwargs.get("lr_scheduler_kwargs") and "lr_scheduler_kwargs" not in overrides and int(
+            overrides.get("max_steps", -1)) > 0:
+        # a run shortened or lengthened by training.max_steps: the schedule's own step counts follow it
+        from ..recommender.rules import scheduler_kwargs
+        from ..recommender.schedule import warmup_steps_for
+
+        total = int(overrides["max_steps"])
+        warmup = warmup_steps_for(kwargs.get("warmup_steps", kwargs.get("warmup_ratio", 0)) or 0, total)
+        kwargs["lr_scheduler_kwargs"] = scheduler_kwargs(kwargs["lr_scheduler_type"], total, warmup)
     # keep checkpoints on logging steps, so a diverged loss is seen before it can be saved
     logging_steps = int(kwargs.get("logging_steps", 10))
     if "save_steps" in kwargs and "save_steps" not in overrides:

@@ -20,7 +20,7 @@ from .conftest import FAKE_TOKEN, REPO, AppServer, wait_for
 #: integration tier (make test-integration): real torch / transformers / trainer / server work
 pytestmark = pytest.mark.integration
 
-FORM = ("meta-llama/Llama-3.1-8B", "RTX 4090", 1, "lora", 0, 20000, 2, 64, 1e-5, 5e-5)
+FORM = ("meta-llama/Llama-3.1-8B", "RTX 4090", 1, "lora", 0, 20000, 2, 64, 1e-5, 5e-5, "cosine")
 
 
 def core_plan():
@@ -106,7 +106,7 @@ def test_export_files_read_back(client, tmp_path):
     ((FORM[0], "-24GB") + FORM[2:], "gpu"),
     (("/etc",) + FORM[1:], "model"),  # a path outside the workspace
     (FORM[:4] + (10**6,) + FORM[5:], "seq-len"),
-    (FORM[:8] + (1e-3, 1e-5), "lr-min"),
+    (FORM[:8] + (1e-3, 1e-5) + FORM[10:], "lr-min"),
     (FORM[:2] + (1.5,) + FORM[3:], "gpus"),  # never rounded to 2
 ])
 def test_bad_recommend_input_is_a_visible_error_and_the_app_keeps_working(client, form, field):

@@ -41,10 +41,13 @@ def plans() -> dict:
         "lora": fh.recommend(MODEL, gpu="24GB", method="lora", dataset_size=5000, gradient_checkpointing=True),
         "sgd": fh.recommend(MODEL, gpu="24GB", method="full", dataset_size=5000, optim="sgd"),
         "fp16": fh.recommend(MODEL, gpu="T4", method="lora", dataset_size=20_000),
+        # schedules with lr_scheduler_kwargs (a dict field: every format must carry it back)
+        "wsd": fh.recommend(MODEL, gpu="24GB", method="lora", dataset_size=5000, scheduler="warmup_stable_decay"),
+        "min_lr": fh.recommend(MODEL, gpu="24GB", method="full", dataset_size=5000, scheduler="cosine_with_min_lr"),
     }
 
 
-PLAN_NAMES = ("full", "lora", "sgd", "fp16")
+PLAN_NAMES = ("full", "lora", "sgd", "fp16", "wsd", "min_lr")
 
 
 def build(plan, **overrides) -> TrainingArguments:

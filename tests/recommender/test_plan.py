@@ -243,3 +243,25 @@ def test_lr_always_within_bounds_and_warmup_sane(d):
     plan = recommend_plan(req)
     assert req.lr_min <= plan.learning_rate <= req.lr_max
     assert 0.05 <= plan.warmup_ratio <= 0.10 or "raised to 10 warmup steps" in plan.reasons["warmup_ratio"]
+
+
+@pytest.mark.parametrize("scheduler, kwargs", [
+    ("cosine", {}), ("linear", {}), ("constant_with_warmup", {}), ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
+    ("warmup_stable_decay", "decay"),
+])
+def test_the_schedule_is_chosen_and_carries_its_arguments(scheduler, kwargs):
+    plan = fh.recommend(LLAMA_8B, gpu="H100", method="lora", dataset_size=20000, scheduler=scheduler)
+    args = plan.training_kwargs()
+    assert args["lr_scheduler_type"] == scheduler == plan.to_dict()["lr_scheduler_type"]
+    if kwargs == "decay":  # the last 20% of the steps decay
+        assert args["lr_scheduler_kwargs"] == {"num_decay_steps": math.ceil(0.2 * plan.total_steps)}
+    else:
+        assert args.get("lr_scheduler_kwargs", {}) == kwargs
+    reason = plan.reasons["lr_scheduler_type"]
+    assert ("tuned with a constant schedule" in reason) is (scheduler != "constant_with_warmup")
+
+
+def test_an_unknown_schedule_is_refused_naming_the_choices():
+    with pytest.raises(FinetuneHelperError) as err:
+        fh.recommend(LLAMA_8B, gpu="H100", scheduler="one_cycle")
+    assert err.value.field == "scheduler" and "warmup_stable_decay" in err.value.message

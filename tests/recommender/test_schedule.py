@@ -26,15 +26,21 @@ REL = 1e-12
 CASES = [(10, 0), (10, 3), (10, 10), (5, 8), (1, 0), (1, 1), (7, 2), (100, 7), (250, 1)]
 
 
-def _real_curve(name: str, peak: float, total: int, warmup: int, n_steps: int) -> list[tuple[float, float]]:
+#: the ``lr_scheduler_kwargs`` a scheduler needs (as the planner writes them)
+OPTIONS = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "warmup_stable_decay": {"num_decay_steps": 2}}
+
+
+def _real_curve(name: str, peak: float, total: int, warmup: int, n_steps: int,
+                options: dict | None = None) -> list[tuple[float, float]]:
     """(scheduler.get_last_lr()[0], optimizer lr) in force at optimizer steps 0 .. n_steps-1, as the Trainer steps
-    them (optimizer.step() then lr_scheduler.step())."""
+    them (optimizer.step() then lr_scheduler.step()); built as ``Trainer.create_scheduler`` builds it."""
     import torch
     from transformers import get_scheduler
 
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=peak)
-    sched = get_scheduler(name, optimizer=opt, num_warmup_steps=warmup, num_training_steps=total)
+    sched = get_scheduler(name, optimizer=opt, num_warmup_steps=warmup, num_training_steps=total,
+                          scheduler_specific_kwargs=options or {})
     out = []
     for _ in range(n_steps):
         out.append((sched.get_last_lr()[0], opt.param_groups[0]["lr"]))
@@ -49,9 +55,12 @@ def _real_curve(name: str, peak: float, total: int, warmup: int, n_steps: int) -
 @pytest.mark.parametrize("total,warmup", CASES)
 @pytest.mark.parametrize("peak", [3e-4, 1.0])
 def test_lr_at_matches_transformers_get_scheduler(name, total, warmup, peak):
-    real = _real_curve(name, peak, total, warmup, total + 2)  # two steps past the end too
+    options = OPTIONS.get(name)
+    if name == "warmup_stable_decay" and warmup + 2 > total:
+        options = {"num_decay_steps": max(0, total - warmup)}  # (transformers needs a stable phase >= 0)
+    real = _real_curve(name, peak, total, warmup, total + 2, options)  # two steps past the end too
     for step, (last_lr, group_lr) in enumerate(real):
-        mine = lr_at(step, peak, total, warmup, name)
+        mine = lr_at(step, peak, total, warmup, name, options)
         assert mine == pytest.approx(last_lr, rel=REL, abs=0.0), (name, total, warmup, step)
         assert mine == pytest.approx(group_lr, rel=REL, abs=0.0), (name, total, warmup, step)
 
@@ -165,7 +174,9 @@ def test_logged_lr_is_the_lr_of_the_step_just_taken():
 @pytest.mark.parametrize("total,warmup", [(10_000, 300), (10_000, 0), (1000, 1000), (1000, 1500), (5000, 1),
                                           (401, 17), (100_003, 3001)])
 def test_schedule_points_subsample_keeps_corners(name, total, warmup):
-    pts = schedule_points(2e-4, total, warmup, name, max_points=400)
+    options = {"num_decay_steps": max(0, (total - warmup) // 5)} if name == "warmup_stable_decay" else \
+        OPTIONS.get(name)
+    pts = schedule_points(2e-4, total, warmup, name, max_points=400, options=options)
     steps = [s for s, _ in pts]
     assert len(pts) <= 400
     assert steps == sorted(set(steps))
@@ -176,15 +187,16 @@ def test_schedule_points_subsample_keeps_corners(name, total, warmup):
     gaps = [b - a for a, b in zip(steps, steps[1:])]
     assert max(gaps) <= 2 * math.ceil(total / 380)  # evenly spread, no holes
     for s, lr in pts:
-        assert lr == lr_at(s, 2e-4, total, warmup, name)
-    assert logged_schedule_points(2e-4, total, warmup, name) == [(s + 1, lr) for s, lr in pts]
+        assert lr == lr_at(s, 2e-4, total, warmup, name, options)
+    assert logged_schedule_points(2e-4, total, warmup, name, options=options) == [(s + 1, lr) for s, lr in pts]
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_schedule_points_are_the_real_schedule(name):
     total, warmup, peak = 1000, 30, 5e-5
-    real = _real_curve(name, peak, total, warmup, total)
-    pts = schedule_points(peak, total, warmup, name, max_points=50)
+    options = {"num_decay_steps": 200} if name == "warmup_stable_decay" else OPTIONS.get(name)
+    real = _real_curve(name, peak, total, warmup, total, options)
+    pts = schedule_points(peak, total, warmup, name, max_points=50, options=options)
     assert {29, 30} <= {s for s, _ in pts}
     for s, lr in pts:
         assert lr == pytest.approx(real[s][0], rel=REL, abs=0.0)

@@ -571,3 +571,24 @@ def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype(tmp_path)
     plain = runner._load_model(prep, prep.sft_kwargs).config.quantization_config
     sharded = runner._load_model(prep, {**prep.sft_kwargs, "fsdp": True}).config.quantization_config
     assert plain.bnb_4bit_quant_storage == torch.uint8 and sharded.bnb_4bit_quant_storage == torch.bfloat16
+
+
+@pytest.mark.parametrize("scheduler", ["warmup_stable_decay", "cosine_with_min_lr"])
+def test_the_chosen_schedule_is_what_the_trainer_runs(tmp_path, scheduler):
+    """recommend.scheduler reaches the Trainer with its arguments (WSD's decay steps following a max_steps
+    override), and every logged LR is the one recommender/schedule.py computes for it."""
+    from finetune_helper.recommender.schedule import logged_lr, warmup_steps_for
+
+    out = tmp_path / "run"
+    run(TINY, steps(12, f"recommend.scheduler={scheduler}", "data.max_examples=200"), output_dir=str(out), **QUIET)
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["lr_scheduler_type"] == scheduler
+    options = args["lr_scheduler_kwargs"]
+    if scheduler == "warmup_stable_decay":
+        assert options == {"num_decay_steps": 3}  # 20% of 12 steps, not of the plan's 675
+    logged = [(r["step"], r["learning_rate"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    warmup = warmup_steps_for(args.get("warmup_steps", args.get("warmup_ratio", 0)), 12)
+    for step, lr in logged:
+        assert lr == pytest.approx(logged_lr(step, args["learning_rate"], 12, warmup, scheduler, options=options),
+                                   rel=1e-9), step
