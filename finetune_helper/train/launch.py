@@ -12,6 +12,7 @@ the Trainer saves checkpoints from the main process and every rank resumes from 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -76,9 +77,20 @@ class Launch:
 
 def launch(spec: Launch, run_args: list[str], run_dir: Path) -> int:
     """Run the workers and wait; the exit code is rank 0's (``exit.json``: the launcher itself only says that a
-    worker failed), else the launcher's."""
+    worker failed), else the launcher's.  Ctrl-C / SIGTERM (the app's Stop) is passed on to the launcher, which
+    passes it to the workers: they save a checkpoint at the end of the step and exit."""
     started = time.time()
-    code = subprocess.run(spec.command(run_args), stdin=subprocess.DEVNULL).returncode
+    proc = subprocess.Popen(spec.command(run_args), stdin=subprocess.DEVNULL)
+
+    def forward(signum, frame):  # noqa: ARG001
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     record = run_folder.read_json(Path(run_dir) / run_folder.EXIT) or {}
     if code != 0 and isinstance(record.get("returncode"), int) and record.get("time", 0) >= started:
         return record["returncode"]

@@ -592,3 +592,34 @@ def test_the_chosen_schedule_is_what_the_trainer_runs(tmp_path, scheduler):
     for step, lr in logged:
         assert lr == pytest.approx(logged_lr(step, args["learning_rate"], 12, warmup, scheduler, options=options),
                                    rel=1e-9), step
+
+
+def test_sigterm_to_a_multi_process_run_saves_and_stops_every_rank(tmp_path):
+    """The app's Stop sends SIGTERM to the command it started: with --gpus 2 that is the launcher's parent, which
+    passes it on; both ranks stop at the end of a step with a checkpoint, and resume continues."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen([sys.executable, "-m", "finetune_helper", "run", str(TINY), "--gpus", "2", "--output-dir",
+                             str(out), "--main-port", "29533", *steps(400, "training.save_steps=1000",
+                                                                        "data.max_examples=300")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_INTERRUPTED
+    ckpt = last_checkpoint(out)
+    assert ckpt is not None and json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    time.sleep(1.0)
+    left = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"--master_port=29533" in (entry / "cmdline").read_bytes():
+                left.append(entry.name)
+        except OSError:
+            continue
+    assert not left, f"launcher processes left running: {left}"
