@@ -205,24 +205,29 @@ class App:
         return names[choice].read_text(encoding="utf-8")
 
     def start_run(self, recipe_yaml, data_file, data_path, trust_remote_code, run_name):
-        recipe = build_recipe(self.workspace, recipe_yaml, data_file=data_file, data_path=data_path or "",
-                              trust_remote_code=bool(trust_remote_code))
-        run_id = self.runs.start(recipe, name=(run_name or "").strip() or None)
-        return run_id, f"Started **{run_id}**: preparing (loading the model and data takes a few seconds)."
+        return self._start("run", recipe_yaml, data_file, data_path, trust_remote_code, run_name)
 
     def start_probe(self, recipe_yaml, data_file, data_path, trust_remote_code, run_name):
-        recipe = build_recipe(self.workspace, recipe_yaml, data_file=data_file, data_path=data_path or "",
-                              trust_remote_code=bool(trust_remote_code))
-        run_id = self.runs.start(recipe, name=(run_name or "").strip() or "probe", kind="probe")
-        return run_id, (f"Started **{run_id}**: measuring a few real steps at the recommended micro-batch and larger "
-                        "ones (finetune-helper probe); the table appears below when it ends.")
+        return self._start("probe", recipe_yaml, data_file, data_path, trust_remote_code, run_name)
 
     def start_lr_find(self, recipe_yaml, data_file, data_path, trust_remote_code, run_name):
+        return self._start("lr-find", recipe_yaml, data_file, data_path, trust_remote_code, run_name)
+
+    #: per kind of run the Train tab starts: the default name and the line it answers with
+    _STARTS = {
+        "run": (None, "preparing (loading the model and data takes a few seconds)."),
+        "probe": ("probe", "measuring a few real steps at the recommended micro-batch and larger ones "
+                           "(finetune-helper probe); the table appears below when it ends."),
+        "lr-find": ("lr-find", "the learning-rate range test (finetune-helper lr-find), an exponential sweep on the "
+                               "recipe's model, data and batch; the curve is plotted as it runs."),
+    }
+
+    def _start(self, kind, recipe_yaml, data_file, data_path, trust_remote_code, run_name):
         recipe = build_recipe(self.workspace, recipe_yaml, data_file=data_file, data_path=data_path or "",
                               trust_remote_code=bool(trust_remote_code))
-        run_id = self.runs.start(recipe, name=(run_name or "").strip() or "lr-find", kind="lr-find")
-        return run_id, (f"Started **{run_id}**: the learning-rate range test (finetune-helper lr-find), an "
-                        "exponential sweep on the recipe's model, data and batch; the curve is plotted as it runs.")
+        default_name, what = self._STARTS[kind]
+        run_id = self.runs.start(recipe, name=(run_name or "").strip() or default_name, kind=kind)
+        return run_id, f"Started **{run_id}**: {what}"
 
     def run_status(self, run_id) -> dict[str, Any]:
         return self.runs.status(run_id)
@@ -613,21 +618,13 @@ def _wire(app: App, demo: gr.Blocks, rec: SimpleNamespace, train: SimpleNamespac
                                                                       api_visibility="private")
     train.load_btn.click(_errors_shown(app.load_recipe), [train.recipe_choice, *rec.form], train.recipe_yaml,
                          api_name="load_recipe")
-    train.start_btn.click(_errors_shown(app.start_run), [train.recipe_yaml, train.data_file, train.data_path,
-                                                         train.trust, train.run_name],
-                          [train.run_id, train.message], api_name="start_run").success(
-        lambda current: gr.Dropdown(choices=app.run_ids(), value=current), train.run_id, train.run_id,
-        api_visibility="private")
-    train.probe_btn.click(_errors_shown(app.start_probe), [train.recipe_yaml, train.data_file, train.data_path,
-                                                           train.trust, train.run_name],
-                          [train.run_id, train.message], api_name="start_probe").success(
-        lambda current: gr.Dropdown(choices=app.run_ids(), value=current), train.run_id, train.run_id,
-        api_visibility="private")
-    train.lr_find_btn.click(_errors_shown(app.start_lr_find), [train.recipe_yaml, train.data_file, train.data_path,
-                                                               train.trust, train.run_name],
-                            [train.run_id, train.message], api_name="start_lr_find").success(
-        lambda current: gr.Dropdown(choices=app.run_ids(), value=current), train.run_id, train.run_id,
-        api_visibility="private")
+    start_inputs = [train.recipe_yaml, train.data_file, train.data_path, train.trust, train.run_name]
+    for button, fn, name in ((train.start_btn, app.start_run, "start_run"),
+                             (train.probe_btn, app.start_probe, "start_probe"),
+                             (train.lr_find_btn, app.start_lr_find, "start_lr_find")):
+        button.click(_errors_shown(fn), start_inputs, [train.run_id, train.message], api_name=name).success(
+            lambda current: gr.Dropdown(choices=app.run_ids(), value=current), train.run_id, train.run_id,
+            api_visibility="private")
     train.stop_btn.click(_errors_shown(app.stop_run), train.run_id, train.message, api_name="stop_run")
     train.resume_btn.click(_errors_shown(app.resume_run), train.run_id, train.message, api_name="resume_run")
     train.refresh_btn.click(_errors_shown(app.run_status), train.run_id, train.status_json, api_name="run_status")

@@ -13,3 +13,10 @@ class FinetuneHelperError(ValueError):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a library's multi-line error in a one-line report), or its type's
+    name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

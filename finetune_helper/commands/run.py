@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..errors import FinetuneHelperError
+from ..errors import FinetuneHelperError, first_line
 
 PROG = "finetune-helper"
 
@@ -99,7 +99,7 @@ def start(args: argparse.Namespace, recipe: str, overrides: list[str], *, output
         fd, path = tempfile.mkstemp(prefix="finetune-helper-error-", suffix=".log")
         with os.fdopen(fd, "w") as fh:
             traceback.print_exc(file=fh)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc) if str(exc).strip() else ""
         print(f"{PROG}: error: run failed: {type(exc).__name__}: {first} (traceback in {path}; checkpoints in the "
               "run folder are kept)", file=sys.stderr)
         return 1

@@ -539,25 +539,24 @@ def _fresh_json(path: Path, since: float) -> Any:
     return read_json(path)
 
 
-def _recipe_model(run_dir: Path) -> str | None:
-    """The model as the user named it (plan.json holds the resolved path, e.g. the built-in's cache folder)."""
+def _recipe_value(path: Path, section: str, key: str) -> Any:
+    """``section.key`` of the recipe file ``path`` (a regular file only), or None when it cannot be read."""
     try:
-        if not _regular(run_dir / RECIPE_FILE):
-            return None
-        raw = yaml.safe_load((run_dir / RECIPE_FILE).read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) if _regular(path) else None
     except (OSError, yaml.YAMLError):
         return None
-    return (raw.get("model") or {}).get("name") if isinstance(raw, dict) else None
+    part = raw.get(section) if isinstance(raw, dict) else None
+    return part.get(key) if isinstance(part, dict) else None
+
+
+def _recipe_model(run_dir: Path) -> str | None:
+    """The model as the user named it (plan.json holds the resolved path, e.g. the built-in's cache folder)."""
+    return _recipe_value(run_dir / RECIPE_FILE, "model", "name")
 
 
 def _recipe_gpus(run_dir: Path) -> int:
     """``hardware.gpus`` of the run's resolved recipe (1 when it cannot be read)."""
-    try:
-        raw = yaml.safe_load((run_dir / run_folder.RECIPE).read_text(encoding="utf-8")) if _regular(
-            run_dir / run_folder.RECIPE) else None
-        gpus = ((raw or {}).get("hardware") or {}).get("gpus", 1)
-    except (OSError, yaml.YAMLError, AttributeError):
-        return 1
+    gpus = _recipe_value(run_dir / run_folder.RECIPE, "hardware", "gpus")
     return gpus if isinstance(gpus, int) and gpus >= 1 else 1
 
 

@@ -44,7 +44,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FinetuneHelperError
+from ..errors import FinetuneHelperError, first_line
 from ..names import is_hub_id
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -412,8 +412,8 @@ def _csv_string_features(files: list[str]):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    """The exception's type and its first line, cut at 200 characters."""
+    return f"{type(exc).__name__}: {first_line(exc)[:200]}" if str(exc).strip() else type(exc).__name__
 
 
 def _load_local(path: Path, split: str) -> "datasets.Dataset":

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import FinetuneHelperError
+from ..errors import FinetuneHelperError, first_line
 from ..recommender.optimizers import EIGHT_BIT_FALLBACK, is_eight_bit
 from ..recommender.training_setup import TORCH_DTYPE_NAMES
 from ..units import fmt_gib
@@ -178,7 +178,7 @@ def load_tokenizer(model_path: str, recipe: Recipe, log: Callable[[str], None]):
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
     except OSError as exc:
         raise FinetuneHelperError("model.name", f"cannot load the tokenizer of {model_path!r} "
-                                  f"({str(exc).splitlines()[0]}); give a local directory or a reachable Hub id") from None
+                                  f"({first_line(exc)}); give a local directory or a reachable Hub id") from None
     if not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         log("tokenizer: no chat template of its own; using the default ChatML template (saved with the tokenizer)")
@@ -398,7 +398,7 @@ def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], dev
             warnings.simplefilter("ignore")
             SFTConfig(**probe)
     except (TypeError, ValueError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         raise FinetuneHelperError("training", f"the TrainingArguments do not build: {text}") from None
     return sft_kwargs
 
@@ -486,7 +486,7 @@ def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
         return AutoModelForCausalLM.from_pretrained(prep.model_path, **kwargs)
     except OSError as exc:
         raise FinetuneHelperError("model.name", f"cannot load weights of {prep.model_path!r} "
-                                  f"({str(exc).splitlines()[0]})") from None
+                                  f"({first_line(exc)})") from None
 
 
 def _peft_config(recipe: Recipe):
@@ -556,11 +556,6 @@ def _back_off(sft_kwargs: dict[str, Any], run_dir: Path, log: Callable[[str], No
     return event
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _has_bitsandbytes() -> bool:
     import importlib.util
 
@@ -581,7 +576,7 @@ def _train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from:
         try:
             trainer = build_trainer(prep, tokenizer, sft_kwargs, callbacks)
         except torch.OutOfMemoryError as exc:
-            raise RunStopped(EXIT_OOM, f"out of memory while loading the model onto the GPU ({_first_line(exc)}): "
+            raise RunStopped(EXIT_OOM, f"out of memory while loading the model onto the GPU ({first_line(exc)}): "
                              "use method.type=qlora (a 4-bit base), a smaller model, or more GPUs (--gpus N)") from None
         if len(trainer.train_dataset) == 0:
             raise FinetuneHelperError("data.max_length", f"{sft_kwargs.get('max_length')} tokens leave no answer token "
