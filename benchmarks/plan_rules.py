@@ -1,5 +1,6 @@
 """The planner's rules over a grid of catalog models x GPUs x methods on small data: enough optimizer steps, warmup
-in 5-10% (or raised to 10 steps, said so), and how often the micro-batch is the largest that fits up to the target.
+in 5-10% (or raised to 10 steps, said so), and how often the micro-batch is the largest that fits up to the target
+(issue 13 item 3).
 
     .venv/bin/python benchmarks/plan_rules.py                # 300 examples x 3 epochs, about 30 s
     .venv/bin/python benchmarks/plan_rules.py --examples 5000 --epochs 1
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=300)
     parser.add_argument("--epochs", type=float, default=3)
     args = parser.parse_args()
-    rows, enough, warm_ok, raised, largest, fitting, pinned, balanced = [], 0, 0, 0, 0, 0, 0, 0
+    rows, enough, warm_ok, raised, largest, fitting, evened, for_batch = [], 0, 0, 0, 0, 0, 0, 0
     for model in MODELS:
         for gpu in GPUS:
             for method in METHODS:
@@ -35,20 +36,21 @@ def main() -> None:
                     continue
                 fitting += 1
                 req = plan.request
-                # the planner's own search (accumulation included) for the plan's option, up to the target
+                # an independent search: the largest batch under the plan's numerics, with or without checkpointing
                 cap = max(1, min(math.ceil(req.target_batch / req.gpus), MAX_MICRO_BATCH))
-                option = _Option(plan.gradient_checkpointing, plan.optim, "none", plan.weights_dtype)
-                most = _largest_batch(req, option, cap)
-                is_largest = plan.per_device_train_batch_size >= most
-                largest += is_largest
-                why = plan.reasons["per_device_train_batch_size"]
-                pinned += not is_largest and why.startswith("1: without")
-                balanced += not is_largest and "overshoots the lowered target" in why
+                most = max(_largest_batch(req, _Option(gc, plan.optim, "none", plan.weights_dtype), cap)
+                           for gc in (False, True))
+                micro = plan.per_device_train_batch_size
+                per_gpu = math.ceil(req.target_batch / req.gpus)
+                even = math.ceil(per_gpu / math.ceil(per_gpu / most))  # same micro-steps, less overshoot
+                largest += micro == most
+                evened += micro == even < most
+                for_batch += plan.reasons["gradient_checkpointing"].startswith("on: raises the micro-batch")
                 enough += plan.total_steps >= 0.9 * MIN_STEPS or "fewer than" in plan.reasons["total_steps"]
                 in_range = 0.05 <= plan.warmup_ratio <= 0.10
                 warm_ok += in_range or "raised to 10 warmup steps" in plan.reasons["warmup_ratio"]
                 raised += not in_range
-                rows.append((model, gpu, method, str(plan.per_device_train_batch_size), str(most),
+                rows.append((model, gpu, method, str(micro), str(most),
                              str(plan.effective_batch_size), str(plan.total_steps), f"{plan.warmup_ratio:.1%}"))
     print(f"{'model':34s} {'gpu':10s} {'method':6s} {'micro':>5s} {'fits':>5s} {'eff':>4s} {'steps':>5s} warmup")
     for r in rows:
@@ -56,11 +58,11 @@ def main() -> None:
     print(f"\n{len(rows)} plans for {args.examples} examples x {args.epochs:g} epochs, {fitting} fit:")
     print(f"  at least ~{MIN_STEPS} optimizer steps, or the shortfall said: {enough} of {fitting}")
     print(f"  warmup in [5%, 10%], or raised to 10 steps and said: {warm_ok} of {fitting} ({raised} raised)")
-    print(f"  micro-batch = the largest that fits its option up to the target: {largest} of {fitting}; "
-          f"{pinned} pinned to 1 because a fallback (checkpointing, 8-bit states, FSDP) was needed for batch 1 "
-          f"(issue 13 item 3, open); {balanced} smaller so that micro x accumulation meets the lowered target "
-          "without costing the steps it was lowered for")
-
+    print(f"  micro-batch = the largest that fits (with checkpointing if it allows more) up to the target: "
+          f"{largest + evened} of {fitting} ({evened} of them as the fewest micro-steps of the largest allow, "
+          "each as small as that count allows: 2 x 32 for a target of 64 when 38 fit)")
+    print(f"  checkpointing on although batch 1 fits without it (it raises the micro-batch toward the target): "
+          f"{for_batch} of {fitting}")
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ field it came from).  Warnings print as one line too, only while a command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
@@ -76,8 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # on every import: not the user's concern
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     after = getattr(args, "after", None)  # a command's own epilogue, given the exit code (run records it)
-    with warnings.catch_warnings():  # restores warnings.showwarning when the command is done
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:  # restores showwarning / stdout when done
         warnings.showwarning = _one_line_warning
+        args.stdout = sys.stdout
+        if getattr(args, "json", False) or getattr(args, "machine_output", None) is not None and not args.output:
+            # the command's output is for programs: what libraries print while it works goes to stderr (DeepSpeed's
+            # logger writes to the stdout of when it was imported), the result to stdout (``common.emit``)
+            stack.enter_context(contextlib.redirect_stdout(sys.stderr))
         try:
             code = args.func(args) or 0
         except FinetuneHelperError as exc:

@@ -27,6 +27,12 @@ EPOCHS = 3.0
 #: each, in recommender/rules.py)
 SCHEDULER = "cosine"
 SCHEDULES = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr", "warmup_stable_decay")
+#: how several GPUs share the work: ``auto`` (DDP when the replicated model fits, else FSDP), or one forced:
+#: ``ddp``, ``fsdp`` (torch FULL_SHARD), ``zero2`` / ``zero3`` (DeepSpeed, when installed)
+STRATEGY = "auto"
+STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "zero3")
+#: DeepSpeed's offload to host memory: ``none``, ``optimizer`` (zero2 / zero3), ``all`` (zero3: parameters too)
+OFFLOAD = "none"
 #: examples assumed when the dataset size is not given
 ASSUMED_DATASET_SIZE = 10_000
 #: fraction of GPU memory kept free for what the estimate cannot see (other processes, allocator spikes, NCCL)

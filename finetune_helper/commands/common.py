@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Sequence
 
 from .. import defaults
 from ..units import fmt_count, fmt_gib
+
+
+def emit(args: argparse.Namespace, text: str) -> None:
+    """A command's machine-readable output (``--json``, an export to stdout): to the real stdout, which ``cli.main``
+    keeps clear of what libraries print meanwhile."""
+    print(text, end="" if text.endswith("\n") else "\n", file=getattr(args, "stdout", None) or sys.stdout, flush=True)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +58,11 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    "(default: fp32 masters under autocast, pure bf16 only when that does not fit)")
     p.add_argument("--packing", action="store_true", help="the data is packed (TRL packing=True, padding-free): a "
                    "micro-batch's examples run as one row")
+    p.add_argument("--strategy", default=defaults.STRATEGY, choices=defaults.STRATEGIES,
+                   help="several GPUs: auto (DDP when the replicated model fits, else FSDP), ddp, fsdp, or DeepSpeed "
+                   "zero2 / zero3 (default: %(default)s)")
+    p.add_argument("--offload", default=defaults.OFFLOAD, choices=("none", "optimizer", "all"),
+                   help="DeepSpeed's offload to host memory: optimizer (zero2 / zero3), all (zero3; parameters too)")
 
 
 def target_modules(text: str) -> str | tuple[str, ...]:
@@ -81,7 +93,7 @@ def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
                       attn_implementation=args.attn_implementation, packing=args.packing, scheduler=args.scheduler,
-                      calibration=lookup(gpu.name, spec.name, args.method))
+                      strategy=args.strategy, offload=args.offload, calibration=lookup(gpu.name, spec.name, args.method))
     return recommend_plan(req)
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import FinetuneHelperError
+from .common import emit
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> None:
                                   "logged yet")
     result = diagnose_run(Path(args.run_dir))
     if args.json:
-        print(json.dumps(result.as_dict()))
+        emit(args, json.dumps(result.as_dict()))
         return
     print(f"{result.diagnosis}: {result.evidence}")
     print(f"advice: {result.advice}")

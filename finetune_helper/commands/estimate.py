@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import FinetuneHelperError
 from ..units import fmt_gib
-from .common import add_model_args, breakdown_table, model_line
+from .common import add_model_args, breakdown_table, emit, model_line, table
 
 
 def add_parser(subparsers) -> None:
@@ -20,8 +20,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--weights-dtype", default=None, choices=("bf16", "fp32"), help="full fine-tuning's weight "
                    "storage (default: fp32 masters under bf16/fp16 autocast; bf16 = pure-bf16 training)")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (default: %(default)s)")
-    p.add_argument("--sharding", default=None, choices=("none", "ddp", "fsdp"),
-                   help="default: ddp when --gpus > 1, else none")
+    p.add_argument("--sharding", default=None, choices=("none", "ddp", "fsdp", "zero2", "zero3"),
+                   help="default: ddp when --gpus > 1, else none; zero2 / zero3: DeepSpeed ZeRO")
+    p.add_argument("--offload", default="none", choices=("none", "optimizer", "all"),
+                   help="DeepSpeed's offload to host memory (zero2: optimizer; zero3: optimizer or all)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes the --gpus are spread over (host memory is per node)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="whose kernels run the step "
                    "(TRL's fused LM head: Triton on CUDA, torch tiles on the CPU; default: %(default)s)")
     p.add_argument("--unpadded", action="store_true", help="every row is as long as --seq-len (no padding mask)")
@@ -49,16 +52,44 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
     sharding = args.sharding or ("ddp" if args.gpus > 1 else "none")
     if args.accumulation < 1:
         raise FinetuneHelperError("accumulation", f"must be >= 1, got {args.accumulation}")
-    est = estimate_memory(spec, setup, gpus=args.gpus, sharding=sharding, accumulation=args.accumulation)
-    return {"model": spec.name, "model_type": spec.model_type, "method": args.method, "batch": args.batch,
-            "seq_len": seq, "dtype": args.dtype, "optim": setup.optim,
+    if args.nodes < 1 or args.gpus % args.nodes:
+        raise FinetuneHelperError("nodes", f"must divide --gpus {args.gpus} into equal nodes, got {args.nodes}")
+    est = estimate_memory(spec, setup, gpus=args.gpus, sharding=sharding, accumulation=args.accumulation,
+                          offload=args.offload, nodes=args.nodes)
+    data = {"model": spec.name, "model_type": spec.model_type, "method": args.method, "batch": args.batch,
+            "seq_len": seq, "dtype": args.dtype, "optim": setup.optim, "sharding": sharding, "offload": args.offload,
             "gradient_checkpointing": args.gradient_checkpointing, **est.to_dict()}
+    if args.gpus > 1:
+        data["strategies"] = by_strategy(spec, setup, args.gpus, args.accumulation, args.nodes)
+    return data
+
+
+#: the ways several GPUs can hold the model, as ``estimate`` compares them: (name, sharding, offload)
+STRATEGIES = (("DDP", "ddp", "none"), ("FSDP", "fsdp", "none"), ("ZeRO-2", "zero2", "none"),
+              ("ZeRO-2 + offload optimizer", "zero2", "optimizer"), ("ZeRO-3", "zero3", "none"),
+              ("ZeRO-3 + offload optimizer", "zero3", "optimizer"), ("ZeRO-3 + offload all", "zero3", "all"))
+
+
+def by_strategy(spec, setup, gpus: int, accumulation: int, nodes: int) -> list[dict[str, Any]]:
+    """Per-GPU memory of the same step under each strategy: what DDP replicates, what ZeRO-2 shards, what ZeRO-3 /
+    FSDP shard plus what they gather, and the host memory offloading needs."""
+    from ..recommender.memory import estimate_memory
+
+    rows = []
+    for name, sharding, offload in STRATEGIES:
+        est = estimate_memory(spec, setup, gpus=gpus, sharding=sharding, accumulation=accumulation, offload=offload,
+                              nodes=nodes)
+        gathered = est.details.get("fsdp_gathered_layers", 0) + est.details.get("zero_gathered_module", 0)
+        rows.append({"strategy": name, "sharding": sharding, "offload": offload, "weights": est.weights,
+                     "gradients": est.details["gradients.all"], "optimizer_states": est.optimizer_states,
+                     "gathered": gathered, "total_bytes": est.total_bytes, "host_bytes": est.host_bytes})
+    return rows
 
 
 def run(args: argparse.Namespace) -> None:
     data = gather(args)
     if args.json:
-        print(json.dumps(data, indent=2))
+        emit(args, json.dumps(data, indent=2))
         return
     print(f"{model_line(data['model'], data['model_type'], data['parameters'], data['trainable_parameters'])}: "
           f"{data['method']}, batch {data['batch']} x {data['seq_len']} tokens, {data['dtype']}, {data['optim']}, "
@@ -75,3 +106,15 @@ def run(args: argparse.Namespace) -> None:
         print("TRL's fused LM head: " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in head.items()))
     print(f"peak at the {data['peak_phase']}; predicted torch.cuda.max_memory_allocated: "
           f"{fmt_gib(data['allocated_peak_bytes'])} (total less CUDA context, fragmentation and paged states)")
+    if data["host_bytes"]:
+        print(f"host memory per node for the offloaded states: {fmt_gib(data['host_bytes'])} (DeepSpeed's "
+              "estimator, 1.5x buffer)")
+    if "strategies" in data:
+        print()
+        print(f"per GPU by strategy ({args.gpus} GPUs; model states: weights, all gradients, optimizer states; "
+              "gathered: FSDP's two layers / ZeRO-3's largest module):")
+        rows = [(r["strategy"], fmt_gib(r["weights"]), fmt_gib(r["gradients"]), fmt_gib(r["optimizer_states"]),
+                 fmt_gib(r["gathered"]), fmt_gib(r["total_bytes"]), fmt_gib(r["host_bytes"]) if r["host_bytes"]
+                 else "-") for r in data["strategies"]]
+        print(table(rows, ("strategy", "weights", "gradients", "optimizer", "gathered", "peak per GPU",
+                           "host per node")))

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..errors import FinetuneHelperError
-from .common import add_plan_args, gather_plan
+from .common import add_plan_args, emit, gather_plan
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output-dir", default=None, help="TrainingArguments.output_dir (default: outputs/<model>)")
     p.add_argument("--transformers-version", default=None, help="write for this transformers version, e.g. 4.46 "
                    "(default: the installed one)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, machine_output="export")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"finetune-helper: warning: this plan does not fit in GPU memory: {plan.reasons.get('fits', '')}",
               file=sys.stderr)
     if not args.output:
-        print(text, end="" if text.endswith("\n") else "\n")
+        emit(args, text)
         return
     try:
         with open(args.output, "w", encoding="utf-8") as fh:

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..units import MiB, fmt_gib
-from .common import table
+from .common import emit, table
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> None:
 
     entries = gpu_entries()
     if args.json:
-        print(json.dumps(entries, indent=2))
+        emit(args, json.dumps(entries, indent=2))
         return
     rows = [[e["name"], fmt_gib(e["memory_mib"] * MiB), "yes" if e.get("bf16") else "no",
              e.get("bf16_tflops") or e.get("fp16_tflops") or "-", ", ".join(e.get("aliases", [])[:3])] for e in entries]

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .common import emit
+
 
 def add_parser(subparsers) -> None:
     from ..train.lr_find import END, START, STEPS
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     if curve_file is not None:
         write_json(curve_file, {**result, "smoothed": curve.smoothed, "done": True})
     if args.json:
-        print(json.dumps(result))
+        emit(args, json.dumps(result))
         return
     batch = prep.sft_kwargs["per_device_train_batch_size"] * prep.sft_kwargs["gradient_accumulation_steps"]
     print(f"swept {len(curve.lrs)} optimizer steps of batch {batch}, LR {curve.lrs[0]:.2g} to {curve.lrs[-1]:.2g}"

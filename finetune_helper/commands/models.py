@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..units import fmt_count
-from .common import table
+from .common import emit, table
 
 
 def add_parser(subparsers) -> None:
@@ -28,6 +28,6 @@ def run(args: argparse.Namespace) -> None:
         rows.append([e["id"], spec.model_type, fmt_count(spec.num_parameters()), spec.num_hidden_layers,
                      spec.hidden_size, spec.max_position_embeddings, ", ".join(e.get("aliases", [])[:2])])
     if args.json:
-        print(json.dumps(data, indent=2))
+        emit(args, json.dumps(data, indent=2))
     else:
         print(table(rows, ["model", "type", "params", "layers", "hidden", "max seq", "aliases"]))

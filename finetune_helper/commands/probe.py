@@ -8,6 +8,8 @@ import json
 import sys
 import tempfile
 
+from .common import emit
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("probe", help="measure a recipe's real steps here (CUDA peak on a GPU, tracked tensor "
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise FinetuneHelperError("result", f"cannot write {args.result}: {exc.strerror}") from exc
     if args.json:
-        print(json.dumps(data, indent=2))
+        emit(args, json.dumps(data, indent=2))
         return 0
     print(format_table(result))
     if cal is not None:

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..units import fmt_gib
-from .common import add_plan_args, breakdown_table, gather_plan, model_line, table
+from .common import add_plan_args, breakdown_table, emit, gather_plan, model_line, table
 
 
 def add_parser(subparsers) -> None:
@@ -35,6 +35,6 @@ def print_plan(plan) -> None:
 def run(args: argparse.Namespace) -> None:
     plan = gather_plan(args)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        emit(args, json.dumps(plan.to_dict(), indent=2))
     else:
         print_plan(plan)

@@ -47,14 +47,18 @@ def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, out
     """One process, or (several GPUs or nodes, not a dry run, not already a launcher's worker) the launcher."""
     from ..train.launch import Launch, in_launcher, launch, world_size
     from ..train.recipe import load_recipe
-    from ..train.runner import check_run_folder, default_run_dir
+    from ..train.runner import check_deepspeed, check_run_folder, default_run_dir
 
     loaded = load_recipe(recipe, overrides)  # a bad recipe fails here, at once, before any process starts
     gpus = args.gpus if args.gpus is not None else loaded.hardware.gpus
     spec = Launch(gpus=gpus, nodes=args.nodes, node_rank=args.node_rank, main_address=args.main_address,
                   main_port=args.main_port)
     world = world_size() if in_launcher() else spec.world  # a worker plans for the world it is part of
-    if dry_run or in_launcher() or world == 1:
+    # DeepSpeed starts from a launcher's environment even in one process (ZeRO-Offload on one GPU)
+    deepspeed = loaded.hardware.strategy in ("zero2", "zero3")
+    if deepspeed and not in_launcher():
+        check_deepspeed(loaded.hardware.strategy, dry_run=dry_run)
+    if dry_run or in_launcher() or (world == 1 and not deepspeed):
         if world != loaded.hardware.gpus:
             overrides = [*overrides, f"hardware.gpus={world}"]
         if world == 1 and not in_launcher():

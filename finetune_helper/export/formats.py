@@ -13,6 +13,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FinetuneHelperError
+from ..recommender.zero import ZERO_STAGES
 from .training_args import build_kwargs
 from .versions import Names, names_for
 
@@ -153,14 +154,15 @@ def to_cli(plan: Plan, output_dir: str, version: str | None = None) -> str:
 
 def to_accelerate(plan: Plan, output_dir: str, version: str | None = None) -> str:  # noqa: ARG001
     """An ``accelerate launch --config_file`` YAML for the plan's processes, as ``accelerate config`` writes it:
-    one process (``NO``), data parallel (``MULTI_GPU``) or FSDP (version 2, each decoder layer a unit, full
-    sharding, sharded checkpoints, checkpointing as FSDP's own); mixed precision as the plan's.  Pair it with the
-    TrainingArguments of ``--format yaml`` (the same plan: its ``fsdp`` / ``fsdp_config`` fields match)."""
+    one process (``NO``), data parallel (``MULTI_GPU``), FSDP (version 2, each decoder layer a unit, full
+    sharding, sharded checkpoints, checkpointing as FSDP's own) or DeepSpeed (the ZeRO stage and offload); mixed
+    precision as the plan's.  Pair it with the TrainingArguments of ``--format yaml`` (the same plan: its ``fsdp`` /
+    ``fsdp_config`` or ``deepspeed`` fields match)."""
     import yaml
 
     r = plan.request
-    distributed = {"fsdp": "FSDP", "ddp": "MULTI_GPU"}.get(plan.distributed or "", "NO" if r.gpus == 1 else
-                                                             "MULTI_GPU")
+    distributed = {"fsdp": "FSDP", "ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}.get(
+        plan.distributed or "", "NO" if r.gpus == 1 else "MULTI_GPU")
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE", "debug": False, "distributed_type": distributed,
         "downcast_bf16": "no", "enable_cpu_affinity": False, "machine_rank": 0, "main_training_function": "main",
@@ -176,6 +178,15 @@ def to_accelerate(plan: Plan, output_dir: str, version: str | None = None) -> st
             **({"fsdp_transformer_layer_cls_to_wrap": layer} if layer else {}),
             "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
             "fsdp_activation_checkpointing": bool(plan.gradient_checkpointing),
+        }
+    if distributed == "DEEPSPEED":
+        stage = ZERO_STAGES[plan.distributed]
+        config["deepspeed_config"] = {
+            "zero_stage": stage, "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "gradient_clipping": plan.max_grad_norm,
+            "offload_optimizer_device": "cpu" if r.offload in ("optimizer", "all") else "none",
+            "offload_param_device": "cpu" if r.offload == "all" else "none",
+            **({"zero3_init_flag": True, "zero3_save_16bit_model": True} if stage == 3 else {}),
         }
     header = [f"accelerate config for {r.model.name}, {r.method} fine-tuning on {r.gpus} x {r.gpu.name}: "
               f"{plan.distributed or 'one process'}, written by finetune-helper",

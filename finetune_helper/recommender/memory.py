@@ -20,6 +20,7 @@ from ..errors import FinetuneHelperError
 from .model import ModelSpec
 from .optimizers import OPTIMIZERS
 from .training_setup import DTYPE_BYTES, TrainingSetup
+from .zero import OFFLOAD, ZERO_STAGES, zero_states
 from ..units import MiB
 
 #: CUDA context + cuBLAS/cuDNN handles that the driver holds outside the caching allocator. PyTorch's CUDA notes
@@ -41,7 +42,7 @@ NF4_DQ_BLOCK = 256
 NF4_CODE_BYTES = 16 * 4
 NF4_DQ_CONST_BYTES = 256 * 4 + 4
 
-SHARDING = ("none", "ddp", "fsdp")
+SHARDING = ("none", "ddp", "fsdp", "zero2", "zero3")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class MemoryEstimate:
     peak_phase: str = ""
     #: finer parts of the above (activation components, adapter bytes, NF4 constants, every phase's total ...).
     details: dict[str, int] = field(default_factory=dict)
+    #: host (CPU) memory per node for the states DeepSpeed offloads (0 without offload); not part of the total
+    host_bytes: int = 0
 
     @property
     def breakdown(self) -> dict[str, int]:
@@ -110,6 +113,7 @@ class MemoryEstimate:
             "allocated_peak_bytes": self.allocated_peak,
             "paged_bytes": self.paged_bytes,
             "total_bytes": self.total_bytes,
+            "host_bytes": self.host_bytes,
             "peak_phase": self.peak_phase,
         }
 
@@ -185,16 +189,21 @@ def optimizer_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> int:
 
 
 def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sharding: str = "none",
-                    accumulation: int = 1) -> MemoryEstimate:
+                    accumulation: int = 1, offload: str = "none", nodes: int = 1) -> MemoryEstimate:
     """Peak memory on one GPU for one micro-step of ``setup``.
 
     ``sharding``: ``none`` (one GPU, or data parallel without DDP buckets), ``ddp`` (replicated, plus DDP's gradient
-    buckets), ``fsdp`` (FULL_SHARD / ZeRO-3: weights, gradients and states split over ``gpus``, one layer gathered).
+    buckets), ``fsdp`` (FULL_SHARD: weights, gradients and states split over ``gpus``, two layers gathered),
+    ``zero2`` / ``zero3`` (DeepSpeed: :mod:`.zero`), the latter with ``offload`` ``optimizer`` or ``all`` to the
+    host of each of ``nodes`` nodes (:attr:`MemoryEstimate.host_bytes`).
     """
     if not isinstance(gpus, int) or gpus < 1:
         raise FinetuneHelperError("gpus", f"must be an integer >= 1, got {gpus!r}")
     if sharding not in SHARDING:
         raise FinetuneHelperError("sharding", f"{sharding!r} is not one of {', '.join(SHARDING)}")
+    if offload not in OFFLOAD or (offload != "none" and sharding not in ZERO_STAGES):
+        raise FinetuneHelperError("offload", f"{offload!r}: offloading is DeepSpeed's (zero2: optimizer; zero3: "
+                                  "optimizer or all); one of none, optimizer, all")
     if setup.attn_implementation not in (spec.traits.attn_implementations if spec.traits else ("sdpa", "eager")):
         raise FinetuneHelperError("attn-implementation", f"{spec.model_type} does not support "
                                   f"{setup.attn_implementation} in transformers 5")
@@ -204,10 +213,11 @@ def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sha
     gradients = n_train * elem
     optim = optimizer_state_bytes(spec, setup)
     act_setup = setup
-    if sharding == "fsdp" and gpus > 1 and setup.method == "full" and setup.autocast:
+    zero = sharding in ZERO_STAGES
+    if ((sharding == "fsdp" and gpus > 1) or zero) and setup.method == "full" and setup.autocast:
         # FSDP mixed precision (accelerate's FSDP path, no torch.autocast): each layer's parameters are gathered in
         # the 16-bit compute dtype and freed after use, so activations are those of 16-bit weights -- no autocast
-        # cache of whole-model weight copies.
+        # cache of whole-model weight copies.  DeepSpeed casts the module itself to the 16-bit dtype.
         act_setup = replace(setup, dtype="bf16", weights_dtype="bf16")
     acts: ActivationEstimate = estimate_activations(spec, act_setup)
     details: dict[str, int] = {**weight_parts, **{f"activations.{k}": v for k, v in acts.as_dict().items()}}
@@ -226,6 +236,17 @@ def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sha
         details["fsdp_gathered_layers"] = gathered
         weights, gradients, optim = -(-weights // shards), -(-gradients // shards), -(-optim // shards)
         layer_grads, outside_grads = -(-layer_grads // shards), -(-outside_grads // shards)
+    host = 0
+    if zero:
+        # DeepSpeed's partitions replace the replicated weights, gradients and states (layer gradients in proportion)
+        frozen = weights - weight_parts.get("adapter_weights", 0) if setup.method != "full" else 0
+        states = zero_states(spec, strategy=sharding, offload=offload, gpus=gpus, trainable=n_train,
+                             frozen_bytes=frozen, nodes=nodes)
+        share = states.gradients / gradients if gradients else 0.0
+        weights, gradients, optim, gathered, host = (states.weights, states.gradients, states.optimizer_states,
+                                                     states.gathered, states.host)
+        layer_grads, outside_grads = int(layer_grads * share), int(outside_grads * share)
+        details.update({"zero_gathered_module": gathered, "zero_host_per_node": host})
     if sharding == "ddp" and gpus > 1:
         # DDP copies gradients into communication buckets (gradient_as_bucket_view=False, the default): a second
         # gradient-sized buffer (torch.nn.parallel.DistributedDataParallel docs).
@@ -263,4 +284,5 @@ def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sha
         overhead=overhead,
         peak_phase=peak.name,
         details=details,
+        host_bytes=host,
     )

@@ -2,18 +2,21 @@
 
 spec -> estimate -> **plan** -> export.  Rules, in the order they are applied:
 1. precision: bf16 where the GPU has it, else fp16 mixed precision;
-2. fit: the largest per-device micro-batch whose estimated peak stays under (1 - safety margin) of GPU memory,
-   turning on gradient checkpointing, then an 8-bit optimizer, only when batch 1 does not fit without them;
+2. fit: the most precise numerics (32-bit AdamW states and fp32 master weights, then pure-bf16 weights, then 8-bit
+   states) under which batch 1 fits, and within them the largest per-device micro-batch (up to the target) whose
+   estimated peak stays under (1 - safety margin) of GPU memory, with gradient checkpointing or FSDP only when they
+   raise it;
 3. gradient accumulation: the smallest with micro x accumulation x GPUs >= the target effective batch;
 4. learning rate: a published reference (``data/lr_references.yaml``) scaled to the effective batch by the
    square-root rule (Adam family) or the linear rule (SGD), clamped to [lr_min, lr_max];
-5. warmup: 3% of steps, more for batches far above the reference and for very short runs, capped at 10%;
+5. warmup: 5% of steps, up to 10% for batches or LRs far above the reference, at least 10 steps;
 6. when batch 1 does not fit at all: the escalation LoRA -> QLoRA -> more GPUs (FSDP), naming the first that fits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,6 +33,7 @@ from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, MIN_EFFECTIVE_BATCH, MIN_STEPS
                     WEIGHT_DECAY, lr_bounds_note, lr_reference_rate, reference_batch, reference_clipping,
                     scaled_learning_rate, schedule_reason, scheduler_kwargs, warmup_ratio)
 from .training_setup import TrainingSetup, step_shape
+from .zero import OFFLOAD, ZERO_OPTIMIZERS, ZERO_STAGES, deepspeed_config
 
 #: Largest per-device micro-batch the planner proposes (beyond it throughput stops improving on any current GPU).
 MAX_MICRO_BATCH = 128
@@ -81,6 +85,11 @@ class PlanRequest:
     device: str = "cuda"
     #: the learning-rate schedule after warmup, one of :data:`.rules.SCHEDULES`.
     scheduler: str = defaults.SCHEDULER
+    #: how several GPUs share the work (:data:`defaults.STRATEGIES`): ``auto`` replicates (DDP) when that fits and
+    #: shards with FSDP when not; ``zero2`` / ``zero3`` run DeepSpeed ZeRO (:mod:`.zero`).
+    strategy: str = defaults.STRATEGY
+    #: DeepSpeed's offload to host memory: ``optimizer`` (zero2 / zero3) or ``all`` (zero3, parameters too).
+    offload: str = defaults.OFFLOAD
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or not 1 <= self.gpus <= MAX_GPUS_REQUEST:
@@ -117,7 +126,32 @@ class PlanRequest:
             raise FinetuneHelperError("scheduler", f"{self.scheduler!r} is not one of {', '.join(SCHEDULES)}")
         if self.optim is not None and self.optim not in OPTIMIZERS:
             raise FinetuneHelperError("optim", f"{self.optim!r} is not supported; choose from {', '.join(OPTIMIZERS)}")
+        self._check_strategy()
         self.setup(1, False)  # validates method, LoRA and attention settings early
+
+    def _check_strategy(self) -> None:
+        if self.strategy not in defaults.STRATEGIES:
+            raise FinetuneHelperError("strategy", f"{self.strategy!r} is not one of {', '.join(defaults.STRATEGIES)}")
+        if self.strategy in ("ddp", "fsdp") and self.gpus == 1:
+            raise FinetuneHelperError("strategy", f"{self.strategy} shares the work of several GPUs: set --gpus >= 2 "
+                                      "(or zero2 / zero3 with --offload on one GPU)")
+        if self.offload not in OFFLOAD:
+            raise FinetuneHelperError("offload", f"{self.offload!r} is not one of {', '.join(OFFLOAD)}")
+        if self.offload != "none" and self.strategy not in ZERO_STAGES:
+            raise FinetuneHelperError("offload", "offloading to host memory is DeepSpeed's: use --strategy zero2 "
+                                      "(optimizer) or zero3 (optimizer or all)")
+        if self.offload == "all" and self.strategy != "zero3":
+            raise FinetuneHelperError("offload", "'all' moves the parameters too, which only zero3 does")
+        if self.strategy in ZERO_STAGES and (self.optim or DEFAULT_OPTIM) not in ZERO_OPTIMIZERS:
+            raise FinetuneHelperError("optim", f"{self.optim!r} under DeepSpeed: use one of "
+                                      f"{', '.join(ZERO_OPTIMIZERS)} (ZeRO partitions 32-bit Adam states)")
+
+    @property
+    def sharded_strategies(self) -> list[str]:
+        """The data-parallel modes the planner may use, cheapest first (``none`` on one GPU without DeepSpeed)."""
+        if self.strategy == "auto":
+            return ["ddp", "fsdp"] if self.gpus > 1 else ["none"]
+        return [self.strategy]
 
     @property
     def resolved_seq_len(self) -> int:
@@ -239,6 +273,8 @@ class Plan:
             "gradient_checkpointing": self.gradient_checkpointing,
             # FSDP plans: shard every decoder layer (transformers wraps the model's _no_split_modules)
             **({"fsdp": "full_shard auto_wrap"} if self.distributed == "fsdp" else {}),
+            **({"deepspeed": deepspeed_config(self.distributed, self.request.offload)}
+               if self.distributed in ZERO_STAGES else {}),
         }
 
     def settings_rows(self) -> list[tuple[str, str, str]]:
@@ -288,6 +324,7 @@ class Plan:
             "bf16": self.bf16,
             "fp16": self.fp16,
             "distributed": self.distributed,
+            "strategy": r.strategy, "offload": r.offload, "host_memory_bytes": self.estimate.host_bytes,
             "weights_dtype": self.weights_dtype or ("fp32" if r.method == "full" else r.dtype),
             "fits": self.fits,
             "peak_memory_bytes": self.peak_memory_bytes,
@@ -302,6 +339,10 @@ class Plan:
         }
 
 
+#: how the reasons name each way of sharding
+STRATEGY_LABELS = {"fsdp": "FSDP full sharding", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
+
+
 # --------------------------------------------------------------------------------------------- fitting
 def _estimate(req: PlanRequest, micro: int, gc: bool, optim: str, method: str | None = None, gpus: int | None = None,
               sharding: str | None = None, weights: str | None = None) -> MemoryEstimate:
@@ -310,7 +351,8 @@ def _estimate(req: PlanRequest, micro: int, gc: bool, optim: str, method: str | 
         sharding = "ddp" if gpus > 1 else "none"
     # accumulating keeps the gradients alive through the next micro-steps' forward and backward
     est = estimate_memory(req.model, req.setup(micro, gc, optim, method, weights), gpus=gpus, sharding=sharding,
-                          accumulation=req.accumulation(micro, gpus))
+                          accumulation=req.accumulation(micro, gpus),
+                          offload=req.offload if sharding in ZERO_STAGES else "none")
     calibrated = req.calibration is not None and (method or req.method) == req.calibration.method
     return est.calibrated(req.calibration.ratio) if calibrated else est
 
@@ -339,31 +381,43 @@ def _escalate(req: PlanRequest) -> tuple[Escalation, ...]:
     each rung with its peak at batch 1, up to the first that fits."""
     steps: list[Escalation] = []
     optim = req.optim or DEFAULT_OPTIM
-    sharding = "fsdp" if req.gpus > 1 else None
+    # shard as asked (DeepSpeed ZeRO when chosen, on one GPU too), else with FSDP on several GPUs
+    zero = req.strategy in ZERO_STAGES
+    sharding = req.strategy if zero else "fsdp" if req.gpus > 1 else None
+    more = req.strategy if zero else "fsdp"
     if req.gradient_checkpointing is None:
         est = _estimate(req, 1, True, optim, sharding=sharding)
         steps.append(Escalation("gradient checkpointing", False, est.total_bytes))
-    if req.method == "full" and req.weights_dtype is None and req.dtype == "bf16":
+    if req.method == "full" and req.weights_dtype is None and req.dtype == "bf16" and not zero:
         est = _estimate(req, 1, req.gradient_checkpointing is not False, optim, sharding=sharding, weights="bf16")
         steps.append(Escalation("pure-bf16 weights (--weights-dtype bf16)" + (" with gradient checkpointing"
                                 if req.gradient_checkpointing is not False else ""), False, est.total_bytes))
-    if req.optim is None:
+    if req.optim is None and not zero:
         est = _estimate(req, 1, req.gradient_checkpointing is not False, EIGHT_BIT_FALLBACK, sharding=sharding)
         steps.append(Escalation(f"--optim {EIGHT_BIT_FALLBACK}" + (" (with gradient checkpointing)"
                                 if req.gradient_checkpointing is not False else ""), False, est.total_bytes))
+    if zero:  # DeepSpeed's own rungs: offload the optimizer, then (ZeRO-3) the parameters
+        offloads = OFFLOAD[OFFLOAD.index(req.offload) + 1:(None if req.strategy == "zero3" else 2)]
+        for offload in offloads:
+            est = _estimate(dataclasses.replace(req, offload=offload), 1, req.gradient_checkpointing is not False,
+                            optim, sharding=sharding)
+            steps.append(Escalation(f"--offload {offload} (host memory per node: {fmt_gib(est.host_bytes)})",
+                                    est.total_bytes <= req.budget_bytes, est.total_bytes))
+            if steps[-1].fits:
+                return tuple(steps)
     ladder = {"full": ["lora", "qlora"], "lora": ["qlora"], "qlora": []}[req.method]
     for method in ladder:
         est = _estimate(req, 1, True, optim, method=method, sharding=sharding)
         steps.append(Escalation(f"--method {method} (with gradient checkpointing"
-                                + (", FSDP)" if sharding == "fsdp" else ")"), est.total_bytes <= req.budget_bytes,
-                                est.total_bytes))
+                                + (f", {STRATEGY_LABELS[sharding]})" if sharding else ")"),
+                                est.total_bytes <= req.budget_bytes, est.total_bytes))
         if steps[-1].fits:
             return tuple(steps)
     for gpus in (2, 4, 8, 16, 32, MAX_GPUS):
         if gpus <= req.gpus:
             continue
-        est = _estimate(req, 1, True, optim, gpus=gpus, sharding="fsdp")
-        steps.append(Escalation(f"--gpus {gpus} with FSDP full sharding ({req.method}, gradient checkpointing)",
+        est = _estimate(req, 1, True, optim, gpus=gpus, sharding=more)
+        steps.append(Escalation(f"--gpus {gpus} with {STRATEGY_LABELS[more]} ({req.method}, gradient checkpointing)",
                                 est.total_bytes <= req.budget_bytes, est.total_bytes))
         if steps[-1].fits:
             break
@@ -387,16 +441,17 @@ class _Option:
 
 @dataclass(frozen=True)
 class _Fit:
-    """How batch 1 and up fit: micro-batch, the option that made it fit, and the resulting estimate."""
+    """How the step fits: micro-batch, the option that made it fit, and the resulting estimate."""
 
     micro: int
     option: _Option
     fits: bool
     estimate: MemoryEstimate
-    #: the largest micro-batch a fallback (checkpointing / pure bf16 / 8-bit / FSDP) would allow, when one was needed
-    fallback_fit: int
     #: the cheapest option, against which the changes are named
     first: _Option
+    #: the options with the chosen numerics (optimizer, weight storage), cheapest first, each with its largest
+    #: micro-batch (0 when batch 1 does not fit it): what the speed fallbacks (checkpointing, FSDP) were weighed on
+    candidates: tuple[tuple[_Option, int], ...]
 
     @property
     def gc(self) -> bool:
@@ -410,16 +465,33 @@ class _Fit:
     def shard(self) -> str:
         return self.option.shard
 
+    @property
+    def base_fit(self) -> int:
+        """The largest micro-batch without the speed fallbacks the chosen option adds (0: batch 1 does not fit)."""
+        return self.candidates[0][1] if self.candidates else 0
+
+    def largest_without(self, shard: str) -> int:
+        """The largest micro-batch of the chosen numerics under ``shard`` (0: batch 1 does not fit)."""
+        return max((n for o, n in self.candidates if o.shard == shard), default=0)
+
+    def changes(self) -> list[str]:
+        """The fallbacks this fit uses that the cheapest option does not, in the ladder's words."""
+        first, option = self.first, self.option
+        return [c for c, on in (("gradient checkpointing", option.gc and not first.gc),
+                                ("pure-bf16 weights", option.weights != first.weights),
+                                (option.optim, option.optim != first.optim),
+                                ("FSDP sharding", option.shard != first.shard)) if on]
+
 
 def _fit_options(req: PlanRequest) -> list[_Option]:
-    """The ways to run the step, cheapest first; each later one is a fallback that costs speed (checkpointing ~30%
-    compute, FSDP communication) or precision (pure-bf16 weights, then 8-bit states).  On several GPUs, full
-    fine-tuning shards before it recomputes; LoRA (small gradients and states) recomputes before it shards.  Pure
-    bf16 is tried only for full fine-tuning on a bf16 GPU when the weights are not forced either way."""
+    """The ways to run the step, cheapest first, grouped by numerics: 32-bit AdamW states with fp32 master weights,
+    then (full fine-tuning on a bf16 GPU, weights not forced either way) pure-bf16 weights, then 8-bit states.
+    Within a group the fallbacks cost speed, not precision: checkpointing (~30% compute) and FSDP (communication);
+    full fine-tuning shards before it recomputes, LoRA (small gradients and states) recomputes before it shards."""
     optim = req.optim or DEFAULT_OPTIM
     gc_choices = [req.gradient_checkpointing] if req.gradient_checkpointing is not None else [False, True]
-    optim_choices = [optim] if req.optim else [optim, EIGHT_BIT_FALLBACK]
-    shard_choices = ["ddp", "fsdp"] if req.gpus > 1 else ["none"]
+    optim_choices = [optim] if req.optim or req.strategy in ZERO_STAGES else [optim, EIGHT_BIT_FALLBACK]
+    shard_choices = req.sharded_strategies
     weight_choices: list[str | None] = [req.weights_dtype if req.weights_dtype == "bf16" else None]
     if req.method == "full" and req.weights_dtype is None and req.dtype == "bf16":
         weight_choices.append("bf16")
@@ -434,27 +506,33 @@ def _fit_options(req: PlanRequest) -> list[_Option]:
 
 
 def _fit(req: PlanRequest, cap: int) -> _Fit:
-    """The first option under which batch 1 fits, with its largest micro-batch; the last option if none does."""
+    """The most precise numerics under which batch 1 fits; within them the largest micro-batch (up to ``cap``) that
+    any speed fallback (checkpointing, FSDP) allows, under the cheapest option that reaches it; the last option at
+    batch 1 if nothing fits.
+
+    With the same numerics, more memory never gives a smaller micro-batch and a bigger model never a larger one, by
+    construction: the micro-batch is the maximum over the options of the largest batch that fits each, and each of
+    those grows with the memory and shrinks with the model.  Across numerics the more precise wins: a GPU on which
+    fp32 master weights (or 32-bit states) start to fit at batch 1 takes them over a larger micro-batch."""
     options = _fit_options(req)
-    for index, option in enumerate(options):
-        micro = _largest_batch(req, option, cap)
+    for _, group in itertools.groupby(options, key=lambda o: (o.optim, o.weights)):
+        group = list(group)
+        largest = [_largest_batch(req, option, cap) for option in group]
+        micro = max(largest)
         if not micro:
             continue
-        fallback_fit = 0
-        if index > 0:
-            # A fallback (checkpointing, FSDP, pure bf16, 8-bit states) was needed to fit batch 1 at all. Stay at
-            # micro-batch 1 and reach the target by accumulation: the sequence already fills the GPU's matmuls, and a
-            # larger GPU (which needs no fallback) must never be told to use a smaller micro-batch than a smaller GPU.
-            fallback_fit, micro = micro, 1
-        return _Fit(micro, option, True, option.estimate(req, micro), fallback_fit, options[0])
-    return _Fit(1, options[-1], False, options[-1].estimate(req, 1), 0, options[0])
+        option = group[next(i for i, n in enumerate(largest) if n >= micro)]
+        return _Fit(micro, option, True, option.estimate(req, micro), options[0], tuple(zip(group, largest)))
+    return _Fit(1, options[-1], False, options[-1].estimate(req, 1), options[0], ())
 
 
 def _fits_reason(req: PlanRequest, fit: _Fit, escalation: tuple[Escalation, ...]) -> str:
     budget = req.budget_bytes
     if fit.fits:
+        host = fit.estimate.host_bytes
         return (f"peak {fmt_gib(fit.estimate.total_bytes)} <= budget {fmt_gib(budget)} "
-                f"({1 - req.safety_margin:.0%} of {fmt_gib(req.gpu.memory_bytes)})")
+                f"({1 - req.safety_margin:.0%} of {fmt_gib(req.gpu.memory_bytes)})"
+                + (f"; the offloaded states need {fmt_gib(host)} of host memory per node" if host else ""))
     first = next((e for e in escalation if e.fits), None)
     tried = ", ".join(x for x in ("gradient checkpointing" if fit.gc else "", fit.optim,
                                   "FSDP sharding" if fit.shard == "fsdp" else "") if x)
@@ -468,17 +546,9 @@ def _batch_reason(req: PlanRequest, fit: _Fit, cap: int, target: int) -> str:
     budget, est = req.budget_bytes, fit.estimate
     if not fit.fits:
         return "1: nothing larger can fit (see fits)"
-    if fit.fallback_fit:
-        first = fit.first
-        changes = [c for c, on in (("gradient checkpointing", fit.gc and not first.gc),
-                                   ("pure-bf16 weights", fit.option.weights != first.weights),
-                                   (fit.optim, fit.optim != first.optim),
-                                   ("FSDP sharding", fit.shard != first.shard)) if on]
-        return (f"1: without {' and '.join(changes)} even batch 1 exceeds the {fmt_gib(budget)} budget; with "
-                f"{'them' if len(changes) > 1 else 'it'} batch 1 needs {fmt_gib(est.total_bytes)}"
-                + (f" (up to {fit.fallback_fit} would fit)" if fit.fallback_fit > 1 else "")
-                + f"; accumulation reaches the target, as a bigger micro-batch adds little throughput at "
-                f"{req.resolved_seq_len} tokens per sequence")
+    changes = fit.changes()
+    needs = (f"batch {fit.micro} needs {fmt_gib(est.total_bytes)} of {fmt_gib(budget)} ({req.safety_margin:.0%} "
+             "safety margin)" + (f" with {' and '.join(changes)}" if changes else ""))
     if fit.micro < cap:
         bigger = fit.option.estimate(req, fit.micro + 1).total_bytes
         limit = f"batch {fit.micro + 1} would need {fmt_gib(bigger)}"
@@ -486,17 +556,21 @@ def _batch_reason(req: PlanRequest, fit: _Fit, cap: int, target: int) -> str:
         limit = f"capped at ceil(target {target} / {req.gpus} GPU{'s' if req.gpus > 1 else ''}) = {cap}"
     else:
         limit = f"capped at {MAX_MICRO_BATCH}"
-    return (f"largest that fits: batch {fit.micro} needs {fmt_gib(est.total_bytes)} of {fmt_gib(budget)} "
-            f"({req.safety_margin:.0%} safety margin); {limit}")
+    return f"largest that fits: {needs}; {limit}"
 
 
 def _checkpointing_reason(req: PlanRequest, fit: _Fit) -> str:
     if req.gradient_checkpointing is not None:
         why = f"{'on' if fit.gc else 'off'}: set by --gradient-checkpointing"
-    elif fit.gc:
-        why = "on: required to fit batch 1" if fit.fits else "on: tried, and even with it batch 1 does not fit"
+    elif not fit.fits:
+        why = "on: tried, and even with it batch 1 does not fit" if fit.gc else "off"
+    elif not fit.gc:
+        why = f"off: batch {fit.micro} fits without it"
+    elif not fit.base_fit:
+        why = "on: required to fit batch 1"
     else:
-        why = "off: not needed to fit"
+        why = (f"on: raises the micro-batch from {fit.base_fit}, the most that fit without it (TRL's SFTConfig turns it "
+               f"on by default); --no-gradient-checkpointing runs {fit.base_fit} with more accumulation")
     return why + (" (recomputes each layer in backward, ~30% more compute)" if fit.gc else "")
 
 
@@ -513,13 +587,44 @@ def _optim_reason(req: PlanRequest, fit: _Fit) -> str:
 
 
 def _distributed(req: PlanRequest, fit: _Fit) -> tuple[str, str | None]:
-    """The data-parallel mode and its reason (None on one GPU)."""
+    """The data-parallel mode and its reason (None on one GPU without DeepSpeed)."""
+    if fit.shard in ZERO_STAGES:
+        return fit.shard, _zero_reason(req, fit)
     if req.gpus == 1:
         return "single GPU", None
     if fit.shard == "fsdp":
         return "fsdp", (f"FSDP full sharding over {req.gpus} GPUs: weights, gradients and optimizer states split 1/N"
-                        + ("; replicated (DDP) they do not fit" if fit.first.shard == "ddp" else ""))
+                        + (("; replicated (DDP) even batch 1 does not fit" if not fit.largest_without("ddp") else
+                            f"; replicated (DDP) the largest micro-batch is {fit.largest_without('ddp')}, sharded "
+                            f"{fit.micro}") if fit.first.shard == "ddp" else ""))
     return "ddp", "DDP: the replicated model fits on each GPU" if fit.fits else "DDP: nothing fits; see fits"
+
+
+def _zero_reason(req: PlanRequest, fit: _Fit) -> str:
+    stage = ZERO_STAGES[fit.shard]
+    split = ("optimizer states and gradients split 1/N, 16-bit weights whole on each GPU" if stage == 2 else
+             "16-bit weights, gradients and optimizer states split 1/N, the largest module gathered")
+    offload = {"none": "", "optimizer": "; fp32 master weights, Adam states and 32-bit gradients offloaded to the "
+               "host (DeepSpeed's CPU Adam steps there)", "all": "; parameters and optimizer offloaded to the host"}
+    host = fit.estimate.host_bytes
+    return (f"DeepSpeed ZeRO-{stage} over {req.gpus} GPU{'s' if req.gpus > 1 else ''} (set by --strategy): {split}"
+            + offload[req.offload] + (f"; host memory per node {fmt_gib(host)} (DeepSpeed's estimator, 1.5x buffer)"
+                                      if host else ""))
+
+
+def _even_micro(req: PlanRequest, fit: _Fit, target: int) -> tuple[_Fit, str]:
+    """The fewest micro-steps that reach the target with the largest fitting micro-batch, each as small as that
+    count allows: 38 fits and the target is 64 -> 2 micro-steps of 32 (not 38 + 38 = 76).  Same number of forward /
+    backward passes, less memory, and the effective batch overshoots the target by less than one micro-step per GPU.
+    Grows with the largest fitting micro-batch, so more memory still never gives a smaller one."""
+    per_gpu = math.ceil(target / req.gpus)
+    steps = math.ceil(per_gpu / fit.micro)
+    micro = math.ceil(per_gpu / steps)
+    if micro == fit.micro:
+        return fit, ""
+    return (dataclasses.replace(fit, micro=micro, estimate=fit.option.estimate(req, micro)),
+            f"; {micro} used: {steps} micro-steps of {micro} reach the target {target} as {steps} of {fit.micro} would, "
+            "with less memory")
 
 
 def recommend_plan(req: PlanRequest) -> Plan:
@@ -534,22 +639,13 @@ def recommend_plan(req: PlanRequest) -> Plan:
     cap = max(1, min(MAX_MICRO_BATCH, math.ceil(target / req.gpus)))
     fit = _fit(req, cap)
     escalation = () if fit.fits else _escalate(req)
+    reasons["per_device_train_batch_size"] = _batch_reason(req, fit, cap, target)
+    if fit.fits:
+        fit, evened = _even_micro(req, fit, target)
+        reasons["per_device_train_batch_size"] += evened
     reasons["fits"] = _fits_reason(req, fit, escalation) + (f"; {req.calibration.describe()}"
                                                             if req.calibration else "")
-    reasons["per_device_train_batch_size"] = _batch_reason(req, fit, cap, target)
     steps_target = target < min(req.target_effective_batch, dataset)  # lowered for enough optimizer steps
-    if steps_target and fit.fits:
-        # the micro-batch (up to the largest that fits) and accumulation whose product overshoots the lowered target
-        # least: rounding a large micro-batch up (17 x 2 for a target of 20) would cost the steps it was lowered for
-        per_gpu = math.ceil(target / req.gpus)
-        smallest = min((math.ceil(per_gpu / a) * a, a) for a in range(math.ceil(per_gpu / fit.micro), per_gpu + 1))
-        micro_for_steps = smallest[0] // smallest[1]
-        if micro_for_steps != fit.micro:
-            reasons["per_device_train_batch_size"] += (f"; {micro_for_steps} used: with it the effective batch "
-                                                       f"overshoots the lowered target {target} least")
-            fit = dataclasses.replace(fit, micro=micro_for_steps,
-                                      estimate=fit.option.estimate(req, micro_for_steps))
-
     micro = fit.micro
     accum = req.accumulation(micro)
     eff = micro * accum * req.gpus

@@ -169,9 +169,11 @@ def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int, *
         why.append(f"raised to {WARMUP_MIN_STEPS} warmup steps on a short run"
                    + (f" ({ratio:.0%}, above the 10% ceiling)" if ratio > WARMUP_MAX else ""))
     elif ratio * total_steps > WARMUP_MAX_STEPS:
-        ratio = WARMUP_MAX_STEPS / total_steps
+        # half a step under the cap, so that the Trainer's ceil(ratio x steps) is the cap whatever the float rounding
+        ratio = (WARMUP_MAX_STEPS - 0.5) / total_steps
         why.append(f"capped at {WARMUP_MAX_STEPS} steps on a long run (Llama 2's warmup, Touvron et al. 2023 "
                    "sec. 2.2)")
-    ratio = round(ratio, 4)
+    else:
+        ratio = round(ratio, 4)
     n = math.ceil(ratio * total_steps)
     return ratio, "; ".join(why) + f" -> {ratio:.2%} = {n} step{'s' if n != 1 else ''}"

@@ -122,10 +122,20 @@ class HardwareSection:
     #: a GPU name (see ``finetune-helper gpus``), an amount such as 24GB, or ``auto`` (the local GPU).
     gpu: str = "auto"
     gpus: int = 1
+    #: how several GPUs share the work: auto (DDP when the replicated model fits, else FSDP), ddp, fsdp, or
+    #: DeepSpeed zero2 / zero3 (needs ``pip install deepspeed`` and CUDA GPUs).
+    strategy: str = defaults.STRATEGY
+    #: DeepSpeed's offload to host memory: none, optimizer (zero2 / zero3) or all (zero3, parameters too).
+    offload: str = defaults.OFFLOAD
 
     def __post_init__(self) -> None:
         if self.gpus < 1:
             raise FinetuneHelperError("hardware.gpus", f"must be >= 1, got {self.gpus}")
+        if self.strategy not in defaults.STRATEGIES:
+            raise FinetuneHelperError("hardware.strategy", f"{self.strategy!r} is not one of "
+                                      f"{', '.join(defaults.STRATEGIES)}")
+        if self.offload not in ("none", "optimizer", "all"):
+            raise FinetuneHelperError("hardware.offload", f"{self.offload!r} is not one of none, optimizer, all")
 
 
 @dataclass

@@ -202,6 +202,7 @@ def _plan_request(recipe: Recipe, spec, gpu, n_train: int):  # -> recommender.pl
         lora_target_modules=targets if isinstance(targets, str) else tuple(targets),
         weights_dtype=recipe.method.weights_dtype, calibration=lookup(gpu.name, spec.name, recipe.method.type),
         packing=bool(recipe.data.packing), scheduler=recipe.recommend.scheduler,
+        strategy=recipe.hardware.strategy, offload=recipe.hardware.offload,
     )
 
 
@@ -214,6 +215,7 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
     overrides = dict(recipe.training)
     adaptations: list[str] = []
     kwargs = training_kwargs(plan, str(run_dir), sft=True, **{"seed": recipe.seed, **overrides})
+    _check_deepspeed(kwargs, device, dry_run=dry_run)
     if device == "cpu" and dry_run:
         adaptations.append("no CUDA GPU on this machine: a run here would train on the CPU in fp32")
     elif device == "cpu" and overrides.get("bf16") is True:
@@ -334,7 +336,8 @@ _RECIPE_FIELD = {"seq-len": "data.max_length", "epochs": "recommend.epochs", "da
                  "lora-r": "method.lora_r", "lora-alpha": "method.lora_alpha", "lora-dropout": "method.lora_dropout",
                  "lora_target_modules": "method.target_modules", "weights-dtype": "method.weights_dtype",
                  "attn-implementation": "model.attn_implementation", "gpus": "hardware.gpus", "gpu": "hardware.gpu",
-                 "method": "method.type", "model": "model.name"}
+                 "method": "method.type", "model": "model.name", "strategy": "hardware.strategy",
+                 "offload": "hardware.offload"}
 
 #: training_args.json fields a resumed run takes from its recipe rather than from the saved arguments: its length
 _LENGTH_ARGS = ("num_train_epochs", "max_steps")
@@ -442,10 +445,48 @@ def run_estimate(prep: Prepared, sft_kwargs: dict[str, Any] | None = None):  # -
 
     kwargs = sft_kwargs if sft_kwargs is not None else prep.sft_kwargs
     setup = run_setup(prep, kwargs)
-    gpus = prep.plan.request.gpus  # the processes of the run: FSDP shards over them, DDP replicates
+    gpus = prep.plan.request.gpus  # the processes of the run: FSDP / ZeRO shard over them, DDP replicates
     sharding = "fsdp" if kwargs.get("fsdp") and gpus > 1 else "ddp" if gpus > 1 else "none"
+    zero = _zero_strategy(kwargs)
+    sharding, offload = zero if zero else (sharding, "none")
     return estimate_memory(prep.plan.request.model, setup, gpus=gpus, sharding=sharding,
-                           accumulation=int(kwargs.get("gradient_accumulation_steps", 1)))
+                           accumulation=int(kwargs.get("gradient_accumulation_steps", 1)), offload=offload)
+
+
+def _zero_strategy(sft_kwargs: dict[str, Any]) -> tuple[str, str] | None:
+    """(zero2 | zero3, offload) when these arguments run DeepSpeed ZeRO (the plan's config, or a recipe's
+    ``training.deepspeed`` dict or JSON file)."""
+    from ..recommender.zero import strategy_of
+
+    config = sft_kwargs.get("deepspeed")
+    if isinstance(config, str):
+        config = run_folder.read_json(Path(config)) or {}
+    return strategy_of(config) if isinstance(config, dict) else None
+
+
+def _shards_parameters(sft_kwargs: dict[str, Any]) -> bool:
+    """Whether these arguments split the parameters themselves over the processes (FSDP, ZeRO-3)."""
+    return bool(sft_kwargs.get("fsdp")) or (_zero_strategy(sft_kwargs) or ("none",))[0] == "zero3"
+
+
+def _check_deepspeed(sft_kwargs: dict[str, Any], device: str, *, dry_run: bool) -> None:
+    zero = _zero_strategy(sft_kwargs)
+    if zero is not None:
+        check_deepspeed(zero[0], device, dry_run=dry_run)
+
+
+def check_deepspeed(strategy: str, device: str | None = None, *, dry_run: bool = False) -> None:
+    """A ZeRO run needs DeepSpeed installed, and CUDA GPUs (the Trainer's DeepSpeed path, through accelerate, does
+    not run on the CPU); refused at once, before any process starts or anything loads."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise FinetuneHelperError("hardware.strategy", f"{strategy} runs DeepSpeed, which is not installed here: "
+                                  "pip install deepspeed (or strategy fsdp)")
+    if not dry_run and (device or _device()) == "cpu":
+        raise FinetuneHelperError("hardware.strategy", f"{strategy}: DeepSpeed runs on CUDA GPUs and this machine has "
+                                  "none (the Trainer's DeepSpeed path does not train on the CPU): use fsdp or ddp "
+                                  "here, or --dry-run to write the run's arguments")
 
 
 def _run_device(sft_kwargs: dict[str, Any]) -> str:
@@ -480,8 +521,9 @@ def _load_model(prep: Prepared, sft_kwargs: dict[str, Any]):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
             # FSDP shards one dtype per unit: 4-bit weights stored in the compute dtype can be wrapped with the
-            # rest (PEFT's docs, "FSDP + QLoRA": bnb_4bit_quant_storage matching the other parameters' dtype)
-            **({"bnb_4bit_quant_storage": compute} if sft_kwargs.get("fsdp") else {}))
+            # rest (PEFT's docs, "FSDP + QLoRA" and "DeepSpeed + QLoRA" with ZeRO-3: bnb_4bit_quant_storage
+            # matching the other parameters' dtype)
+            **({"bnb_4bit_quant_storage": compute} if _shards_parameters(sft_kwargs) else {}))
     try:
         return AutoModelForCausalLM.from_pretrained(prep.model_path, **kwargs)
     except OSError as exc:

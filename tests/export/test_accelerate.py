@@ -64,3 +64,46 @@ def test_accelerate_launch_runs_the_fsdp_config_with_the_matching_training_argum
     training = yaml.safe_load(yaml_out.read_text())
     assert training["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert training["fsdp"] in (True, "full_shard auto_wrap")
+
+
+@pytest.mark.parametrize("strategy, offload", [("zero2", "none"), ("zero2", "optimizer"), ("zero3", "none"),
+                                               ("zero3", "all")])
+def test_a_deepspeed_plan_exports_configs_accelerate_and_deepspeed_accept(tmp_path, capsys, strategy, offload):
+    """The accelerate config (accelerate's loader, its DeepSpeedPlugin) and the TrainingArguments' ``deepspeed``
+    config after the Trainer fills its "auto" values (DeepSpeed's own config checker, ``DeepSpeedConfig``)."""
+    pytest.importorskip("deepspeed")
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import AutoModelForCausalLM, HfArgumentParser, LlamaConfig, TrainingArguments
+
+    args = ["--model", "meta-llama/Llama-3.1-8B", "--gpu", "RTX 4090", "--gpus", "2", "--method", "full",
+            "--strategy", strategy, "--offload", offload, "--dataset-size", "2000"]
+    config = load_config_from_file(str(export(tmp_path, *args)))
+    assert str(config.distributed_type).endswith("DEEPSPEED") and config.num_processes == 2
+    ds = config.deepspeed_config
+    assert ds["zero_stage"] == int(strategy[-1])
+    assert ds["offload_optimizer_device"] == ("cpu" if offload != "none" else "none")
+    assert ds["offload_param_device"] == ("cpu" if offload == "all" else "none")
+    DeepSpeedPlugin(**{k: v for k, v in ds.items()})  # accelerate's own checks of these fields
+
+    yaml_path = tmp_path / "args.yaml"
+    assert cli.main(["export", *args, "--format", "yaml", "-o", str(yaml_path)]) == 0
+    exported = yaml.safe_load(yaml_path.read_text())
+    assert exported["gradient_accumulation_steps"] == ds["gradient_accumulation_steps"]
+    # built before the arguments: a ZeRO-3 config makes transformers build models under deepspeed.zero.Init
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                         num_hidden_layers=2, num_attention_heads=4))
+    cpu_path = tmp_path / "args_cpu.yaml"  # this machine has no GPU: bf16 is allowed under use_cpu
+    cpu_path.write_text(yaml.safe_dump({**exported, "use_cpu": True}))
+    (training,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(cpu_path))
+    assert training.deepspeed == exported["deepspeed"]  # read back equal
+    filled = training.hf_deepspeed_config
+    filled.trainer_config_finalize(training, model, num_training_steps=100)
+    checked = DeepSpeedConfig(filled.config)  # raises on a bad or inconsistent config
+    assert checked.zero_optimization_stage == int(strategy[-1])
+    assert checked.train_micro_batch_size_per_gpu == training.per_device_train_batch_size
+    assert checked.gradient_clipping == training.max_grad_norm
+    assert checked.bfloat16_config.enabled
+    assert (checked.zero_config.offload_optimizer is not None) == (offload != "none")
+    assert (checked.zero_config.offload_param is not None) == (offload == "all")

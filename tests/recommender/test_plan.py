@@ -13,7 +13,8 @@ import finetune_helper as fh
 from finetune_helper.errors import FinetuneHelperError
 from finetune_helper.recommender.gpu import GPUSpec
 from finetune_helper.recommender.model import ModelSpec, resolve_model
-from finetune_helper.recommender.plan import PlanRequest, recommend_plan
+from finetune_helper.recommender.optimizers import is_eight_bit
+from finetune_helper.recommender.plan import Plan, PlanRequest, recommend_plan
 from finetune_helper.recommender.rules import width_factor
 from finetune_helper.units import GiB
 
@@ -26,13 +27,16 @@ def gpu(gib: float, bf16: bool = True) -> GPUSpec:
 
 
 def test_small_model_fits_with_32bit_adamw_and_no_checkpointing():
-    plan = fh.recommend("Qwen/Qwen2.5-0.5B", gpu="A100 80GB", dataset_size=5000, epochs=1)
-    assert plan.fits and not plan.gradient_checkpointing
+    plan = fh.recommend("Qwen/Qwen2.5-0.5B", gpu="A100 80GB", dataset_size=5000, epochs=1, target_effective_batch=16)
+    assert plan.fits and not plan.gradient_checkpointing and plan.per_device_train_batch_size == 16
     assert plan.optim == "adamw_torch_fused" and plan.bf16 and not plan.fp16
     assert plan.peak_memory_bytes <= plan.request.budget_bytes
-    bigger = dataclasses.replace(plan.request, target_effective_batch=10_000, dataset_size=10_000_000)
-    nxt = fh.estimate_memory(QWEN_05B, bigger.setup(recommend_plan(bigger).per_device_train_batch_size + 1, False))
-    assert nxt.total_bytes > bigger.budget_bytes  # "largest that fits": one more does not
+    bigger = dataclasses.replace(plan.request, target_effective_batch=10_000, dataset_size=10_000_000, seq_len=8192)
+    big = recommend_plan(bigger)
+    micro = big.per_device_train_batch_size
+    for gc in (False, True):  # "largest that fits": one more does not, with or without checkpointing
+        nxt = fh.estimate_memory(QWEN_05B, bigger.setup(micro + 1, gc), accumulation=bigger.accumulation(micro + 1))
+        assert nxt.total_bytes > bigger.budget_bytes
 
 
 def test_full_8b_on_24gb_escalates_to_lora():
@@ -49,11 +53,24 @@ def test_70b_escalates_to_more_gpus():
     assert "--gpus" in next(e for e in plan.escalation if e.fits).change
 
 
-def test_checkpointing_turned_on_only_when_needed():
-    roomy = fh.recommend(LLAMA_8B, gpu="H100", method="lora", seq_len=1024)
+def test_checkpointing_only_when_it_raises_the_micro_batch():
+    roomy = fh.recommend(LLAMA_8B, gpu="H100", method="lora", seq_len=512, target_effective_batch=8)
     tight = fh.recommend(LLAMA_8B, gpu="RTX 4090", method="lora", seq_len=2048)
-    assert not roomy.gradient_checkpointing
+    assert not roomy.gradient_checkpointing and roomy.per_device_train_batch_size == 8
+    assert roomy.reasons["gradient_checkpointing"] == "off: batch 8 fits without it"
     assert tight.gradient_checkpointing and "required" in tight.reasons["gradient_checkpointing"]
+    # on: the micro-batch is the largest that fits with it, not pinned to 1 (issue 13 item 3)
+    assert tight.per_device_train_batch_size > 1
+    bigger = tight.request.setup(tight.per_device_train_batch_size + 1, True, tight.optim)
+    over = fh.estimate_memory(tight.request.model, bigger, accumulation=tight.request.accumulation(
+        tight.per_device_train_batch_size + 1))
+    assert over.total_bytes > tight.request.budget_bytes
+    # the target is out of reach without it: on, with the micro-batch it gives and how to turn it off
+    between = fh.recommend(LLAMA_8B, gpu="H100", method="lora", seq_len=2048)
+    assert between.gradient_checkpointing and between.per_device_train_batch_size > 3
+    assert "--no-gradient-checkpointing runs 3" in between.reasons["gradient_checkpointing"]
+    off = fh.recommend(LLAMA_8B, gpu="H100", method="lora", seq_len=2048, gradient_checkpointing=False)
+    assert not off.gradient_checkpointing and off.per_device_train_batch_size == 3
 
 
 def test_eight_bit_optimizer_only_when_needed():
@@ -136,7 +153,7 @@ def test_multi_gpu_full_finetune_uses_fsdp_when_replication_does_not_fit():
     plan = fh.recommend("Qwen/Qwen2.5-14B", gpu="A100 80GB", gpus=8, method="full")
     assert plan.fits and plan.distributed == "fsdp" and plan.optim == "adamw_torch_fused"  # shards before 8-bit
     assert plan.training_kwargs()["fsdp"] == "full_shard auto_wrap"
-    assert "do not fit" in plan.reasons["distributed"]
+    assert "does not fit" in plan.reasons["distributed"]
     ddp = fh.recommend("Qwen/Qwen2.5-0.5B", gpu="A100 80GB", gpus=8, method="full")
     assert ddp.distributed == "ddp" and "fsdp" not in ddp.training_kwargs()
 
@@ -206,13 +223,23 @@ def build(d: dict, memory: float | None = None, model: ModelSpec | None = None) 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def numerics(plan: Plan) -> tuple[bool, bool]:
+    """How far the plan gave up precision to fit: 8-bit states, then pure-bf16 weights (larger is less precise)."""
+    return is_eight_bit(plan.optim), plan.weights_dtype == "bf16"
+
+
 @SETTINGS
 @given(requests, st.floats(1.0, 3.0))
 def test_more_memory_never_gives_a_smaller_batch(d, factor):
+    """Issue 13 item 3: the micro-batch is the largest that fits (fallbacks included), yet more memory never gives a
+    smaller one, except where it buys more precise numerics (fp32 master weights, 32-bit states)."""
     small = recommend_plan(build(d))
     large = recommend_plan(build(d, memory=d["memory"] * factor))
-    assert large.per_device_train_batch_size >= small.per_device_train_batch_size or not small.fits
     assert large.fits or not small.fits
+    if small.fits:
+        assert numerics(large) <= numerics(small)
+        if numerics(large) == numerics(small):
+            assert large.per_device_train_batch_size >= small.per_device_train_batch_size
 
 
 @SETTINGS
@@ -222,8 +249,11 @@ def test_bigger_model_never_gets_a_larger_batch(d, extra_layers):
     bigger = dataclasses.replace(base, num_hidden_layers=base.num_hidden_layers + extra_layers)
     small = recommend_plan(build(d))
     large = recommend_plan(build(d, model=bigger))
-    assert large.per_device_train_batch_size <= small.per_device_train_batch_size or not large.fits
     assert small.fits or not large.fits
+    if large.fits:
+        assert numerics(large) >= numerics(small)
+        if numerics(large) == numerics(small):
+            assert large.per_device_train_batch_size <= small.per_device_train_batch_size
 
 
 @SETTINGS

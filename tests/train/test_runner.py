@@ -623,3 +623,44 @@ def test_sigterm_to_a_multi_process_run_saves_and_stops_every_rank(tmp_path):
         except OSError:
             continue
     assert not left, f"launcher processes left running: {left}"
+
+
+def test_a_zero3_run_plans_writes_and_estimates_deepspeed_and_is_refused_on_the_cpu_at_once(tmp_path):
+    """hardware.strategy zero3 (+ offload): the dry run writes the DeepSpeed config into training_args.json and
+    plan.json estimates the sharded step; a real run on this CPU-only machine is refused before any process starts
+    (DeepSpeed through the Trainer needs CUDA GPUs), with nothing created."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("deepspeed")
+    strategy = ["hardware.gpus=2", "hardware.strategy=zero3", "hardware.offload=optimizer", "method.type=qlora"]
+    out = tmp_path / "dry"
+    run(TINY, strategy, output_dir=str(out), dry_run=True, **QUIET)
+    args = json.loads((out / "training_args.json").read_text())
+    zero = args["deepspeed"]["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and "offload_param" not in zero
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["distributed"] == "zero3" and "host memory per node" in plan["reasons"]["distributed"]
+    assert plan["host_memory_bytes"] > 0 and plan["run"]["estimate"]["host_bytes"] > 0
+    started = time.time()
+    refused = subprocess.run([sys.executable, "-m", "finetune_helper", "run", str(TINY), *strategy, "--output-dir",
+                              str(tmp_path / "real")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and time.time() - started < 60
+    assert refused.stderr.strip().splitlines()[-1].startswith("finetune-helper: error: hardware.strategy: zero3: "
+                                                              "DeepSpeed runs on CUDA GPUs")
+    assert "launching" not in refused.stdout and not (tmp_path / "real").exists()
+
+
+def test_a_zero_strategy_without_deepspeed_installed_is_one_line(tmp_path, monkeypatch):
+    """A machine without DeepSpeed (simulated: its module is not found) is told what to install, at once."""
+    import importlib.util
+
+    from finetune_helper.errors import FinetuneHelperError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(FinetuneHelperError) as err:
+        run(TINY, ["hardware.gpus=2", "hardware.strategy=zero2"], output_dir=str(tmp_path / "dry"), dry_run=True,
+            **QUIET)
+    assert err.value.field == "hardware.strategy" and "pip install deepspeed" in err.value.message
