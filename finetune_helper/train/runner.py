@@ -224,6 +224,11 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
     elif device == "cpu":
         kwargs.update(use_cpu=True, bf16=False, fp16=False)
         adaptations.append("no CUDA GPU: training on the CPU in fp32 (use_cpu=True, bf16/fp16 off)")
+    if device == "cpu" and not dry_run and kwargs.get("fsdp"):
+        # accelerate routes FSDP to GPU-like devices only: CPU processes would silently replicate; say so instead
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("fsdp", "fsdp_config")}
+        adaptations.append("no CUDA GPU: FSDP is accelerate's on GPUs only; the CPU processes train data parallel "
+                           "(DDP, gloo), the model replicated")
         if plan.optim not in ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor") and "optim" not in overrides:
             kwargs["optim"] = "adamw_torch"
             adaptations.append(f"optim {plan.optim} needs bitsandbytes on CUDA: adamw_torch on the CPU")

@@ -664,3 +664,25 @@ def test_a_zero_strategy_without_deepspeed_installed_is_one_line(tmp_path, monke
         run(TINY, ["hardware.gpus=2", "hardware.strategy=zero2"], output_dir=str(tmp_path / "dry"), dry_run=True,
             **QUIET)
     assert err.value.field == "hardware.strategy" and "pip install deepspeed" in err.value.message
+
+
+def test_an_fsdp_plan_on_cpu_processes_trains_data_parallel_and_says_so(tmp_path):
+    """accelerate gives FSDP to GPU-like devices only (its MULTI_CPU state never becomes FSDP): on this machine a
+    2-process FSDP plan trains data parallel, and the run says so instead of writing FSDP arguments it would not
+    apply; the dry run keeps them for the GPUs it plans for."""
+    import subprocess
+    import sys
+
+    fsdp = ["hardware.strategy=fsdp", "hardware.gpus=2"]
+    run(TINY, fsdp, output_dir=str(tmp_path / "dry"), dry_run=True, **QUIET)
+    assert json.loads((tmp_path / "dry" / "training_args.json").read_text())["fsdp"]
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "finetune_helper", "run", str(TINY), "--output-dir", str(out),
+                           "--main-port", "29533", *fsdp, *steps(2, "data.max_examples=200")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["distributed"] == "fsdp" and any("FSDP is accelerate's on GPUs only" in a for a in plan["adaptations"])
+    args = json.loads((out / "training_args.json").read_text())
+    assert "fsdp" not in args and "fsdp_config" not in args
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
