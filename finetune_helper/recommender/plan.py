@@ -10,7 +10,8 @@ spec -> estimate -> **plan** -> export.  Rules, in the order they are applied:
 4. learning rate: a published reference (``data/lr_references.yaml``) scaled to the effective batch by the
    square-root rule (Adam family) or the linear rule (SGD), clamped to [lr_min, lr_max];
 5. warmup: 5% of steps, up to 10% for batches or LRs far above the reference, at least 10 steps;
-6. when batch 1 does not fit at all: the escalation LoRA -> QLoRA -> more GPUs (FSDP), naming the first that fits.
+6. when batch 1 does not fit at all: the escalation (DeepSpeed's offload when ZeRO was asked for) LoRA -> QLoRA ->
+   more GPUs (FSDP, or the ZeRO stage asked for), naming the first that fits.
 """
 
 from __future__ import annotations
@@ -142,6 +143,9 @@ class PlanRequest:
                                       "(optimizer) or zero3 (optimizer or all)")
         if self.offload == "all" and self.strategy != "zero3":
             raise FinetuneHelperError("offload", "'all' moves the parameters too, which only zero3 does")
+        if self.strategy in ZERO_STAGES and self.weights_dtype == "bf16":
+            raise FinetuneHelperError("weights-dtype", "bf16 under DeepSpeed: ZeRO keeps fp32 master weights of the "
+                                      "16-bit module (leave --weights-dtype out)")
         if self.strategy in ZERO_STAGES and (self.optim or DEFAULT_OPTIM) not in ZERO_OPTIMIZERS:
             raise FinetuneHelperError("optim", f"{self.optim!r} under DeepSpeed: use one of "
                                       f"{', '.join(ZERO_OPTIMIZERS)} (ZeRO partitions 32-bit Adam states)")
@@ -493,7 +497,7 @@ def _fit_options(req: PlanRequest) -> list[_Option]:
     optim_choices = [optim] if req.optim or req.strategy in ZERO_STAGES else [optim, EIGHT_BIT_FALLBACK]
     shard_choices = req.sharded_strategies
     weight_choices: list[str | None] = [req.weights_dtype if req.weights_dtype == "bf16" else None]
-    if req.method == "full" and req.weights_dtype is None and req.dtype == "bf16":
+    if req.method == "full" and req.weights_dtype is None and req.dtype == "bf16" and req.strategy not in ZERO_STAGES:
         weight_choices.append("bf16")
     options: list[_Option] = []
     for opt in optim_choices:
@@ -535,7 +539,7 @@ def _fits_reason(req: PlanRequest, fit: _Fit, escalation: tuple[Escalation, ...]
                 + (f"; the offloaded states need {fmt_gib(host)} of host memory per node" if host else ""))
     first = next((e for e in escalation if e.fits), None)
     tried = ", ".join(x for x in ("gradient checkpointing" if fit.gc else "", fit.optim,
-                                  "FSDP sharding" if fit.shard == "fsdp" else "") if x)
+                                  STRATEGY_LABELS.get(fit.shard, "")) if x)
     return (f"even batch 1 needs {fmt_gib(fit.estimate.total_bytes)} > {fmt_gib(budget)} budget with {tried}; "
             "smallest change that fits: "
             + (first.change + f" ({fmt_gib(first.peak_memory_bytes)})" if first else
@@ -578,8 +582,7 @@ def _optim_reason(req: PlanRequest, fit: _Fit) -> str:
     if req.optim:
         return f"{fit.optim}: set by --optim"
     if is_eight_bit(fit.optim):
-        others = [x for x in ("gradient checkpointing" if fit.gc else "",
-                              "FSDP sharding" if fit.shard == "fsdp" else "") if x]
+        others = [x for x in ("gradient checkpointing" if fit.gc else "", STRATEGY_LABELS.get(fit.shard, "")) if x]
         return (f"{fit.optim}: 32-bit AdamW states do not fit even at batch 1"
                 + (f" with {' and '.join(others)}" if others else "")
                 + "; 8-bit paged states take ~2 bytes per trainable parameter instead of 8 (Dettmers et al. 2022)")

@@ -50,6 +50,24 @@ def test_estimate_json_shape():
     assert data["parameters"] == 7_615_616_512
 
 
+def test_estimate_by_strategy_on_several_gpus():
+    """--gpus 8: the same step under each strategy; what ZeRO-3 / FSDP shard goes below what ZeRO-2 shards, below
+    what DDP replicates, and offloading trades GPU memory for host memory."""
+    data = json.loads(run("estimate", "--model", "meta-llama/Llama-3.1-8B", "--gpus", "8", "--batch", "2",
+                          "--gradient-checkpointing", "--json").stdout)
+    rows = {r["strategy"]: r for r in data["strategies"]}
+    assert list(rows) == ["DDP", "FSDP", "ZeRO-2", "ZeRO-2 + offload optimizer", "ZeRO-3",
+                          "ZeRO-3 + offload optimizer", "ZeRO-3 + offload all"]
+    peak = {name: r["total_bytes"] for name, r in rows.items()}
+    assert peak["ZeRO-3"] < peak["ZeRO-2"] < peak["DDP"] and peak["FSDP"] < peak["ZeRO-2"]
+    assert peak["ZeRO-3 + offload all"] < peak["ZeRO-3 + offload optimizer"] < peak["ZeRO-3"]
+    assert all((r["host_bytes"] > 0) == (r["offload"] != "none") for r in rows.values())
+    assert rows["ZeRO-3"]["gathered"] > 0 and rows["ZeRO-2"]["gathered"] == 0 and rows["FSDP"]["gathered"] > 0
+    assert rows["DDP"]["weights"] > rows["ZeRO-2"]["weights"] > rows["ZeRO-3"]["weights"]
+    table = run("estimate", "--model", "meta-llama/Llama-3.1-8B", "--gpus", "8", "--gradient-checkpointing").stdout
+    assert "per GPU by strategy" in table and "ZeRO-3 + offload all" in table
+
+
 def test_export_writes_file(tmp_path: Path):
     out = tmp_path / "args.yaml"
     proc = run("export", "--model", "qwen2.5-0.5b", "--gpu", "24GB", "--format", "yaml", "-o", str(out))
@@ -87,6 +105,15 @@ def test_catalog_listings():
     (["export", "--model", "llama-3.1-8b", "--gpu", "H100", "--format", "toml"], "--format"),
     (["recommend", "--model", "/no/such/dir/or/model", "--gpu", "H100"], "--model"),
     (["recommend", "--model", "some-org/not-in-catalog", "--gpu", "H100"], "--model"),
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--offload", "optimizer"], "--offload"),
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--gpus", "2", "--strategy", "zero2", "--offload",
+      "all"], "--offload"),
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--strategy", "fsdp"], "--strategy"),
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--gpus", "2", "--strategy", "zero3", "--optim",
+      "paged_adamw_8bit"], "--optim"),
+    (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--gpus", "2", "--strategy", "zero9"], "--strategy"),
+    (["estimate", "--model", "llama-3.1-8b", "--gpus", "8", "--nodes", "3"], "--nodes"),
+    (["estimate", "--model", "llama-3.1-8b", "--gpus", "8", "--offload", "all"], "--offload"),
 ])
 def test_bad_input_is_one_line_exit_2(args, flag):
     proc = run(*args, check=False)

@@ -295,3 +295,39 @@ def test_an_unknown_schedule_is_refused_naming_the_choices():
     with pytest.raises(FinetuneHelperError) as err:
         fh.recommend(LLAMA_8B, gpu="H100", scheduler="one_cycle")
     assert err.value.field == "scheduler" and "warmup_stable_decay" in err.value.message
+
+
+# ------------------------------------------------------------------------------------------- strategies
+def test_a_zero_plan_carries_its_deepspeed_config_and_never_8bit_states():
+    plan = fh.recommend(LLAMA_8B, gpu="RTX 4090", gpus=2, method="full", strategy="zero3", offload="optimizer")
+    assert plan.fits and plan.distributed == "zero3" and plan.optim == "adamw_torch_fused"
+    config = plan.training_kwargs()["deepspeed"]
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and "offload_param" not in zero
+    assert config["optimizer"]["type"] == "AdamW"  # DeepSpeed's CPU Adam does an offloaded step
+    assert config["train_micro_batch_size_per_gpu"] == "auto"  # the Trainer fills it in
+    assert plan.estimate.host_bytes > 0 and "host memory per node" in plan.reasons["fits"]
+    tight = fh.recommend(LLAMA_8B, gpu="RTX 4090", gpus=2, method="full", strategy="zero2")
+    assert not tight.fits and not any("8bit" in e.change for e in tight.escalation)
+    assert any(e.change.startswith("--offload optimizer") for e in tight.escalation)
+
+
+def test_offload_climbs_before_the_method_changes():
+    plan = fh.recommend(LLAMA_8B, gpu="RTX 4090", gpus=8, method="full", strategy="zero3")
+    assert not plan.fits
+    first = next(e for e in plan.escalation if e.fits)
+    assert first.change.startswith("--offload optimizer")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"offload": "optimizer"}, "offload"),
+    ({"gpus": 2, "strategy": "zero2", "offload": "all"}, "offload"),
+    ({"strategy": "ddp"}, "strategy"),
+    ({"gpus": 2, "strategy": "nccl"}, "strategy"),
+    ({"gpus": 2, "strategy": "zero3", "optim": "paged_adamw_8bit"}, "optim"),
+    ({"gpus": 2, "strategy": "zero3", "method": "full", "weights_dtype": "bf16"}, "weights-dtype"),
+])
+def test_strategy_combinations_that_cannot_run_are_field_errors(kwargs, field):
+    with pytest.raises(FinetuneHelperError) as err:
+        fh.recommend(LLAMA_8B, gpu="H100", **kwargs)
+    assert err.value.field == field
