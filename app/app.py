@@ -129,7 +129,7 @@ class App:
         return resolve_model(source)
 
     def plan(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-             scheduler=defaults.SCHEDULER):
+             scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD):
         from finetune_helper.recommender.gpu import resolve_gpu
         from finetune_helper.recommender.plan import PlanRequest, recommend_plan
 
@@ -143,28 +143,29 @@ class App:
                           target_effective_batch=_opt_int(target_batch, "target-batch") or 0,
                           lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"),
                           scheduler=str(scheduler or defaults.SCHEDULER),
+                          strategy=str(strategy or defaults.STRATEGY), offload=str(offload or defaults.OFFLOAD),
                           calibration=lookup(gpu_spec.name, spec.name, str(method)))
         return recommend_plan(req)
 
     def recommend(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                  scheduler=defaults.SCHEDULER):
+                  scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD):
         plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                         scheduler)
+                         scheduler, strategy, offload)
         settings = pd.DataFrame(plan.settings_rows(), columns=["setting", "value", "reason"])
         return (verdict_markdown(plan), settings, memory_frame(plan), schedule_frame(plan), plan.to_dict())
 
     def export(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-               scheduler=defaults.SCHEDULER, fmt="python"):
+               scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD, fmt="python"):
         from finetune_helper.export.formats import render
 
         if fmt not in EXPORT_FORMATS:
             raise FinetuneHelperError("format", f"{fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
         plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                         scheduler)
+                         scheduler, strategy, offload)
         output_dir = f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
         texts = {f: render(plan, f, output_dir=output_dir) for f in ("python", "json", "yaml", "cli")}
         texts["recipe"] = self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
-                                           lr_min, lr_max, scheduler, checked=True)
+                                           lr_min, lr_max, scheduler, strategy, offload, checked=True)
         folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=self.exports))
         names = {"python": "train_args.py", "json": "training_args.json", "yaml": "training_args.yaml",
                  "recipe": "recipe.yaml"}
@@ -176,17 +177,19 @@ class App:
         return texts[fmt], files
 
     def recipe_text(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                    scheduler=defaults.SCHEDULER, data_path: str = PLACEHOLDER_DATA, checked: bool = False) -> str:
+                    scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
+                    data_path: str = PLACEHOLDER_DATA, checked: bool = False) -> str:
         """The form as a recipe; ``checked``: the caller has already planned these values (so they are valid)."""
         if not checked:
             self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                      scheduler)
+                      scheduler, strategy, offload)
         recipe = recipe_from_settings(
             model=str(model).strip(), gpu=str(gpu).strip(), gpus=_opt_int(gpus, "gpus") or 1, method=str(method),
             seq_len=_seq_len(seq_len), dataset_size=_opt_int(dataset_size, "dataset-size"),
             epochs=_number(epochs, "epochs"), target_effective_batch=_opt_int(target_batch, "target-batch") or 0,
             lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"), data_path=data_path,
-            scheduler=str(scheduler or defaults.SCHEDULER))
+            scheduler=str(scheduler or defaults.SCHEDULER), strategy=str(strategy or defaults.STRATEGY),
+            offload=str(offload or defaults.OFFLOAD))
         header = ("# Made by the finetune-helper app from its recommendation.\n"
                   f"# data.path: replace {PLACEHOLDER_DATA} with your dataset (or upload one in the Train tab).\n"
                   "# Run: finetune-helper run recipe.yaml\n")
@@ -194,10 +197,11 @@ class App:
 
     # --------------------------------------------------------------------------------- train
     def load_recipe(self, choice, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
-                    lr_max, scheduler=defaults.SCHEDULER) -> str:
+                    lr_max, scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY,
+                    offload=defaults.OFFLOAD) -> str:
         if choice == FROM_RECOMMENDATION:
             return self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
-                                    lr_max, scheduler)
+                                    lr_max, scheduler, strategy, offload)
         names = {p.name: p for p in shipped_recipes()}
         if choice not in names:
             raise FinetuneHelperError("recipe", f"{choice!r} is not a shipped recipe; choose from "
@@ -513,6 +517,10 @@ def _recommend_tab(app: App) -> SimpleNamespace:
         t.lr_max = gr.Number(defaults.LR_MAX, label="LR max")
         t.scheduler = gr.Dropdown(list(defaults.SCHEDULES), value=defaults.SCHEDULER, label="LR schedule",
                                   elem_id="scheduler")
+        t.strategy = gr.Dropdown(list(defaults.STRATEGIES), value=defaults.STRATEGY, label="Several GPUs",
+                                 info="auto: DDP, FSDP when needed; zero2 / zero3: DeepSpeed", elem_id="strategy")
+        t.offload = gr.Dropdown(["none", "optimizer", "all"], value=defaults.OFFLOAD, label="Offload to host",
+                                info="DeepSpeed: optimizer (zero2 / zero3), all (zero3)", elem_id="offload")
     t.button = gr.Button("Recommend", variant="primary", elem_id="recommend-btn")
     t.error = gr.Markdown(elem_id="recommend-error")
     #: the named endpoints /recommend and /export (errors raised to the API client); the page's own button keeps
@@ -536,7 +544,7 @@ def _recommend_tab(app: App) -> SimpleNamespace:
     with gr.Accordion("Plan as JSON", open=False):
         t.plan_json = gr.JSON()
     t.form = [t.model, t.gpu, t.n_gpus, t.method, t.seq_len, t.dataset_size, t.epochs, t.target_batch, t.lr_min,
-              t.lr_max, t.scheduler]
+              t.lr_max, t.scheduler, t.strategy, t.offload]
     t.outputs = [t.verdict, t.settings, t.memory_plot, t.lr_plot, t.plan_json]
     return t
 

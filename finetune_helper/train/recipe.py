@@ -200,11 +200,12 @@ def recipe_from_settings(*, model: str, gpu: str, gpus: int = 1, method: str = d
                          seq_len: int | None = None, dataset_size: int | None = None, epochs: float = defaults.EPOCHS,
                          target_effective_batch: int = defaults.TARGET_EFFECTIVE_BATCH, lr_min: float = defaults.LR_MIN,
                          lr_max: float = defaults.LR_MAX, data_path: str = PLACEHOLDER_DATA,
-                         scheduler: str = defaults.SCHEDULER) -> Recipe:
+                         scheduler: str = defaults.SCHEDULER, strategy: str = defaults.STRATEGY,
+                         offload: str = defaults.OFFLOAD) -> Recipe:
     """A recipe that reproduces a recommendation (the app's "recipe YAML" download and its Train tab)."""
     return Recipe(model=ModelSection(name=model), method=MethodSection(type=method),
                   data=DataSection(path=data_path, max_length=seq_len),
-                  hardware=HardwareSection(gpu=gpu, gpus=gpus),
+                  hardware=HardwareSection(gpu=gpu, gpus=gpus, strategy=strategy, offload=offload),
                   recommend=RecommendSection(target_effective_batch=target_effective_batch, lr_min=lr_min,
                                              lr_max=lr_max, epochs=epochs, dataset_size=dataset_size,
                                              scheduler=scheduler))

@@ -20,7 +20,7 @@ from .conftest import FAKE_TOKEN, REPO, AppServer, wait_for
 #: integration tier (make test-integration): real torch / transformers / trainer / server work
 pytestmark = pytest.mark.integration
 
-FORM = ("meta-llama/Llama-3.1-8B", "RTX 4090", 1, "lora", 0, 20000, 2, 64, 1e-5, 5e-5, "cosine")
+FORM = ("meta-llama/Llama-3.1-8B", "RTX 4090", 1, "lora", 0, 20000, 2, 64, 1e-5, 5e-5, "cosine", "auto", "none")
 
 
 def core_plan():
@@ -67,6 +67,17 @@ def test_recommend_matches_the_core_planner(client):
     assert max(lr for _, lr in points) == pytest.approx(plan.learning_rate)
 
 
+def test_a_deepspeed_recommendation_and_its_recipe(client):
+    """The form's strategy and offload reach the plan (as the core plans them) and the recipe it writes."""
+    form = FORM[:2] + (2,) + ("full",) + FORM[4:11] + ("zero3", "optimizer")
+    plan_json = client.predict(*form, api_name="/recommend")[4]
+    assert plan_json["distributed"] == "zero3" and plan_json["offload"] == "optimizer" and plan_json["fits"]
+    assert plan_json["host_memory_bytes"] > 0
+    text = client.predict("(the current recommendation)", *form, api_name="/load_recipe")
+    hardware = yaml.safe_load(text)["hardware"]
+    assert (hardware["gpus"], hardware["strategy"], hardware["offload"]) == (2, "zero3", "optimizer")
+
+
 def test_export_files_read_back(client, tmp_path):
     from transformers import HfArgumentParser, TrainingArguments
     from transformers.utils import is_torch_bf16_gpu_available
@@ -108,6 +119,8 @@ def test_export_files_read_back(client, tmp_path):
     (FORM[:4] + (10**6,) + FORM[5:], "seq-len"),
     (FORM[:8] + (1e-3, 1e-5) + FORM[10:], "lr-min"),
     (FORM[:2] + (1.5,) + FORM[3:], "gpus"),  # never rounded to 2
+    (FORM[:11] + ("auto", "optimizer"), "offload"),  # offloading is DeepSpeed's
+    (FORM[:2] + (2,) + FORM[3:11] + ("zero2", "all"), "offload"),
 ])
 def test_bad_recommend_input_is_a_visible_error_and_the_app_keeps_working(client, form, field):
     from gradio_client.exceptions import AppError
