@@ -163,12 +163,18 @@ class App:
         plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
                          scheduler, strategy, offload)
         output_dir = f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
-        texts = {f: render(plan, f, output_dir=output_dir) for f in ("python", "json", "yaml", "cli")}
-        texts["recipe"] = self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
-                                           lr_min, lr_max, scheduler, strategy, offload, checked=True)
-        folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=self.exports))
+        texts = {"recipe": self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
+                                            lr_min, lr_max, scheduler, strategy, offload, checked=True)}
         names = {"python": "train_args.py", "json": "training_args.json", "yaml": "training_args.yaml",
                  "recipe": "recipe.yaml"}
+        try:
+            texts.update({f: render(plan, f, output_dir=output_dir) for f in ("python", "json", "yaml", "cli")})
+        except FinetuneHelperError as exc:  # a schedule with no TrainingArguments type: the recipe runs it
+            if exc.field != "scheduler":
+                raise
+            texts.update(dict.fromkeys(("python", "json", "yaml", "cli"), f"# {exc.message}\n"))
+            names = {"recipe": "recipe.yaml"}
+        folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=self.exports))
         files = []
         for key, name in names.items():
             path = folder / name
@@ -356,7 +362,7 @@ def memory_frame(plan) -> pd.DataFrame:
 def schedule_frame(plan) -> pd.DataFrame:
     """The learning rate at every optimizer step, as the Trainer schedules it (finetune_helper.recommender.schedule)."""
     warmup = warmup_steps_for(plan.warmup_ratio, plan.total_steps)
-    points = schedule_points(plan.learning_rate, plan.total_steps, warmup, plan.lr_scheduler_type,
+    points = schedule_points(plan.learning_rate, plan.total_steps, warmup, plan.schedule_type,
                              options=plan.lr_scheduler_kwargs)
     return pd.DataFrame(points, columns=["step", "learning_rate"])
 
@@ -378,27 +384,31 @@ def live_lr_frame(st: dict[str, Any]) -> pd.DataFrame:
     """Logged learning rates, over the schedule planned for this run's steps (they should lie on it)."""
     rows = [{"step": m["step"], "learning_rate": m["learning_rate"], "series": "trainer"} for m in st["metrics"]
             if m.get("learning_rate") is not None]
-    args = _training_args(st["run_dir"])
+    args = _run_json(st["run_dir"], "training_args.json")
     if st.get("max_steps") and args.get("learning_rate"):
         total = int(st["max_steps"])
         warmup = warmup_steps_for(args.get("warmup_steps", args.get("warmup_ratio", 0)) or 0, total)
-        sched = args.get("lr_scheduler_type", "linear")
+        sched, options = args.get("lr_scheduler_type", "linear"), args.get("lr_scheduler_kwargs") or None
+        planned = _run_json(st["run_dir"], "plan.json")
+        if planned.get("lr_scheduler_type") == "step_decay":  # the runner's LambdaLR over constant_with_warmup
+            sched, options = "step_decay", planned.get("lr_scheduler_kwargs")
         try:
             points = logged_schedule_points(args["learning_rate"], total, warmup, sched, max_points=400,
-                                            options=args.get("lr_scheduler_kwargs") or None)
+                                            options=options)
         except FinetuneHelperError:  # a scheduler schedule.py does not model: show the logged values only
             points = []
         rows += [{"step": step, "learning_rate": lr, "series": "schedule"} for step, lr in points]
     return _typed(rows, "learning_rate")
 
 
-def _training_args(run_dir: str) -> dict[str, Any]:
+def _run_json(run_dir: str, name: str) -> dict[str, Any]:
     import json
 
     try:
-        return json.loads((Path(run_dir) / "training_args.json").read_text(encoding="utf-8"))
+        data = json.loads((Path(run_dir) / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def progress_html(st: dict[str, Any]) -> str:

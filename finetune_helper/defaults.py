@@ -26,7 +26,8 @@ EPOCHS = 3.0
 #: the learning-rate schedule after warmup, and the ones a plan can use (transformers ``get_scheduler`` types; why
 #: each, in recommender/rules.py)
 SCHEDULER = "cosine"
-SCHEDULES = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr", "warmup_stable_decay")
+SCHEDULES = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr", "warmup_stable_decay", "one_cycle",
+             "step_decay")
 #: how several GPUs share the work: ``auto`` (DDP when the replicated model fits, else FSDP), or one forced:
 #: ``ddp``, ``fsdp`` (torch FULL_SHARD), ``zero2`` / ``zero3`` (DeepSpeed, when installed)
 STRATEGY = "auto"

@@ -213,6 +213,10 @@ def render(plan: Plan, fmt: str, output_dir: str, version: str | None = None) ->
     except (KeyError, TypeError):
         raise FinetuneHelperError("format", f"{fmt!r} is not an export format; choose from {', '.join(FORMATS)}") \
             from None
+    if plan.lr_scheduler_type == "step_decay" and fmt != "accelerate":
+        raise FinetuneHelperError("scheduler", "step_decay has no TrainingArguments type (transformers' get_scheduler "
+                                  "has none): finetune-helper run applies it (a LambdaLR given to the Trainer) from a "
+                                  "recipe with recommend.scheduler: step_decay; export another --scheduler here")
     return renderer(plan, output_dir, version=version)
 
 

@@ -30,9 +30,9 @@ from .gpu import GPUSpec
 from .memory import MemoryEstimate, estimate_memory
 from .model import ModelSpec
 from .optimizers import EIGHT_BIT_FALLBACK, OPTIMIZERS, is_eight_bit
-from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, MIN_EFFECTIVE_BATCH, MIN_STEPS, SCHEDULER, SCHEDULES,
-                    WEIGHT_DECAY, lr_bounds_note, lr_reference_rate, reference_batch, reference_clipping,
-                    scaled_learning_rate, schedule_reason, scheduler_kwargs, warmup_ratio)
+from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, MIN_EFFECTIVE_BATCH, MIN_STEPS, ONE_CYCLE_RISE, SCHEDULER,
+                    SCHEDULES, TRAINER_SCHEDULERS, WEIGHT_DECAY, lr_bounds_note, lr_reference_rate, reference_batch,
+                    reference_clipping, scaled_learning_rate, schedule_reason, scheduler_kwargs, warmup_ratio)
 from .training_setup import TrainingSetup, step_shape
 from .zero import OFFLOAD, ZERO_OPTIMIZERS, ZERO_STAGES, deepspeed_config
 
@@ -253,10 +253,15 @@ class Plan:
         return math.ceil(self.warmup_ratio * self.total_steps)
 
     @property
-    def lr_scheduler_kwargs(self) -> dict[str, float | int]:
-        """What ``lr_scheduler_type`` needs (``min_lr_rate``, ``num_decay_steps``), as ``TrainingArguments``
-        passes it to ``get_scheduler``; empty for most schedules."""
+    def lr_scheduler_kwargs(self) -> dict[str, Any]:
+        """What the schedule needs (``min_lr_rate``, ``num_decay_steps``, ...), as ``TrainingArguments`` passes it
+        to ``get_scheduler`` (step decay's: the runner's); empty for most schedules."""
         return scheduler_kwargs(self.lr_scheduler_type, self.total_steps, self.warmup_steps)
+
+    @property
+    def schedule_type(self) -> str:
+        """The schedule as :mod:`.schedule` models it (one-cycle is transformers' ``cosine_warmup_with_min_lr``)."""
+        return {"one_cycle": "cosine_warmup_with_min_lr"}.get(self.lr_scheduler_type, self.lr_scheduler_type)
 
     def training_kwargs(self) -> dict[str, Any]:
         """The plan as ``TrainingArguments`` keyword arguments, version-neutral (4.x names: ``warmup_ratio``,
@@ -265,8 +270,10 @@ class Plan:
             "per_device_train_batch_size": self.per_device_train_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "learning_rate": self.learning_rate,
-            "lr_scheduler_type": self.lr_scheduler_type,
-            **({"lr_scheduler_kwargs": self.lr_scheduler_kwargs} if self.lr_scheduler_kwargs else {}),
+            # step decay runs as constant_with_warmup plus the runner's LambdaLR (no TrainingArguments type)
+            "lr_scheduler_type": TRAINER_SCHEDULERS.get(self.lr_scheduler_type, self.lr_scheduler_type),
+            **({"lr_scheduler_kwargs": self.lr_scheduler_kwargs}
+               if self.lr_scheduler_kwargs and self.lr_scheduler_type != "step_decay" else {}),
             "warmup_ratio": self.warmup_ratio,
             "weight_decay": self.weight_decay,
             "max_grad_norm": self.max_grad_norm,
@@ -683,6 +690,10 @@ def recommend_plan(req: PlanRequest) -> Plan:
     ref_lr = lr_reference_rate(req.method, fit.optim)
     warm, reasons["warmup_ratio"] = warmup_ratio(steps, eff, reference_batch(req.method, fit.optim),
                                                  lr_scale=lr / ref_lr)
+    if req.scheduler == "one_cycle":  # its rise is the warmup
+        warm = ONE_CYCLE_RISE
+        reasons["warmup_ratio"] = (f"{ONE_CYCLE_RISE:.0%}: one-cycle's rise from peak/25 (OneCycleLR's pct_start) "
+                                   f"-> {math.ceil(warm * steps)} steps")
     reasons["lr_scheduler_type"] = schedule_reason(req.method, fit.optim, req.scheduler)
     clip, clip_source = reference_clipping(req.method, fit.optim)
     reasons["max_grad_norm"] = f"{clip}: clip the global gradient norm as the LR reference was tuned ({clip_source})"

@@ -29,10 +29,21 @@ WARMUP_BASE, WARMUP_MAX, WARMUP_PER_DOUBLING, WARMUP_MIN_STEPS, WARMUP_MAX_STEPS
 #: Cosine decay to 0 after warmup: the product's default schedule (Llama 2 SFT; transformers decays to 0); clipping
 #: comes with each LR reference (``data/lr_references.yaml``), 1.0 when it gives none (transformers' default).
 SCHEDULER, MAX_GRAD_NORM = defaults.SCHEDULER, 1.0
-#: The schedules a plan can use, all built by ``transformers.get_scheduler`` from ``lr_scheduler_type`` and
-#: ``lr_scheduler_kwargs`` (so the Trainer runs exactly what :mod:`.schedule` plots).  Step decay and one-cycle
-#: have no ``get_scheduler`` type: not offered.
+#: The schedules a plan can use, built by ``transformers.get_scheduler`` from ``lr_scheduler_type`` and
+#: ``lr_scheduler_kwargs`` (so the Trainer runs exactly what :mod:`.schedule` plots) -- one-cycle as transformers'
+#: ``cosine_warmup_with_min_lr`` -- except step decay, which has no ``get_scheduler`` type: ``finetune-helper run``
+#: gives the Trainer a ``LambdaLR`` of :func:`.schedule.lr_at` (its TrainingArguments say ``constant_with_warmup``,
+#: the same warmup), and ``export`` refuses it.
 SCHEDULES = defaults.SCHEDULES
+#: the ``lr_scheduler_type`` a schedule runs as, where its name is not one
+TRAINER_SCHEDULERS = {"one_cycle": "cosine_warmup_with_min_lr", "step_decay": "constant_with_warmup"}
+#: one-cycle (Smith & Topin 2018, "Super-Convergence") with torch's ``OneCycleLR`` defaults: the first 30% of the
+#: steps rise from peak/25 to the peak, then a cosine falls to peak/(25 x 10^4) (``pct_start=0.3``, ``div_factor=25``,
+#: ``final_div_factor=1e4``); transformers' rise is linear (``OneCycleLR``'s default anneals it by a cosine too)
+ONE_CYCLE_RISE, ONE_CYCLE_START, ONE_CYCLE_END = 0.3, 1 / 25, 1 / (25 * 1e4)
+#: step decay: the LR divided by 10 at 50% and 75% of the steps (He et al. 2016, "Deep Residual Learning", sec. 4.2:
+#: "divide it by 10 at 32k and 48k iterations, and terminate training at 64k iterations")
+STEP_DECAY_MILESTONES, STEP_DECAY_GAMMA = (0.5, 0.75), 0.1
 #: cosine_with_min_lr decays to 10% of the peak (Llama 2, Touvron et al. 2023 sec. 2.2: "decay final learning rate
 #: down to 10% of the peak learning rate")
 MIN_LR_RATE = 0.1
@@ -46,6 +57,11 @@ _SCHEDULE_WHY = {
     "cosine_with_min_lr": f"cosine decay to {MIN_LR_RATE:.0%} of the peak (Llama 2 sec. 2.2)",
     "warmup_stable_decay": (f"warmup, then the peak held, then a cosine decay over the last {WSD_DECAY_SHARE:.0%} "
                             "of the steps (Hagele et al. 2024: on par with cosine, and the run can be extended)"),
+    "one_cycle": (f"one-cycle (Smith & Topin 2018): {ONE_CYCLE_RISE:.0%} of the steps rising from peak/25, then a "
+                  "cosine to peak/250000 (torch OneCycleLR's defaults; transformers' cosine_warmup_with_min_lr)"),
+    "step_decay": ("step decay: the peak after warmup, divided by 10 at "
+                   + " and ".join(f"{m:.0%}" for m in STEP_DECAY_MILESTONES) + " of the steps (He et al. 2016 sec. "
+                   "4.2); a LambdaLR finetune-helper run gives the Trainer (no TrainingArguments type)"),
 }
 #: Enough optimizer steps: on small data the effective batch is lowered (never below ``MIN_EFFECTIVE_BATCH``
 #: sequences) so that the run has at least ``MIN_STEPS`` updates: a warmup of 10 steps and a decay of several tens
@@ -117,6 +133,10 @@ def scheduler_kwargs(scheduler: str, total_steps: int, warmup_steps: int) -> dic
     if scheduler == "warmup_stable_decay":
         return {"num_decay_steps": min(max(1, math.ceil(WSD_DECAY_SHARE * total_steps)),
                                        max(0, total_steps - warmup_steps))}
+    if scheduler == "one_cycle":
+        return {"warmup_lr_rate": ONE_CYCLE_START, "min_lr_rate": ONE_CYCLE_END}
+    if scheduler == "step_decay":
+        return {"milestones": list(STEP_DECAY_MILESTONES), "gamma": STEP_DECAY_GAMMA}
     return {}
 
 
@@ -124,6 +144,8 @@ def schedule_reason(method: str, optim: str, scheduler: str = SCHEDULER) -> str:
     """Why this schedule, and what the LR reference was tuned with when that differs."""
     ref = catalog.lr_reference(method, OPTIMIZERS[optim].family)
     why = _SCHEDULE_WHY[scheduler]
+    if scheduler in ("one_cycle", "step_decay"):  # chosen for itself: the reference's schedule is not the point
+        return why
     tuned = {"constant": "constant_with_warmup"}.get(ref.get("schedule", ""), ref.get("schedule", scheduler))
     if tuned != scheduler:
         why += (f"; the LR reference was tuned with a {ref['schedule']} schedule (--scheduler {tuned}, "

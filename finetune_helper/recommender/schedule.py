@@ -15,8 +15,10 @@ against the real objects in ``tests/recommender/test_schedule.py``:
   lmbda(last_epoch)``) with the lambdas of ``transformers.optimization``:
   ``_get_linear_schedule_with_warmup_lr_lambda`` ("linear"),
   ``_get_cosine_schedule_with_warmup_lr_lambda`` with ``num_cycles=0.5`` ("cosine"),
-  ``_get_constant_lambda`` ("constant", which ignores warmup) and
-  ``_get_constant_schedule_with_warmup_lr_lambda`` ("constant_with_warmup"), as built by
+  ``_get_constant_lambda`` ("constant", which ignores warmup),
+  ``_get_constant_schedule_with_warmup_lr_lambda`` ("constant_with_warmup"),
+  ``_get_cosine_with_min_lr_schedule_with_warmup_lr_rate_lambda`` ("cosine_warmup_with_min_lr", one-cycle) and
+  ``_get_wsd_scheduler_lambda`` ("warmup_stable_decay"), as built by
   ``transformers.get_scheduler`` from ``Trainer.create_scheduler``
   (``num_warmup_steps=self.args.get_warmup_steps(num_training_steps)``).
 * :func:`logged_lr` is the ``learning_rate`` the Trainer writes to its logs (``trainer.state.log_history``, the
@@ -54,7 +56,9 @@ from ..errors import FinetuneHelperError
 #: ``lr_scheduler_kwargs``: ``min_lr_rate`` (``get_cosine_with_min_lr_schedule_with_warmup``) and
 #: ``num_decay_steps`` / ``decay_type`` / ``min_lr_ratio`` (``get_wsd_schedule``)
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr",
-                               "warmup_stable_decay")
+                               "cosine_warmup_with_min_lr", "warmup_stable_decay", "step_decay")
+#: ``step_decay`` is not transformers': ``finetune-helper run`` gives the Trainer a ``LambdaLR`` of :func:`lr_at`
+#: (``constant_with_warmup``'s warmup, then x ``gamma`` at each ``milestones`` fraction of the steps)
 
 #: ``num_cycles`` of transformers' ``get_cosine_schedule_with_warmup`` default (a half cosine from peak to 0)
 COSINE_NUM_CYCLES = 0.5
@@ -121,12 +125,38 @@ def _wsd(step: int, total_steps: int, warmup_steps: int, kw: dict) -> float:
     return floor
 
 
+def _warmup_rate_cosine(step: int, total_steps: int, warmup_steps: int, kw: dict) -> float:
+    """``_get_cosine_with_min_lr_schedule_with_warmup_lr_rate_lambda`` (``num_cycles=0.5``): a linear rise from
+    ``warmup_lr_rate`` and a cosine to ``min_lr_rate``."""
+    floor, start = float(kw.get("min_lr_rate", 0.0)), kw.get("warmup_lr_rate")
+    if step < warmup_steps:
+        if start is None:
+            return (float(step) + 1.0) / max(1.0, float(warmup_steps))
+        return float(start) + (1.0 - float(start)) * float(step) / max(1, warmup_steps - 1)
+    progress = (float(step) - float(warmup_steps) + 1.0) / max(1.0, float(total_steps) - float(warmup_steps))
+    return max(0, _cosine(progress) * (1 - floor) + floor)
+
+
+def _step_decay(step: int, total_steps: int, warmup_steps: int, kw: dict) -> float:
+    """``constant_with_warmup``'s lambda times ``gamma`` for each milestone (a fraction of ``total_steps``, floored to
+    a step) already reached."""
+    if step < warmup_steps:
+        return float(step) / float(max(1.0, warmup_steps))
+    passed = sum(step >= int(m * total_steps) for m in kw.get("milestones", ()))
+    return float(kw.get("gamma", 0.1)) ** passed
+
+
 def _factor(step: int, total_steps: int, warmup_steps: int, scheduler: str, kw: dict | None = None) -> float | int:
     """The ``lr_lambda(step)`` of transformers' scheduler, operation for operation (``kw``: the
-    ``lr_scheduler_kwargs`` the Trainer passes as ``scheduler_specific_kwargs``)."""
+    ``lr_scheduler_kwargs`` the Trainer passes as ``scheduler_specific_kwargs``); ``step_decay``'s is this
+    module's own, which the runner's ``LambdaLR`` calls."""
     kw = kw or {}
     if scheduler == "warmup_stable_decay":
         return _wsd(step, total_steps, warmup_steps, kw)
+    if scheduler == "cosine_warmup_with_min_lr":
+        return _warmup_rate_cosine(step, total_steps, warmup_steps, kw)
+    if scheduler == "step_decay":
+        return _step_decay(step, total_steps, warmup_steps, kw)
     if scheduler == "constant":  # _get_constant_lambda: returns the int 1, warmup ignored
         return 1
     if step < warmup_steps:  # the same warmup expression in all three warmup lambdas

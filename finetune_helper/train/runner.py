@@ -224,14 +224,14 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
     elif device == "cpu":
         kwargs.update(use_cpu=True, bf16=False, fp16=False)
         adaptations.append("no CUDA GPU: training on the CPU in fp32 (use_cpu=True, bf16/fp16 off)")
+        if plan.optim not in ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor") and "optim" not in overrides:
+            kwargs["optim"] = "adamw_torch"
+            adaptations.append(f"optim {plan.optim} needs bitsandbytes on CUDA: adamw_torch on the CPU")
     if device == "cpu" and not dry_run and kwargs.get("fsdp"):
         # accelerate routes FSDP to GPU-like devices only: CPU processes would silently replicate; say so instead
         kwargs = {k: v for k, v in kwargs.items() if k not in ("fsdp", "fsdp_config")}
         adaptations.append("no CUDA GPU: FSDP is accelerate's on GPUs only; the CPU processes train data parallel "
                            "(DDP, gloo), the model replicated")
-        if plan.optim not in ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor") and "optim" not in overrides:
-            kwargs["optim"] = "adamw_torch"
-            adaptations.append(f"optim {plan.optim} needs bitsandbytes on CUDA: adamw_torch on the CPU")
     if kwargs.get("lr_scheduler_kwargs") and "lr_scheduler_kwargs" not in overrides and int(
             overrides.get("max_steps", -1)) > 0:
         # a run shortened or lengthened by training.max_steps: the schedule's own step counts follow it
@@ -240,7 +240,7 @@ def _sft_kwargs(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bo
 
         total = int(overrides["max_steps"])
         warmup = warmup_steps_for(kwargs.get("warmup_steps", kwargs.get("warmup_ratio", 0)) or 0, total)
-        kwargs["lr_scheduler_kwargs"] = scheduler_kwargs(kwargs["lr_scheduler_type"], total, warmup)
+        kwargs["lr_scheduler_kwargs"] = scheduler_kwargs(plan.lr_scheduler_type, total, warmup)
     # keep checkpoints on logging steps, so a diverged loss is seen before it can be saved
     logging_steps = int(kwargs.get("logging_steps", 10))
     if "save_steps" in kwargs and "save_steps" not in overrides:
@@ -554,11 +554,33 @@ def build_trainer(prep: Prepared, tokenizer, sft_kwargs: dict[str, Any], callbac
 
     args = SFTConfig(**sft_kwargs)
     model = _load_model(prep, sft_kwargs)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=prep.train_dataset, eval_dataset=prep.eval_dataset,
-                         processing_class=tokenizer, peft_config=_peft_config(prep.recipe), callbacks=callbacks)
+    trainer_class = SFTTrainer
+    if prep.plan.lr_scheduler_type == "step_decay" and sft_kwargs.get("lr_scheduler_type") == "constant_with_warmup":
+        trainer_class = _with_lambda_schedule(SFTTrainer, "step_decay", prep.plan.lr_scheduler_kwargs)
+    trainer = trainer_class(model=model, args=args, train_dataset=prep.train_dataset, eval_dataset=prep.eval_dataset,
+                            processing_class=tokenizer, peft_config=_peft_config(prep.recipe), callbacks=callbacks)
     for printer in (PrinterCallback, ProgressCallback):  # our Progress callback prints one line per log instead
         trainer.remove_callback(printer)
     return trainer
+
+
+def _with_lambda_schedule(trainer_class, scheduler: str, options: dict[str, Any]):
+    """``trainer_class`` whose scheduler is a ``LambdaLR`` of :func:`recommender.schedule.lr_at`'s ``scheduler``
+    (a schedule ``transformers.get_scheduler`` has no type for), over the Trainer's own step count and warmup."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from ..recommender.schedule import lr_at
+
+    class LambdaScheduled(trainer_class):
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                warmup = self.args.get_warmup_steps(num_training_steps)
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda step: lr_at(
+                    step, 1.0, num_training_steps, warmup, scheduler, options))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return LambdaScheduled
 
 
 def _back_off(sft_kwargs: dict[str, Any], run_dir: Path, log: Callable[[str], None], *,

@@ -78,6 +78,15 @@ def test_a_deepspeed_recommendation_and_its_recipe(client):
     assert (hardware["gpus"], hardware["strategy"], hardware["offload"]) == (2, "zero3", "optimizer")
 
 
+def test_a_step_decay_export_is_its_recipe(client):
+    """Step decay has no TrainingArguments type: the export says so where the arguments would be, and the recipe
+    (which finetune-helper run trains with the runner's LambdaLR) is the one download."""
+    text, files = client.predict(*FORM[:10], "step_decay", "auto", "none", "yaml", api_name="/export")
+    assert text.startswith("# step_decay has no TrainingArguments type")
+    assert [Path(f).name for f in files] == ["recipe.yaml"]
+    assert "scheduler: step_decay" in Path(files[0]).read_text()
+
+
 def test_export_files_read_back(client, tmp_path):
     from transformers import HfArgumentParser, TrainingArguments
     from transformers.utils import is_torch_bf16_gpu_available

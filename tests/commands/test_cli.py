@@ -114,6 +114,7 @@ def test_catalog_listings():
     (["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--gpus", "2", "--strategy", "zero9"], "--strategy"),
     (["estimate", "--model", "llama-3.1-8b", "--gpus", "8", "--nodes", "3"], "--nodes"),
     (["estimate", "--model", "llama-3.1-8b", "--gpus", "8", "--offload", "all"], "--offload"),
+    (["export", "--model", "llama-3.1-8b", "--gpu", "H100", "--scheduler", "step_decay"], "--scheduler"),
 ])
 def test_bad_input_is_one_line_exit_2(args, flag):
     proc = run(*args, check=False)

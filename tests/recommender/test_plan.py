@@ -291,9 +291,25 @@ def test_the_schedule_is_chosen_and_carries_its_arguments(scheduler, kwargs):
     assert ("tuned with a constant schedule" in reason) is (scheduler != "constant_with_warmup")
 
 
+def test_one_cycle_and_step_decay():
+    """One-cycle is transformers' cosine_warmup_with_min_lr with OneCycleLR's rates and its 30% rise as the warmup;
+    step decay has no TrainingArguments type: constant_with_warmup there, the decay in the plan for the runner."""
+    cycle = fh.recommend(LLAMA_8B, gpu="H100", method="lora", dataset_size=20000, scheduler="one_cycle")
+    args = cycle.training_kwargs()
+    assert args["lr_scheduler_type"] == "cosine_warmup_with_min_lr" and cycle.to_dict()["lr_scheduler_type"] == \
+        "one_cycle"
+    assert args["lr_scheduler_kwargs"] == {"warmup_lr_rate": 1 / 25, "min_lr_rate": 1 / 250_000}
+    assert cycle.warmup_ratio == 0.3 and "pct_start" in cycle.reasons["warmup_ratio"]
+    step = fh.recommend(LLAMA_8B, gpu="H100", method="lora", dataset_size=20000, scheduler="step_decay")
+    args = step.training_kwargs()
+    assert args["lr_scheduler_type"] == "constant_with_warmup" and "lr_scheduler_kwargs" not in args
+    assert step.lr_scheduler_kwargs == {"milestones": [0.5, 0.75], "gamma": 0.1}
+    assert 0.05 <= step.warmup_ratio <= 0.10
+
+
 def test_an_unknown_schedule_is_refused_naming_the_choices():
     with pytest.raises(FinetuneHelperError) as err:
-        fh.recommend(LLAMA_8B, gpu="H100", scheduler="one_cycle")
+        fh.recommend(LLAMA_8B, gpu="H100", scheduler="cyclic")
     assert err.value.field == "scheduler" and "warmup_stable_decay" in err.value.message
 
 

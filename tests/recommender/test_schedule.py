@@ -26,8 +26,12 @@ REL = 1e-12
 CASES = [(10, 0), (10, 3), (10, 10), (5, 8), (1, 0), (1, 1), (7, 2), (100, 7), (250, 1)]
 
 
-#: the ``lr_scheduler_kwargs`` a scheduler needs (as the planner writes them)
-OPTIONS = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "warmup_stable_decay": {"num_decay_steps": 2}}
+#: the ``lr_scheduler_kwargs`` a scheduler needs (as the planner writes them; one-cycle's rates)
+OPTIONS = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "warmup_stable_decay": {"num_decay_steps": 2},
+           "cosine_warmup_with_min_lr": {"warmup_lr_rate": 1 / 25, "min_lr_rate": 1 / 250_000},
+           "step_decay": {"milestones": [0.5, 0.75], "gamma": 0.1}}
+#: the schedulers transformers builds (step decay is the runner's LambdaLR: test_step_decay_is_the_he_et_al_steps)
+TRANSFORMERS = tuple(name for name in SCHEDULERS if name != "step_decay")
 
 
 def _real_curve(name: str, peak: float, total: int, warmup: int, n_steps: int,
@@ -51,7 +55,7 @@ def _real_curve(name: str, peak: float, total: int, warmup: int, n_steps: int,
 
 # ------------------------------------------------------------------------------------ 1. lr_at vs get_scheduler
 
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("name", TRANSFORMERS)
 @pytest.mark.parametrize("total,warmup", CASES)
 @pytest.mark.parametrize("peak", [3e-4, 1.0])
 def test_lr_at_matches_transformers_get_scheduler(name, total, warmup, peak):
@@ -158,6 +162,16 @@ def test_logged_lr_matches_a_real_trainer_run(tmp_path, name, warmup, accum):
     assert logs[0]["learning_rate"] == (0.0 if w else peak)
 
 
+def test_step_decay_is_the_he_et_al_steps():
+    """The runner's own schedule, against the numbers it stands for: a linear warmup to the peak, the peak until
+    half the run, a tenth of it until three quarters, a hundredth to the end."""
+    total, warmup, peak = 40, 4, 1e-3
+    options = OPTIONS["step_decay"]
+    expected = [peak * s / warmup for s in range(warmup)] + [peak] * 16 + [peak / 10] * 10 + [peak / 100] * 10
+    assert [lr_at(s, peak, total, warmup, "step_decay", options) for s in range(total)] == pytest.approx(
+        expected, rel=1e-12)
+
+
 def test_logged_lr_is_the_lr_of_the_step_just_taken():
     for s in range(1, 13):
         assert logged_lr(s, 1e-3, 12, 3, "cosine") == lr_at(s - 1, 1e-3, 12, 3, "cosine")
@@ -191,7 +205,7 @@ def test_schedule_points_subsample_keeps_corners(name, total, warmup):
     assert logged_schedule_points(2e-4, total, warmup, name, options=options) == [(s + 1, lr) for s, lr in pts]
 
 
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("name", TRANSFORMERS)
 def test_schedule_points_are_the_real_schedule(name):
     total, warmup, peak = 1000, 30, 5e-5
     options = {"num_decay_steps": 200} if name == "warmup_stable_decay" else OPTIONS.get(name)

@@ -573,25 +573,39 @@ def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype(tmp_path)
     assert plain.bnb_4bit_quant_storage == torch.uint8 and sharded.bnb_4bit_quant_storage == torch.bfloat16
 
 
-@pytest.mark.parametrize("scheduler", ["warmup_stable_decay", "cosine_with_min_lr"])
-def test_the_chosen_schedule_is_what_the_trainer_runs(tmp_path, scheduler):
+@pytest.mark.parametrize("scheduler, trainer_type", [
+    ("warmup_stable_decay", "warmup_stable_decay"), ("cosine_with_min_lr", "cosine_with_min_lr"),
+    ("one_cycle", "cosine_warmup_with_min_lr"), ("step_decay", "step_decay")])
+def test_the_chosen_schedule_is_what_the_trainer_runs(tmp_path, scheduler, trainer_type):
     """recommend.scheduler reaches the Trainer with its arguments (WSD's decay steps following a max_steps
-    override), and every logged LR is the one recommender/schedule.py computes for it."""
+    override; step decay as the runner's LambdaLR over constant_with_warmup), and every logged LR is the one
+    recommender/schedule.py computes for it."""
     from finetune_helper.recommender.schedule import logged_lr, warmup_steps_for
 
     out = tmp_path / "run"
     run(TINY, steps(12, f"recommend.scheduler={scheduler}", "data.max_examples=200"), output_dir=str(out), **QUIET)
     args = json.loads((out / "training_args.json").read_text())
-    assert args["lr_scheduler_type"] == scheduler
-    options = args["lr_scheduler_kwargs"]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["lr_scheduler_type"] == scheduler
+    if scheduler == "step_decay":  # no TrainingArguments type: the same warmup, the decay is the runner's
+        assert args["lr_scheduler_type"] == "constant_with_warmup" and "lr_scheduler_kwargs" not in args
+        options = plan["lr_scheduler_kwargs"]
+    else:
+        assert args["lr_scheduler_type"] == trainer_type
+        options = args["lr_scheduler_kwargs"]
     if scheduler == "warmup_stable_decay":
         assert options == {"num_decay_steps": 3}  # 20% of 12 steps, not of the plan's 675
     logged = [(r["step"], r["learning_rate"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
               if "loss" in r]
     warmup = warmup_steps_for(args.get("warmup_steps", args.get("warmup_ratio", 0)), 12)
     for step, lr in logged:
-        assert lr == pytest.approx(logged_lr(step, args["learning_rate"], 12, warmup, scheduler, options=options),
+        assert lr == pytest.approx(logged_lr(step, args["learning_rate"], 12, warmup, trainer_type, options=options),
                                    rel=1e-9), step
+    if scheduler == "step_decay":  # a tenth of the peak from half the run on, a hundredth from three quarters
+        by_step = dict(logged)
+        assert by_step[7] == pytest.approx(args["learning_rate"] / 10) and by_step[6] == pytest.approx(
+            args["learning_rate"])
+        assert by_step[10] == pytest.approx(args["learning_rate"] / 100)
 
 
 def test_sigterm_to_a_multi_process_run_saves_and_stops_every_rank(tmp_path):
