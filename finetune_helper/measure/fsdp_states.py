@@ -317,13 +317,18 @@ def by_owner(model, optimizer, live: dict[int, int]) -> dict[str, int]:
 
 def snapshot(mode, model, optimizer) -> dict[str, Any]:
     """The live bytes now, the tracker reconciled first with every live tensor (``unseen``: bytes gc finds that the
-    tracker did not know; registered now), gc's own total (``gc_live``) and the split by owner."""
+    tracker did not know; registered now), gc's own total (``gc_live``) and the split by owner.
+
+    A collective's scratch still alive (gloo's worker thread lets go of a finished work's tensors when it gets to
+    it, so a reduce-scatter's input copy can outlive the call) is left out of all three and shown apart
+    (``collective_scratch``)."""
     tensors = live_tensors(model, optimizer)
     before = mode.current
     mode.register(tensors, label="unseen")
     live = storage_bytes(tensors)
+    scratch = sum(live.pop(k) for k in list(live) if k in mode.scratch)
     return {"live": mode.current, "gc_live": sum(live.values()), "unseen": mode.current - before,
-            "gathered": mode.gathered, "by_owner": by_owner(model, optimizer, live)}
+            "gathered": mode.gathered, "collective_scratch": scratch, "by_owner": by_owner(model, optimizer, live)}
 
 
 def _fsdp_tracker():
@@ -331,6 +336,8 @@ def _fsdp_tracker():
     subclasses by their inner tensors, takes in-place storage resizes (:meth:`resized`), sub-labels (:meth:`sub`),
     leaves a collective's scratch out (:meth:`ignoring`) and follows the bytes of unsharded parameters
     (``gathered``; ``gathered_at_peak``, ``gathered_max`` and ``scratch_max`` since the last :meth:`reset_peak`)."""
+    import weakref
+
     from torch.utils._pytree import tree_leaves
 
     from .tracker import live_bytes_mode
@@ -340,6 +347,8 @@ def _fsdp_tracker():
             super().__init__()
             self._gathered: dict[int, int] = {}
             self._ignored: dict[int, int] | None = None
+            #: live storages first seen inside a collective (left out of the counts), by key
+            self.scratch: dict[int, int] = {}
             self.gathered = self.gathered_at_peak = self.gathered_max = self.scratch_max = 0
 
         def _observe(self, op: str) -> None:
@@ -349,8 +358,12 @@ def _fsdp_tracker():
                 self.gathered_at_peak = self.gathered
             self.gathered_max = max(self.gathered_max, self.gathered)
 
+        def _is_scratch(self, tensor) -> bool:
+            s = _storage(tensor)
+            return s is not None and s[0] in self.scratch
+
         def register(self, tensors, label: str = "pre-existing") -> None:
-            super().register([d for t in tensors for d in data_tensors(t)], label)
+            super().register([d for t in tensors for d in data_tensors(t) if not self._is_scratch(d)], label)
 
         def track_gathered(self, tensors, why: str = "register") -> None:
             """Count these storages (the unsharded parameters) under :data:`GATHERED` and in ``gathered`` from now
@@ -399,8 +412,12 @@ def _fsdp_tracker():
             out = func(*args, **(kwargs or {}))
             for t in tree_leaves(out):
                 for d in data_tensors(t):
-                    if self._ignored is not None and (s := _storage(d)) and s[0] not in self._s.bytes:
-                        self._ignored[s[0]] = s[1]
+                    if self._is_scratch(d):
+                        continue
+                    s = _storage(d)
+                    if self._ignored is not None and s is not None and s[0] not in self._s.bytes:
+                        self._ignored[s[0]] = self.scratch[s[0]] = s[1]
+                        weakref.finalize(d.untyped_storage(), self.scratch.pop, s[0], None)
                     else:
                         self._s.add(d)
             self._observe(str(func))

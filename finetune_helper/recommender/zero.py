@@ -4,8 +4,8 @@ Taken from DeepSpeed's own estimator (``deepspeed/runtime/zero/stage_1_and_2.py`
 ``estimate_zero2_model_states_mem_needs`` and ``stage3.py`` ``estimate_zero3_model_states_mem_needs``, DeepSpeed
 0.19) where the real engine agrees with it, and from a measurement of the engine where it does not
 (:mod:`finetune_helper.measure.zero_states`: live tensor bytes per rank of ``deepspeed.initialize`` + steps, two
-ranks on the CPU; ``benchmarks/zero_vs_engine.py``).  Per trainable parameter: the module's 16-bit parameters (2
-bytes), the fp32 master partition (4) and Adam's two fp32 moments (8), 1/N each, and the gradient partitions:
+ranks on the CPU; ``benchmarks/sharded_vs_engine.py``).  Per trainable parameter: the fp32 master partition (4
+bytes) and Adam's two fp32 moments (8), 1/N each, the module's 16-bit parameters (2) and the gradient partitions:
 
 * ZeRO-2: 16-bit parameters whole on every GPU; a 16-bit and a 32-bit gradient partition (2 + 4): 2 + 18 / N, as
   the estimator says.
