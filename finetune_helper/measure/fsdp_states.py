@@ -82,14 +82,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .zero_states import _free_port, _run, _tail, build_model, model_vocab
+from .ranks import build_model, model_vocab, run_ranks, worker_parser, write_gathered
 
 MIXED_PRECISIONS = ("bf16", "bf16-accelerate", "no")
 WRAPS = ("layers", "accelerate")
@@ -121,26 +118,11 @@ def measure(config: dict, mixed_precision: str = "bf16", wrap: str = "layers", b
     _check(mixed_precision, wrap)
     if steps < 2:
         raise ValueError("steps must be at least 2 (FSDP2 initialises lazily in the first forward)")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryDirectory(prefix="fsdp_states-") as tmp:
-        config_path, out_path = Path(tmp, "config.json"), Path(tmp, "out.json")
-        config_path.write_text(json.dumps(config))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", WORKER_MODULE,
-               "--mixed-precision", mixed_precision, "--wrap", wrap, "--config", str(config_path),
-               "--out", str(out_path), "--batch", str(batch), "--seq", str(seq), "--steps", str(steps),
-               "--foreach" if foreach else "--no-foreach"]
-        done = _run(cmd, env, timeout)
-        ranks = json.loads(out_path.read_text()) if out_path.exists() else []
-    if len(ranks) != processes:
-        raise RuntimeError(f"torchrun exited with {done.returncode}; last stderr lines:\n{_tail(done.stderr)}")
-    result = {"mixed_precision": mixed_precision, "wrap": wrap, "batch": batch, "seq": seq, "steps": steps,
-              "processes": processes, "foreach": foreach, "ranks": ranks}
-    if done.returncode != 0:
-        result["teardown_error"] = _tail(done.stderr, 12)
-    return result
+    run = run_ranks(WORKER_MODULE, config, ["--mixed-precision", mixed_precision, "--wrap", wrap, "--batch",
+                                            str(batch), "--seq", str(seq), "--steps", str(steps),
+                                            "--foreach" if foreach else "--no-foreach"], processes, timeout)
+    return {"mixed_precision": mixed_precision, "wrap": wrap, "batch": batch, "seq": seq, "steps": steps,
+            "processes": processes, "foreach": foreach, **run}
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -576,15 +558,9 @@ def run_worker(config: dict[str, Any], mixed_precision: str, wrap: str, batch: i
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m torch.distributed.run --nproc_per_node=2 -m "
-                                     "finetune_helper.measure.fsdp_states", description=__doc__.split("\n")[0])
+    p = worker_parser(WORKER_MODULE, __doc__.split("\n")[0])
     p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default="bf16")
     p.add_argument("--wrap", choices=WRAPS, default="layers")
-    p.add_argument("--config", required=True, help="a model config.json (a dict with model_type)")
-    p.add_argument("--out", required=True, help="where rank 0 writes the list of per-rank results (JSON)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--foreach", action=argparse.BooleanOptionalAction, default=True,
                    help="AdamW's multi-tensor implementation (torch's GPU default; default: on)")
     args = p.parse_args(argv)
@@ -600,15 +576,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     dist.init_process_group(backend="gloo")
     config = json.loads(Path(args.config).read_text())
-    mine = run_worker(config, args.mixed_precision, args.wrap, args.batch, args.seq, args.steps, args.foreach)
-    results: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(results, mine)
-    if dist.get_rank() == 0:  # written whole, then renamed: a reader never sees half a file
-        tmp = Path(f"{args.out}.part")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_gathered(run_worker(config, args.mixed_precision, args.wrap, args.batch, args.seq, args.steps,
+                              args.foreach), args.out)
 
 
 if __name__ == "__main__":

@@ -57,15 +57,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .ranks import build_model, model_vocab, run_ranks, worker_parser, write_gathered
 
 OFFLOADS = ("none", "optimizer", "all")
 MOMENTS = ("before_forward", "after_backward", "after_step")
@@ -90,13 +86,6 @@ HOST_OWNERS_PARAM = frozenset({"module.ds_tensor", "zero.fp16_partitioned_groups
 # ----------------------------------------------------------------------------------------------- parent side
 
 
-def _free_port() -> int:
-    """A TCP port free on localhost now (bound, read, released; torchrun binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _check(stage: int, offload: str) -> None:
     if stage not in (2, 3):
         raise ValueError(f"stage must be 2 or 3, got {stage!r}")
@@ -104,23 +93,6 @@ def _check(stage: int, offload: str) -> None:
         raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
     if offload == "all" and stage != 3:
         raise ValueError("offload='all' (offload_param) needs ZeRO stage 3")
-
-
-def _run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group; on timeout the whole group (torchrun and its workers) is killed."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise RuntimeError(f"torchrun timed out after {timeout:.0f} s; last stderr lines:\n{_tail(err)}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def measure(config: dict, stage: int, offload: str = "none", batch: int = 1, seq: int = 32, steps: int = 2,
@@ -133,25 +105,10 @@ def measure(config: dict, stage: int, offload: str = "none", batch: int = 1, seq
     exception" at exit), does not lose the measurement: the result then carries ``teardown_error``.
     """
     _check(stage, offload)
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryDirectory(prefix="zero_states-") as tmp:
-        config_path, out_path = Path(tmp, "config.json"), Path(tmp, "out.json")
-        config_path.write_text(json.dumps(config))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", WORKER_MODULE,
-               "--stage", str(stage), "--offload", offload, "--config", str(config_path), "--out", str(out_path),
-               "--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
-        done = _run(cmd, env, timeout)
-        ranks = json.loads(out_path.read_text()) if out_path.exists() else []
-    if len(ranks) != processes:
-        raise RuntimeError(f"torchrun exited with {done.returncode}; last stderr lines:\n{_tail(done.stderr)}")
-    result = {"stage": stage, "offload": offload, "batch": batch, "seq": seq, "steps": steps, "processes": processes,
-              "ranks": ranks}
-    if done.returncode != 0:  # every rank's result was gathered and written: a worker died in its teardown
-        result["teardown_error"] = _tail(done.stderr, 12)
-    return result
+    run = run_ranks(WORKER_MODULE, config, ["--stage", str(stage), "--offload", offload, "--batch", str(batch),
+                                            "--seq", str(seq), "--steps", str(steps)], processes, timeout)
+    return {"stage": stage, "offload": offload, "batch": batch, "seq": seq, "steps": steps, "processes": processes,
+            **run}
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -189,17 +146,6 @@ def ds_config(stage: int, offload: str, batch: int, hidden: int) -> dict[str, An
     if offload != "none":
         config["zero_force_ds_cpu_optimizer"] = False  # else DeepSpeed refuses a torch optimizer with offload
     return config
-
-
-def build_model(config: dict[str, Any], seed: int = 0):
-    """A random ``AutoModelForCausalLM`` of ``config`` in fp32 on CPU (DeepSpeed casts it to bf16)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .tools import hf_config
-
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.float32)
 
 
 def deepspeed_formula(params: int, largest_layer: int, stage: int, offload: str, world_size: int) -> dict[str, int]:
@@ -415,11 +361,6 @@ def measure_last_step(engine, batch: int, seq: int, vocab: int, steps: int, offl
     return {**top, "phases": phases, "moments": moments}
 
 
-def model_vocab(model) -> int:
-    """The vocabulary size of a causal LM (the range the random token ids are drawn from)."""
-    return int(model.config.get_text_config().vocab_size)
-
-
 def run_worker(config: dict[str, Any], stage: int, offload: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
     """This rank's measurement (the process group must be up)."""
     import deepspeed
@@ -441,15 +382,9 @@ def run_worker(config: dict[str, Any], stage: int, offload: str, batch: int, seq
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m torch.distributed.run --nproc_per_node=2 -m "
-                                     "finetune_helper.measure.zero_states", description=__doc__.split("\n")[0])
+    p = worker_parser(WORKER_MODULE, __doc__.split("\n")[0])
     p.add_argument("--stage", type=int, choices=(2, 3), required=True)
     p.add_argument("--offload", choices=OFFLOADS, default="none")
-    p.add_argument("--config", required=True, help="a model config.json (a dict with model_type)")
-    p.add_argument("--out", required=True, help="where rank 0 writes the list of per-rank results (JSON)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2)
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
@@ -459,21 +394,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """The torchrun entry point: measure this rank, gather every rank's result, rank 0 writes ``--out``."""
     import deepspeed
-    import torch.distributed as dist
 
     args = _parse(argv)
     _check(args.stage, args.offload)
     deepspeed.init_distributed(dist_backend="gloo")
     config = json.loads(Path(args.config).read_text())
-    mine = run_worker(config, args.stage, args.offload, args.batch, args.seq, args.steps)
-    results: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(results, mine)
-    if dist.get_rank() == 0:  # written whole, then renamed: a reader never sees half a file
-        tmp = Path(f"{args.out}.part")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    write_gathered(run_worker(config, args.stage, args.offload, args.batch, args.seq, args.steps), args.out)
 
 
 if __name__ == "__main__":
