@@ -318,6 +318,10 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
     train, evaluation, fmt, trl_kwargs, note, holdout = _load_data(recipe, tokenizer, log, check_only=check_only)
 
     device = _device()
+    if device == "cpu":
+        # DeepSpeed (imported by the Trainer's stack when installed) prints a warning to stdout when it finds no
+        # accelerator and settles on the CPU; naming the CPU, which is what it would choose, keeps the log clean
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         plan = recommend_plan(_plan_request(recipe, spec, gpu, len(train) if train is not None else None))
     except FinetuneHelperError as exc:  # the planner names its command-line flags; a recipe names its fields

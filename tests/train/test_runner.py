@@ -695,6 +695,7 @@ def test_an_fsdp_plan_on_cpu_processes_trains_data_parallel_and_says_so(tmp_path
                            "--main-port", "29533", *fsdp, *steps(2, "data.max_examples=200")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in done.stdout  # DeepSpeed's notice, when installed, is kept out
     plan = json.loads((out / "plan.json").read_text())
     assert plan["distributed"] == "fsdp" and any("FSDP is accelerate's on GPUs only" in a for a in plan["adaptations"])
     args = json.loads((out / "training_args.json").read_text())
