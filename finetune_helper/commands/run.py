@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, output_dir: str | None, dry_run: bool,
              resume: bool) -> int:
     """One process, or (several GPUs or nodes, not a dry run, not already a launcher's worker) the launcher."""
+    from ..recommender.zero import ZERO_STAGES
     from ..train.launch import Launch, in_launcher, launch, world_size
     from ..train.recipe import load_recipe
     from ..train.runner import check_deepspeed, check_run_folder, default_run_dir
@@ -55,9 +56,10 @@ def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, out
                   main_port=args.main_port)
     world = world_size() if in_launcher() else spec.world  # a worker plans for the world it is part of
     # DeepSpeed starts from a launcher's environment even in one process (ZeRO-Offload on one GPU)
-    deepspeed = loaded.hardware.strategy in ("zero2", "zero3")
+    deepspeed = loaded.hardware.strategy in ZERO_STAGES or "deepspeed" in loaded.training
     if deepspeed and not in_launcher():
-        check_deepspeed(loaded.hardware.strategy, dry_run=dry_run)
+        check_deepspeed(loaded.hardware.strategy if loaded.hardware.strategy in ZERO_STAGES else "training.deepspeed",
+                        dry_run=dry_run)
     if dry_run or in_launcher() or (world == 1 and not deepspeed):
         if world != loaded.hardware.gpus:
             overrides = [*overrides, f"hardware.gpus={world}"]
@@ -103,7 +105,7 @@ def start(args: argparse.Namespace, recipe: str, overrides: list[str], *, output
         fd, path = tempfile.mkstemp(prefix="finetune-helper-error-", suffix=".log")
         with os.fdopen(fd, "w") as fh:
             traceback.print_exc(file=fh)
-        first = first_line(exc) if str(exc).strip() else ""
+        first = first_line(exc)
         print(f"{PROG}: error: run failed: {type(exc).__name__}: {first} (traceback in {path}; checkpoints in the "
               "run folder are kept)", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import catalog
 from .architectures import ARCHITECTURES, DEFAULT_SOFTCAP, ArchTraits
-from ..errors import FinetuneHelperError
+from ..errors import FinetuneHelperError, first_line
 from ..names import is_hub_id, model_size
 
 
@@ -299,7 +299,7 @@ def meta_count(config: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
             model = AutoModelForCausalLM.from_config(tf_config)
     except Exception as exc:
         raise FinetuneHelperError("model", f"transformers cannot build model_type {config.get('model_type')!r}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+                                  f"{first_line(exc)}") from exc
     params = list(model.parameters())
     # standard names through the config's attribute_map (GPT-2's n_embd is hidden_size, ...)
     shapes: dict[str, Any] = {}

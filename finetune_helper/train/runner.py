@@ -331,8 +331,8 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
                                           has_eval=evaluation is not None, trl_kwargs=trl_kwargs)
     resumed = resume and (saved := run_folder.read_json(run_dir / run_folder.TRAINING_ARGS)) is not None
     if resumed:
-        length = {k: sft_kwargs[k] for k in _LENGTH_ARGS if k in sft_kwargs}
-        sft_kwargs = {**saved, **length}
+        from_recipe = {k: sft_kwargs[k] for k in _FROM_RECIPE if k in sft_kwargs}
+        sft_kwargs = {**saved, **from_recipe}
     prepared = Prepared(recipe=recipe, run_dir=run_dir, model_path=model_path, plan=plan, sft_kwargs=sft_kwargs,
                         overrides=overrides, adaptations=adaptations, train_dataset=train, eval_dataset=evaluation,
                         data_format=fmt, data_note=note, holdout=holdout, resumed=resumed, hardware=hardware)
@@ -348,8 +348,9 @@ _RECIPE_FIELD = {"seq-len": "data.max_length", "epochs": "recommend.epochs", "da
                  "method": "method.type", "model": "model.name", "strategy": "hardware.strategy",
                  "offload": "hardware.offload"}
 
-#: training_args.json fields a resumed run takes from its recipe rather than from the saved arguments: its length
-_LENGTH_ARGS = ("num_train_epochs", "max_steps")
+#: training_args.json fields a resumed run takes from its recipe rather than from the saved arguments: its length,
+#: and the run folder as resolved now (a relative one was saved against the first run's working directory)
+_FROM_RECIPE = ("num_train_epochs", "max_steps", "output_dir")
 
 
 def check_targets(recipe: Recipe, spec) -> None:
@@ -729,7 +730,8 @@ def _finish(prep: Prepared, trainer, tokenizer, summary: dict[str, Any], before:
     if not launch.is_main():
         return
     tokenizer.save_pretrained(str(final))
-    if prep.holdout:
+    if prep.holdout and not (launch.world_size() > 1 and _shards_parameters(prep.sft_kwargs)):
+        # (a sharded model generates only with every rank taking part: rank 0 alone would wait for the others)
         summary["exact_match_before"] = before
         summary["exact_match_after"] = _exact_match(prep, trainer.model, tokenizer)
 
@@ -790,9 +792,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "peak_memory_bytes" in summary:
         lines.append(f"peak GPU memory (torch.cuda.max_memory_allocated): {fmt_gib(summary['peak_memory_bytes'])}; "
                      f"estimated {fmt_gib(summary['estimated_peak_memory_bytes'])}")
-    for event in summary.get("oom_backoffs", []):
-        lines.append(f"out-of-memory back-off: batch {event['per_device_train_batch_size']}, accumulation "
-                     f"{event['gradient_accumulation_steps']}, resumed from {event['resumed_from']}")
+    for event in summary.get("oom_backoffs", []):  # each rung records what it changed: batch, checkpointing, optim
+        changes = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in event.items() if k != "resumed_from")
+        lines.append(f"out-of-memory back-off: {changes}, resumed from {event['resumed_from']}")
     if summary.get("final"):
         lines.append(f"saved: {summary['final']}")
     return "\n".join(lines)

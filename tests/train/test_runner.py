@@ -524,6 +524,10 @@ def test_out_of_memory_climbs_the_planners_ladder_keeping_the_effective_batch(tm
     args = json.loads((out / "training_args.json").read_text())  # what ran last, and what a resume continues
     assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] == 16
     assert args.get("activation_checkpointing", args.get("gradient_checkpointing")) is True
+    from finetune_helper.train.runner import format_summary  # what `run` prints at the end, every rung included
+
+    printed = format_summary(result.summary)
+    assert "per_device_train_batch_size 2 -> 1" in printed and "gradient_checkpointing False -> True" in printed
 
 
 def test_out_of_memory_with_no_rung_left_exits_4_from_the_cli(tmp_path, capsys):
@@ -701,3 +705,25 @@ def test_an_fsdp_plan_on_cpu_processes_trains_data_parallel_and_says_so(tmp_path
     args = json.loads((out / "training_args.json").read_text())
     assert "fsdp" not in args and "fsdp_config" not in args
     assert json.loads((out / "summary.json").read_text())["processes"] == 2
+
+
+def test_resume_from_another_directory_keeps_the_run_folder(tmp_path):
+    """A run started with a relative --output-dir saved that path in training_args.json; resumed from elsewhere it
+    still trains into its own folder (not into a new one under the current directory)."""
+    import subprocess
+    import sys
+
+    first_cwd, other_cwd = tmp_path / "first", tmp_path / "elsewhere"
+    first_cwd.mkdir()
+    other_cwd.mkdir()
+    cmd = [sys.executable, "-m", "finetune_helper"]
+    done = subprocess.run([*cmd, "run", str(TINY), "--output-dir", "runs/rel",
+                           *steps(2, "training.save_steps=2", "data.max_examples=100")],
+                          cwd=first_cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = first_cwd / "runs" / "rel"
+    again = subprocess.run([*cmd, "resume", str(run_dir), "training.max_steps=4"], cwd=other_cwd,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (run_dir / "checkpoint-4").is_dir() and not (other_cwd / "runs").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 4
