@@ -28,7 +28,7 @@ EPOCHS = 3.0
 SCHEDULER = "cosine"
 SCHEDULES = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr", "warmup_stable_decay", "one_cycle",
              "step_decay")
-#: how several GPUs share the work: ``auto`` (DDP when the replicated model fits, else FSDP), or one forced:
+#: how several GPUs share the work: ``auto`` (DDP, or FSDP when it fits a larger micro-batch), or one forced:
 #: ``ddp``, ``fsdp`` (torch FULL_SHARD), ``zero2`` / ``zero3`` (DeepSpeed, when installed)
 STRATEGY = "auto"
 STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "zero3")

@@ -51,7 +51,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=defaults.SCHEDULER, choices=defaults.SCHEDULES,
                    help="learning-rate schedule after warmup (default: %(default)s)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="force on/off (default: only when needed to fit)")
+                   help="force on/off (default: on when batch 1 needs it or it fits a larger micro-batch)")
     p.add_argument("--safety-margin", type=float, default=defaults.SAFETY_MARGIN, help="fraction of GPU memory kept "
                    "free (default: %(default)s)")
     p.add_argument("--weights-dtype", default=None, choices=("fp32", "bf16"), help="full fine-tuning's weights "
@@ -59,7 +59,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packing", action="store_true", help="the data is packed (TRL packing=True, padding-free): a "
                    "micro-batch's examples run as one row")
     p.add_argument("--strategy", default=defaults.STRATEGY, choices=defaults.STRATEGIES,
-                   help="several GPUs: auto (DDP when the replicated model fits, else FSDP), ddp, fsdp, or DeepSpeed "
+                   help="several GPUs: auto (DDP, or FSDP when it fits a larger micro-batch), ddp, fsdp, or DeepSpeed "
                    "zero2 / zero3 (default: %(default)s)")
     p.add_argument("--offload", default=defaults.OFFLOAD, choices=("none", "optimizer", "all"),
                    help="DeepSpeed's offload to host memory: optimizer (zero2 / zero3), all (zero3; parameters too)")
@@ -93,7 +93,8 @@ def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
                       attn_implementation=args.attn_implementation, packing=args.packing, scheduler=args.scheduler,
-                      strategy=args.strategy, offload=args.offload, calibration=lookup(gpu.name, spec.name, args.method))
+                      strategy=args.strategy, offload=args.offload,
+                      calibration=lookup(gpu.name, spec.name, args.method))
     return recommend_plan(req)
 
 

@@ -51,7 +51,8 @@ class PlanRequest:
 
     model: ModelSpec
     gpu: GPUSpec
-    #: GPUs on the node(s); beyond 1 the run is data parallel (DDP, or FSDP when only sharding fits).
+    #: GPUs on the node(s); beyond 1 the run is data parallel (DDP, or FSDP when it fits a larger micro-batch or is
+    #: needed for batch 1).
     gpus: int = 1
     method: str = defaults.METHOD
     #: tokens per sequence; None means min(2048, the model's max_position_embeddings).
@@ -86,8 +87,8 @@ class PlanRequest:
     device: str = "cuda"
     #: the learning-rate schedule after warmup, one of :data:`.rules.SCHEDULES`.
     scheduler: str = defaults.SCHEDULER
-    #: how several GPUs share the work (:data:`defaults.STRATEGIES`): ``auto`` replicates (DDP) when that fits and
-    #: shards with FSDP when not; ``zero2`` / ``zero3`` run DeepSpeed ZeRO (:mod:`.zero`).
+    #: how several GPUs share the work (:data:`defaults.STRATEGIES`): ``auto`` replicates (DDP), or shards with FSDP
+    #: when that fits a larger micro-batch (or batch 1 at all); ``zero2`` / ``zero3`` run DeepSpeed ZeRO (:mod:`.zero`).
     strategy: str = defaults.STRATEGY
     #: DeepSpeed's offload to host memory: ``optimizer`` (zero2 / zero3) or ``all`` (zero3, parameters too).
     offload: str = defaults.OFFLOAD
@@ -351,7 +352,7 @@ class Plan:
 
 
 #: how the reasons name each way of sharding
-STRATEGY_LABELS = {"fsdp": "FSDP full sharding", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
+STRATEGY_LABELS = {"ddp": "DDP", "fsdp": "FSDP full sharding", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
 
 
 # --------------------------------------------------------------------------------------------- fitting
@@ -392,9 +393,9 @@ def _escalate(req: PlanRequest) -> tuple[Escalation, ...]:
     each rung with its peak at batch 1, up to the first that fits."""
     steps: list[Escalation] = []
     optim = req.optim or DEFAULT_OPTIM
-    # shard as asked (DeepSpeed ZeRO when chosen, on one GPU too), else with FSDP on several GPUs
+    # as the strategy asked (DeepSpeed ZeRO on one GPU too); left to the planner, FSDP on several GPUs
     zero = req.strategy in ZERO_STAGES
-    sharding = req.strategy if zero else "fsdp" if req.gpus > 1 else None
+    sharding = req.strategy if req.strategy != "auto" else "fsdp" if req.gpus > 1 else None
     more = req.strategy if zero else "fsdp"
     if req.gradient_checkpointing is None:
         est = _estimate(req, 1, True, optim, sharding=sharding)
@@ -465,6 +466,11 @@ class _Fit:
     candidates: tuple[tuple[_Option, int], ...]
 
     @property
+    def largest(self) -> int:
+        """The largest micro-batch any option of the chosen numerics fits (``micro`` is it, or it evened)."""
+        return max((n for _, n in self.candidates), default=self.micro)
+
+    @property
     def gc(self) -> bool:
         return self.option.gc
 
@@ -478,8 +484,8 @@ class _Fit:
 
     @property
     def base_fit(self) -> int:
-        """The largest micro-batch without the speed fallbacks the chosen option adds (0: batch 1 does not fit)."""
-        return self.candidates[0][1] if self.candidates else 0
+        """The largest micro-batch without checkpointing (any sharding; 0: batch 1 does not fit)."""
+        return max((n for o, n in self.candidates if not o.gc), default=0)
 
     def largest_without(self, shard: str) -> int:
         """The largest micro-batch of the chosen numerics under ``shard`` (0: batch 1 does not fit)."""
@@ -529,12 +535,21 @@ def _fit(req: PlanRequest, cap: int) -> _Fit:
     for _, group in itertools.groupby(options, key=lambda o: (o.optim, o.weights)):
         group = list(group)
         largest = [_largest_batch(req, option, cap) for option in group]
-        micro = max(largest)
-        if not micro:
+        if not max(largest):
             continue
+        micro = _evened(math.ceil(req.target_batch / req.gpus), max(largest))
+        # the cheapest option that fits the micro-batch used (the evened one may need no fallback)
         option = group[next(i for i, n in enumerate(largest) if n >= micro)]
         return _Fit(micro, option, True, option.estimate(req, micro), options[0], tuple(zip(group, largest)))
     return _Fit(1, options[-1], False, options[-1].estimate(req, 1), options[0], ())
+
+
+def _evened(per_gpu: int, largest: int) -> int:
+    """The fewest micro-steps that reach ``per_gpu`` sequences with micro-batches of at most ``largest``, each as
+    small as that count allows: 38 fit and the target is 64 -> 2 micro-steps of 32 (not 38 + 38 = 76).  Same number
+    of forward / backward passes, less memory, an overshoot below one micro-step; grows with ``largest``, so more
+    memory still never gives a smaller micro-batch."""
+    return math.ceil(per_gpu / math.ceil(per_gpu / largest))
 
 
 def _fits_reason(req: PlanRequest, fit: _Fit, escalation: tuple[Escalation, ...]) -> str:
@@ -546,7 +561,7 @@ def _fits_reason(req: PlanRequest, fit: _Fit, escalation: tuple[Escalation, ...]
                 + (f"; the offloaded states need {fmt_gib(host)} of host memory per node" if host else ""))
     first = next((e for e in escalation if e.fits), None)
     tried = ", ".join(x for x in ("gradient checkpointing" if fit.gc else "", fit.optim,
-                                  STRATEGY_LABELS.get(fit.shard, "")) if x)
+                                  STRATEGY_LABELS.get(fit.shard, "") if fit.shard != "ddp" else "") if x)
     return (f"even batch 1 needs {fmt_gib(fit.estimate.total_bytes)} > {fmt_gib(budget)} budget with {tried}; "
             "smallest change that fits: "
             + (first.change + f" ({fmt_gib(first.peak_memory_bytes)})" if first else
@@ -560,6 +575,10 @@ def _batch_reason(req: PlanRequest, fit: _Fit, cap: int, target: int) -> str:
     changes = fit.changes()
     needs = (f"batch {fit.micro} needs {fmt_gib(est.total_bytes)} of {fmt_gib(budget)} ({req.safety_margin:.0%} "
              "safety margin)" + (f" with {' and '.join(changes)}" if changes else ""))
+    if fit.micro < fit.largest:
+        steps = math.ceil(math.ceil(target / req.gpus) / fit.micro)
+        return (f"{needs}; {steps} micro-steps of {fit.micro} reach the target {target} as {steps} of the largest "
+                f"that fits ({fit.largest}) would, with less memory")
     if fit.micro < cap:
         bigger = fit.option.estimate(req, fit.micro + 1).total_bytes
         limit = f"batch {fit.micro + 1} would need {fmt_gib(bigger)}"
@@ -580,8 +599,8 @@ def _checkpointing_reason(req: PlanRequest, fit: _Fit) -> str:
     elif not fit.base_fit:
         why = "on: required to fit batch 1"
     else:
-        why = (f"on: raises the micro-batch from {fit.base_fit}, the most that fit without it (TRL's SFTConfig turns it "
-               f"on by default); --no-gradient-checkpointing runs {fit.base_fit} with more accumulation")
+        why = (f"on: raises the micro-batch from {fit.base_fit}, the most that fit without it (TRL's SFTConfig turns "
+               f"it on by default); --no-gradient-checkpointing runs {fit.base_fit} with more accumulation")
     return why + (" (recomputes each layer in backward, ~30% more compute)" if fit.gc else "")
 
 
@@ -622,21 +641,6 @@ def _zero_reason(req: PlanRequest, fit: _Fit) -> str:
                                       if host else ""))
 
 
-def _even_micro(req: PlanRequest, fit: _Fit, target: int) -> tuple[_Fit, str]:
-    """The fewest micro-steps that reach the target with the largest fitting micro-batch, each as small as that
-    count allows: 38 fits and the target is 64 -> 2 micro-steps of 32 (not 38 + 38 = 76).  Same number of forward /
-    backward passes, less memory, and the effective batch overshoots the target by less than one micro-step per GPU.
-    Grows with the largest fitting micro-batch, so more memory still never gives a smaller one."""
-    per_gpu = math.ceil(target / req.gpus)
-    steps = math.ceil(per_gpu / fit.micro)
-    micro = math.ceil(per_gpu / steps)
-    if micro == fit.micro:
-        return fit, ""
-    return (dataclasses.replace(fit, micro=micro, estimate=fit.option.estimate(req, micro)),
-            f"; {micro} used: {steps} micro-steps of {micro} reach the target {target} as {steps} of {fit.micro} would, "
-            "with less memory")
-
-
 def recommend_plan(req: PlanRequest) -> Plan:
     """The plan for ``req``: the rules of the module docstring, applied in order, each with its reason."""
     reasons: dict[str, str] = {}
@@ -650,9 +654,6 @@ def recommend_plan(req: PlanRequest) -> Plan:
     fit = _fit(req, cap)
     escalation = () if fit.fits else _escalate(req)
     reasons["per_device_train_batch_size"] = _batch_reason(req, fit, cap, target)
-    if fit.fits:
-        fit, evened = _even_micro(req, fit, target)
-        reasons["per_device_train_batch_size"] += evened
     reasons["fits"] = _fits_reason(req, fit, escalation) + (f"; {req.calibration.describe()}"
                                                             if req.calibration else "")
     steps_target = target < min(req.target_effective_batch, dataset)  # lowered for enough optimizer steps

@@ -122,7 +122,7 @@ class HardwareSection:
     #: a GPU name (see ``finetune-helper gpus``), an amount such as 24GB, or ``auto`` (the local GPU).
     gpu: str = "auto"
     gpus: int = 1
-    #: how several GPUs share the work: auto (DDP when the replicated model fits, else FSDP), ddp, fsdp, or
+    #: how several GPUs share the work: auto (DDP, or FSDP when it fits a larger micro-batch), ddp, fsdp, or
     #: DeepSpeed zero2 / zero3 (needs ``pip install deepspeed`` and CUDA GPUs).
     strategy: str = defaults.STRATEGY
     #: DeepSpeed's offload to host memory: none, optimizer (zero2 / zero3) or all (zero3, parameters too).

@@ -347,3 +347,13 @@ def test_strategy_combinations_that_cannot_run_are_field_errors(kwargs, field):
     with pytest.raises(FinetuneHelperError) as err:
         fh.recommend(LLAMA_8B, gpu="H100", **kwargs)
     assert err.value.field == field
+
+
+def test_the_option_is_chosen_for_the_evened_micro_batch():
+    """128 fit with checkpointing, 125 without; a target of 200 is 2 micro-steps of 100, which needs no
+    checkpointing: it stays off (the reason names the largest that fits)."""
+    plan = recommend_plan(PlanRequest(model=resolve_model("meta-llama/Llama-3.2-1B"), gpu=gpu(46), method="lora",
+                                      seq_len=128, target_effective_batch=200, dataset_size=100_000))
+    assert plan.per_device_train_batch_size == 100 and plan.gradient_accumulation_steps == 2
+    assert not plan.gradient_checkpointing and plan.reasons["gradient_checkpointing"] == "off: batch 100 fits without it"
+    assert "the largest that fits (128)" in plan.reasons["per_device_train_batch_size"]
