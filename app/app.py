@@ -36,7 +36,7 @@ from finetune_helper.commands.app import LOOPBACK, add_arguments, parse_auth  # 
 from finetune_helper.errors import FinetuneHelperError  # noqa: E402
 from finetune_helper.recommender import catalog  # noqa: E402
 from finetune_helper.recommender.schedule import logged_schedule_points, schedule_points, warmup_steps_for  # noqa: E402
-from finetune_helper.runs.manager import RunManager, build_recipe  # noqa: E402
+from finetune_helper.runs.manager import RunManager, build_recipe, read_json  # noqa: E402
 from finetune_helper.runs.workspace import Workspace  # noqa: E402
 from finetune_helper.train.recipe import BUILTIN_MODEL, PLACEHOLDER_DATA, recipe_from_settings  # noqa: E402
 from finetune_helper.units import GiB, fmt_duration, fmt_gib  # noqa: E402
@@ -402,12 +402,8 @@ def live_lr_frame(st: dict[str, Any]) -> pd.DataFrame:
 
 
 def _run_json(run_dir: str, name: str) -> dict[str, Any]:
-    import json
-
-    try:
-        data = json.loads((Path(run_dir) / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    """A run folder's JSON file as a dict (empty if missing, unreadable, or not a regular file: the manager's rule)."""
+    data = read_json(Path(run_dir) / name)
     return data if isinstance(data, dict) else {}
 
 

@@ -117,6 +117,7 @@ def live_bytes_mode():
             """Start a new peak from what is live now (per step, per back-off attempt)."""
             self._s.peak = self._s.current
             self._s.peak_op = "reset"
+            self._s.peak_by_label = {label: n for label, n in self._s.by_label.items() if n}
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))

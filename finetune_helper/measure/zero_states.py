@@ -126,23 +126,26 @@ def hidden_size(config: dict[str, Any]) -> int:
 
 
 def ds_config(stage: int, offload: str, batch: int, hidden: int) -> dict[str, Any]:
-    """The DeepSpeed config of a Trainer run with ``"auto"`` buckets: bf16, one micro-batch per step, the bucket
-    sizes ``HfTrainerDeepSpeedConfig.trainer_config_finalize`` computes from ``hidden``, CPU offload as asked.
+    """The DeepSpeed config a plan ships (:func:`recommender.zero.deepspeed_config`), with its ``"auto"`` values as
+    the Trainer fills them (``HfTrainerDeepSpeedConfig``): bf16, one micro-batch per step, the bucket sizes from
+    ``hidden``, clipping 1.0.
 
-    With offload, ``zero_force_ds_cpu_optimizer`` is off: DeepSpeed otherwise refuses the client's torch AdamW
-    (a Trainer config with offload names an ``optimizer``, and DeepSpeed then builds ``DeepSpeedCPUAdam``: the same
-    fp32 m and v, updated in place without the step's temporaries)."""
+    With offload the shipped config names an ``optimizer`` (DeepSpeed builds its ``DeepSpeedCPUAdam``: the same fp32
+    m and v, updated in place without the step's temporaries); here the client's torch AdamW steps instead, which
+    DeepSpeed allows only with ``zero_force_ds_cpu_optimizer`` off."""
+    from ..recommender.zero import deepspeed_config
+
     _check(stage, offload)
-    zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": hidden * hidden}
-    if stage == 3:
-        zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
-        zero["stage3_param_persistence_threshold"] = 10 * hidden
-    if offload in ("optimizer", "all"):
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if offload == "all":
-        zero["offload_param"] = {"device": "cpu"}
-    config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
-              "zero_allow_untested_optimizer": True, "zero_optimization": zero}
+    config = deepspeed_config(f"zero{stage}", offload)
+    config.pop("optimizer", None)
+    config.pop("fp16")
+    filled = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+              "stage3_param_persistence_threshold": 10 * hidden}
+    config["zero_optimization"] = {k: filled.get(k, v) if v == "auto" else v
+                                   for k, v in config["zero_optimization"].items()}
+    del config["train_batch_size"]  # DeepSpeed derives it from the world size
+    config.update(train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1, gradient_clipping=1.0,
+                  bf16={"enabled": True}, zero_allow_untested_optimizer=True)
     if offload != "none":
         config["zero_force_ds_cpu_optimizer"] = False  # else DeepSpeed refuses a torch optimizer with offload
     return config

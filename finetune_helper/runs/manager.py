@@ -532,11 +532,11 @@ class RunManager:
 def _fresh_json(path: Path, since: float) -> Any:
     """``path`` as JSON if it was written by the current attempt (at or after ``since``), else None."""
     try:
-        if not _regular(path) or path.stat().st_mtime < since:
+        if path.stat().st_mtime < since:
             return None
     except OSError:
         return None
-    return read_json(path)
+    return read_json(path)  # None unless a regular file
 
 
 def _recipe_value(path: Path, section: str, key: str) -> Any:
