@@ -86,7 +86,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .ranks import build_model, model_vocab, run_ranks, worker_parser, write_gathered
+from .ranks import (build_model, by_owner, data_tensors, gc_tensors, model_vocab, owned_storages, run_ranks,
+                    storage_bytes, storage_key, worker_parser, write_gathered)
 
 MIXED_PRECISIONS = ("bf16", "bf16-accelerate", "no")
 WRAPS = ("layers", "accelerate")
@@ -194,42 +195,6 @@ def units(model) -> list[dict[str, Any]]:
              "reshard_after_forward": group.post_forward_mesh_info is not None} for group in param_groups(model)]
 
 
-def data_tensors(t) -> Iterator[Any]:
-    """The tensors holding ``t``'s data: ``t`` itself, or the inner tensors of a wrapper subclass (DTensor: its
-    ``_local_tensor``), recursively; nothing for meta tensors or non-tensors."""
-    import torch
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if not isinstance(t, torch.Tensor):
-        return
-    if is_traceable_wrapper_subclass(t):
-        attrs, _ = t.__tensor_flatten__()
-        for name in attrs:
-            yield from data_tensors(getattr(t, name))
-    elif t.device.type != "meta":
-        yield t
-
-
-def _storage(t) -> tuple[int, int] | None:
-    """``(key, nbytes)`` of a plain tensor's untyped storage; None without one (sparse layouts)."""
-    try:
-        s = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return s._cdata, s.nbytes()
-
-
-def storage_bytes(tensors) -> dict[int, int]:
-    """Bytes by untyped storage key of the data of ``tensors`` (views count once, wrappers by their inner tensors)."""
-    out: dict[int, int] = {}
-    for t in tensors:
-        for d in data_tensors(t):
-            s = _storage(d)
-            if s is not None:
-                out[s[0]] = s[1]
-    return out
-
-
 def _tensors_in(obj, seen: set[int], depth: int = 6) -> Iterator[Any]:
     """Tensors reachable from ``obj`` through dicts, lists, tuples (FSDP's NamedTuple states); not ``.grad``."""
     import torch
@@ -270,31 +235,9 @@ def _owners(model, optimizer) -> Iterator[tuple[str, list[Any]]]:
     yield "module", [[*model.parameters(), *model.buffers()]]
 
 
-def live_tensors(model=None, optimizer=None) -> list[Any]:
-    """Every tensor object alive in this process with data (``gc.get_objects()``), wrappers included (they are
-    counted by their inner tensors).  With ``model`` and ``optimizer`` the owners are walked first, so that a
-    tensor held only by C++ gets the Python object gc finds."""
-    import gc
-
-    import torch
-
-    if model is not None:
-        for _, objs in _owners(model, optimizer):
-            for _ in _tensors_in(objs, set()):
-                pass
-    return [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and any(True for _ in data_tensors(o))]
-
-
-def by_owner(model, optimizer, live: dict[int, int]) -> dict[str, int]:
-    """Live bytes by owner (first owner wins; ``unattributed``: live storages reachable from none of them)."""
-    left = dict(live)
-    out: dict[str, int] = {}
-    for owner, objs in _owners(model, optimizer):
-        n = sum(left.pop(k, 0) for k in storage_bytes(_tensors_in(objs, set())))
-        if n:
-            out[owner] = n
-    out["unattributed"] = sum(left.values())
-    return out
+def _owned(model, optimizer) -> Iterator[tuple[str, Iterator[Any]]]:
+    """Each owner with the tensors it reaches (:func:`_tensors_in`)."""
+    return ((owner, _tensors_in(objs, set())) for owner, objs in _owners(model, optimizer))
 
 
 def snapshot(mode, model, optimizer) -> dict[str, Any]:
@@ -304,13 +247,14 @@ def snapshot(mode, model, optimizer) -> dict[str, Any]:
     A collective's scratch still alive (gloo's worker thread lets go of a finished work's tensors when it gets to
     it, so a reduce-scatter's input copy can outlive the call) is left out of all three and shown apart
     (``collective_scratch``)."""
-    tensors = live_tensors(model, optimizer)
+    owned = owned_storages(_owned(model, optimizer))
+    tensors = gc_tensors()
     before = mode.current
     mode.register(tensors, label="unseen")
     live = storage_bytes(tensors)
     scratch = sum(live.pop(k) for k in list(live) if k in mode.scratch)
     return {"live": mode.current, "gc_live": sum(live.values()), "unseen": mode.current - before,
-            "gathered": mode.gathered, "collective_scratch": scratch, "by_owner": by_owner(model, optimizer, live)}
+            "gathered": mode.gathered, "collective_scratch": scratch, "by_owner": by_owner(owned, live)}
 
 
 def _fsdp_tracker():
@@ -341,7 +285,7 @@ def _fsdp_tracker():
             self.gathered_max = max(self.gathered_max, self.gathered)
 
         def _is_scratch(self, tensor) -> bool:
-            s = _storage(tensor)
+            s = storage_key(tensor)
             return s is not None and s[0] in self.scratch
 
         def register(self, tensors, label: str = "pre-existing") -> None:
@@ -353,7 +297,7 @@ def _fsdp_tracker():
             old, self._s.label = self._s.label, GATHERED
             for t in tensors:
                 self._s.add(t)
-                key, nbytes = _storage(t)
+                key, nbytes = storage_key(t)
                 self.gathered += nbytes - self._gathered.get(key, 0)
                 self._gathered[key] = nbytes
             self._s.label = old
@@ -396,7 +340,7 @@ def _fsdp_tracker():
                 for d in data_tensors(t):
                     if self._is_scratch(d):
                         continue
-                    s = _storage(d)
+                    s = storage_key(d)
                     if self._ignored is not None and s is not None and s[0] not in self._s.bytes:
                         self._ignored[s[0]] = self.scratch[s[0]] = s[1]
                         weakref.finalize(d.untyped_storage(), self.scratch.pop, s[0], None)
@@ -502,7 +446,8 @@ def measure_last_step(model, optimizer, batch: int, seq: int, vocab: int, steps:
     for step in range(steps - 1):
         train_step(model, optimizer, batch, seq, vocab, seed=1000 * rank + step)
     mode = _fsdp_tracker()
-    mode.register(live_tensors(model, optimizer))
+    owned_storages(_owned(model, optimizer))  # gives C++-held tensors their Python objects
+    mode.register(gc_tensors())
     mode.track_gathered([t for g in param_groups(model) for fp in g.fsdp_params for t in fp.all_gather_outputs])
     moments: dict[str, Any] = {}
     phases: dict[str, Any] = {}

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,71 @@ def write_gathered(mine: dict[str, Any], out: str) -> None:
         tmp.replace(out)
     dist.barrier()
     dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ live tensors, by owner
+
+
+def data_tensors(t) -> Iterator[Any]:
+    """The tensors holding ``t``'s data: ``t`` itself, or the inner tensors of a wrapper subclass (DTensor: its
+    ``_local_tensor``), recursively; nothing for meta tensors (no data) or non-tensors."""
+    import torch
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not isinstance(t, torch.Tensor):
+        return
+    if is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        for name in attrs:
+            yield from data_tensors(getattr(t, name))
+    elif t.device.type != "meta":
+        yield t
+
+
+def storage_key(t) -> tuple[int, int] | None:
+    """``(key, nbytes)`` of a plain tensor's untyped storage; None without one (sparse layouts)."""
+    try:
+        s = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return s._cdata, s.nbytes()
+
+
+def storage_bytes(tensors: Iterable[Any]) -> dict[int, int]:
+    """Bytes by untyped storage key of the data of ``tensors`` (views count once, wrappers by their inner tensors)."""
+    out: dict[int, int] = {}
+    for t in tensors:
+        for d in data_tensors(t):
+            s = storage_key(d)
+            if s is not None:
+                out[s[0]] = s[1]
+    return out
+
+
+def owned_storages(owned: Iterable[tuple[str, Iterable[Any]]]) -> list[tuple[str, dict[int, int]]]:
+    """Each owner's storages, from ``(owner, tensors it reaches)`` in attribution order.  Walking them first also
+    gives a tensor held only by C++ (a ``.grad`` autograd set and Python never read) the Python object that
+    :func:`gc_tensors` then finds (torch keeps that object for as long as the tensor lives)."""
+    return [(owner, storage_bytes(tensors)) for owner, tensors in owned]
+
+
+def gc_tensors() -> list[Any]:
+    """Every tensor object alive in this process with data (``gc.get_objects()``; meta and storage-less ones left
+    out, wrappers kept: they count by their inner tensors)."""
+    import gc
+
+    import torch
+
+    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and storage_bytes([o])]
+
+
+def by_owner(owned: list[tuple[str, dict[int, int]]], live: dict[int, int]) -> dict[str, int]:
+    """Live bytes by owner (first owner wins; ``unattributed``: live storages reachable from none of them)."""
+    left = dict(live)
+    out: dict[str, int] = {}
+    for owner, keys in owned:
+        n = sum(left.pop(k, 0) for k in keys)
+        if n:
+            out[owner] = n
+    out["unattributed"] = sum(left.values())
+    return out

@@ -12,7 +12,7 @@ tracker (:mod:`.tracker`, a ``TorchDispatchMode`` over untyped storages).  Every
 last step starts -- the bf16 parameters (or their ZeRO-3 partitions), the fp32 master partitions, Adam's m and v,
 the gradient partitions, the reduce / prefetch buckets -- is registered from ``gc.get_objects()`` (every tensor
 object, deduplicated by untyped storage) before the mode is entered, after the engine's owners have been walked
-(:func:`live_tensors`: a gradient held only by C++ has no Python object for gc to find until it is read once);
+(:func:`.ranks.owned_storages`: a gradient held only by C++ has no Python object for gc to find until it is read once);
 what the step allocates is seen by the mode.  Why not enter the mode before ``deepspeed.initialize`` and see
 everything made: DeepSpeed keeps a ``meta`` copy of every parameter (ZeRO-1/2 shape bookkeeping), meta storages
 report an ``nbytes()`` without holding data, and the tracker would count them (2 bytes/param too many); registering
@@ -61,7 +61,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .ranks import build_model, model_vocab, run_ranks, worker_parser, write_gathered
+from .ranks import (build_model, by_owner, gc_tensors, model_vocab, owned_storages, run_ranks, storage_bytes,
+                    worker_parser, write_gathered)
 
 OFFLOADS = ("none", "optimizer", "all")
 MOMENTS = ("before_forward", "after_backward", "after_step")
@@ -168,44 +169,6 @@ def deepspeed_formula(params: int, largest_layer: int, stage: int, offload: str,
     return {"cpu": int(cpu), "gpu": int(gpu)}
 
 
-def _storage(t) -> tuple[int, int] | None:
-    """``(key, nbytes)`` of a tensor's untyped storage; None for meta tensors (no data) and storage-less ones."""
-    if t.device.type == "meta":
-        return None
-    try:
-        s = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # sparse and other layouts without one storage
-        return None
-    return s._cdata, s.nbytes()
-
-
-def live_tensors(engine=None) -> list[Any]:
-    """Every tensor object alive in this process with data (``gc.get_objects()``; meta tensors left out).
-
-    With ``engine``, everything its owners reach (:func:`_owners`) is touched first: a tensor held only by C++ --
-    a ``.grad`` autograd or DeepSpeed set and Python never read -- has no Python object for gc to find until one
-    is made (torch then keeps that object for as long as the tensor lives)."""
-    import gc
-
-    import torch
-
-    if engine is not None:
-        for _, objs in _owners(engine):
-            for _ in _tensors_in(objs, _roots(engine)):
-                pass
-    return [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and _storage(o) is not None]
-
-
-def storage_bytes(tensors) -> dict[int, int]:
-    """Bytes by untyped storage key (views of one buffer count once)."""
-    out: dict[int, int] = {}
-    for t in tensors:
-        s = _storage(t)
-        if s is not None:
-            out[s[0]] = s[1]
-    return out
-
-
 def _tensors_in(obj, seen: set[int], depth: int = 6) -> Iterator[Any]:
     """Tensors reachable from ``obj`` through containers, a tensor's ``.grad`` and tensor attributes (``ds_tensor``)
     and DeepSpeed's own helper objects (buckets, coordinators); modules and torch optimizers are not entered, nor
@@ -249,23 +212,16 @@ def _owners(engine) -> Iterator[tuple[str, list[Any]]]:
         yield f"engine.{name}", [value]
 
 
+def _owned(engine) -> Iterator[tuple[str, Iterator[Any]]]:
+    """Each owner with the tensors it reaches (:func:`_tensors_in`, never through :func:`_roots`)."""
+    roots = _roots(engine)
+    return ((owner, _tensors_in(objs, set(roots))) for owner, objs in _owners(engine))
+
+
 def _roots(engine) -> set[int]:
     """Ids the owner walk never enters from a back-reference (a parameter's attributes, a helper's ``optimizer``):
     the engine, its module, its ZeRO optimizer and the inner torch optimizer; each owner is what it reaches alone."""
     return {id(engine), id(engine.module), id(engine.optimizer), id(engine.optimizer.optimizer)}
-
-
-def by_owner(engine, live: dict[int, int]) -> dict[str, int]:
-    """Live bytes by owner (first owner wins; ``unattributed``: live storages reachable from none of them)."""
-    left = dict(live)
-    out: dict[str, int] = {}
-    for owner, objs in _owners(engine):
-        keys = storage_bytes(_tensors_in(objs, _roots(engine)))
-        n = sum(left.pop(k, 0) for k in keys)
-        if n:
-            out[owner] = n
-    out["unattributed"] = sum(left.values())
-    return out
 
 
 def host_bytes(owners: dict[str, int], offload: str) -> int:
@@ -284,11 +240,12 @@ def snapshot(mode, engine, offload: str) -> dict[str, Any]:
     ``live`` (the tracker's count) includes them from here on -- the peak before this moment may lack them.
     ``gc_live``: the same total counted from ``gc`` alone (no autograd graph is alive at the moments measured).
     """
-    tensors = live_tensors(engine)
+    owned = owned_storages(_owned(engine))
+    tensors = gc_tensors()
     before = mode.current
     mode.register(tensors, label="unseen")
     live = storage_bytes(tensors)
-    owners = by_owner(engine, live)
+    owners = by_owner(owned, live)
     host = host_bytes(owners, offload)
     return {"live": mode.current, "gc_live": sum(live.values()), "unseen": mode.current - before, "host": host,
             "device": mode.current - host, "by_owner": owners}
@@ -342,7 +299,8 @@ def measure_last_step(engine, batch: int, seq: int, vocab: int, steps: int, offl
     for step in range(steps - 1):
         train_step(engine, batch, seq, vocab, seed=1000 * rank + step)
     mode = _data_tracker()
-    mode.register(live_tensors(engine))
+    owned_storages(_owned(engine))  # gives C++-held tensors their Python objects
+    mode.register(gc_tensors())
     moments: dict[str, Any] = {}
     phases: dict[str, Any] = {}
     starts = {"before_forward": "forward+backward", "after_backward": "step"}
