@@ -526,7 +526,7 @@ def _recommend_tab(app: App) -> SimpleNamespace:
         t.strategy = gr.Dropdown(list(defaults.STRATEGIES), value=defaults.STRATEGY, label="Several GPUs",
                                  info="auto: DDP, or FSDP for a larger micro-batch; zero2 / zero3: DeepSpeed",
                                  elem_id="strategy")
-        t.offload = gr.Dropdown(["none", "optimizer", "all"], value=defaults.OFFLOAD, label="Offload to host",
+        t.offload = gr.Dropdown(list(defaults.OFFLOADS), value=defaults.OFFLOAD, label="Offload to host",
                                 info="DeepSpeed: optimizer (zero2 / zero3), all (zero3)", elem_id="offload")
     t.button = gr.Button("Recommend", variant="primary", elem_id="recommend-btn")
     t.error = gr.Markdown(elem_id="recommend-error")

@@ -34,6 +34,7 @@ STRATEGY = "auto"
 STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "zero3")
 #: DeepSpeed's offload to host memory: ``none``, ``optimizer`` (zero2 / zero3), ``all`` (zero3: parameters too)
 OFFLOAD = "none"
+OFFLOADS = ("none", "optimizer", "all")
 #: examples assumed when the dataset size is not given
 ASSUMED_DATASET_SIZE = 10_000
 #: fraction of GPU memory kept free for what the estimate cannot see (other processes, allocator spikes, NCCL)

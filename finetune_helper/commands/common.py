@@ -61,7 +61,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=defaults.STRATEGY, choices=defaults.STRATEGIES,
                    help="several GPUs: auto (DDP, or FSDP when it fits a larger micro-batch), ddp, fsdp, or DeepSpeed "
                    "zero2 / zero3 (default: %(default)s)")
-    p.add_argument("--offload", default=defaults.OFFLOAD, choices=("none", "optimizer", "all"),
+    p.add_argument("--offload", default=defaults.OFFLOAD, choices=defaults.OFFLOADS,
                    help="DeepSpeed's offload to host memory: optimizer (zero2 / zero3), all (zero3; parameters too)")
 
 

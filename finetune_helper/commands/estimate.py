@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from .. import defaults
 from ..errors import FinetuneHelperError
 from ..units import fmt_gib
 from .common import add_model_args, breakdown_table, emit, model_line, table
@@ -22,7 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (default: %(default)s)")
     p.add_argument("--sharding", default=None, choices=("none", "ddp", "fsdp", "zero2", "zero3"),
                    help="default: ddp when --gpus > 1, else none; zero2 / zero3: DeepSpeed ZeRO")
-    p.add_argument("--offload", default="none", choices=("none", "optimizer", "all"),
+    p.add_argument("--offload", default=defaults.OFFLOAD, choices=defaults.OFFLOADS,
                    help="DeepSpeed's offload to host memory (zero2: optimizer; zero3: optimizer or all)")
     p.add_argument("--nodes", type=int, default=1, help="nodes the --gpus are spread over (host memory is per node)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="whose kernels run the step "

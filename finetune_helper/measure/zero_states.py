@@ -61,10 +61,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..recommender.zero import OFFLOAD, check_offload
 from .ranks import (build_model, by_owner, gc_tensors, model_vocab, owned_storages, run_ranks, storage_bytes,
                     worker_parser, write_gathered)
 
-OFFLOADS = ("none", "optimizer", "all")
 MOMENTS = ("before_forward", "after_backward", "after_step")
 WORKER_MODULE = "finetune_helper.measure.zero_states"
 
@@ -90,10 +90,7 @@ HOST_OWNERS_PARAM = frozenset({"module.ds_tensor", "zero.fp16_partitioned_groups
 def _check(stage: int, offload: str) -> None:
     if stage not in (2, 3):
         raise ValueError(f"stage must be 2 or 3, got {stage!r}")
-    if offload not in OFFLOADS:
-        raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
-    if offload == "all" and stage != 3:
-        raise ValueError("offload='all' (offload_param) needs ZeRO stage 3")
+    check_offload(f"zero{stage}", offload)
 
 
 def measure(config: dict, stage: int, offload: str = "none", batch: int = 1, seq: int = 32, steps: int = 2,
@@ -345,7 +342,7 @@ def run_worker(config: dict[str, Any], stage: int, offload: str, batch: int, seq
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = worker_parser(WORKER_MODULE, __doc__.split("\n")[0])
     p.add_argument("--stage", type=int, choices=(2, 3), required=True)
-    p.add_argument("--offload", choices=OFFLOADS, default="none")
+    p.add_argument("--offload", choices=OFFLOAD, default="none")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")

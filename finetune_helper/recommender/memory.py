@@ -20,7 +20,7 @@ from ..errors import FinetuneHelperError
 from .model import ModelSpec
 from .optimizers import OPTIMIZERS
 from .training_setup import DTYPE_BYTES, TrainingSetup
-from .zero import OFFLOAD, ZERO_STAGES, zero_states
+from .zero import ZERO_STAGES, check_offload, zero_states
 from ..units import MiB
 
 #: CUDA context + cuBLAS/cuDNN handles that the driver holds outside the caching allocator. PyTorch's CUDA notes
@@ -201,9 +201,7 @@ def estimate_memory(spec: ModelSpec, setup: TrainingSetup, *, gpus: int = 1, sha
         raise FinetuneHelperError("gpus", f"must be an integer >= 1, got {gpus!r}")
     if sharding not in SHARDING:
         raise FinetuneHelperError("sharding", f"{sharding!r} is not one of {', '.join(SHARDING)}")
-    if offload not in OFFLOAD or (offload != "none" and sharding not in ZERO_STAGES):
-        raise FinetuneHelperError("offload", f"{offload!r}: offloading is DeepSpeed's (zero2: optimizer; zero3: "
-                                  "optimizer or all); one of none, optimizer, all")
+    check_offload(sharding, offload)
     if setup.attn_implementation not in (spec.traits.attn_implementations if spec.traits else ("sdpa", "eager")):
         raise FinetuneHelperError("attn-implementation", f"{spec.model_type} does not support "
                                   f"{setup.attn_implementation} in transformers 5")

@@ -34,7 +34,7 @@ from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, MIN_EFFECTIVE_BATCH, MIN_STEPS
                     SCHEDULES, TRAINER_SCHEDULERS, WEIGHT_DECAY, lr_bounds_note, lr_reference_rate, reference_batch,
                     reference_clipping, scaled_learning_rate, schedule_reason, scheduler_kwargs, warmup_ratio)
 from .training_setup import TrainingSetup, step_shape
-from .zero import OFFLOAD, ZERO_OPTIMIZERS, ZERO_STAGES, deepspeed_config
+from .zero import OFFLOAD, ZERO_OPTIMIZERS, ZERO_STAGES, check_offload, deepspeed_config
 
 #: Largest per-device micro-batch the planner proposes (beyond it throughput stops improving on any current GPU).
 MAX_MICRO_BATCH = 128
@@ -137,13 +137,7 @@ class PlanRequest:
         if self.strategy in ("ddp", "fsdp") and self.gpus == 1:
             raise FinetuneHelperError("strategy", f"{self.strategy} shares the work of several GPUs: set --gpus >= 2 "
                                       "(or zero2 / zero3 with --offload on one GPU)")
-        if self.offload not in OFFLOAD:
-            raise FinetuneHelperError("offload", f"{self.offload!r} is not one of {', '.join(OFFLOAD)}")
-        if self.offload != "none" and self.strategy not in ZERO_STAGES:
-            raise FinetuneHelperError("offload", "offloading to host memory is DeepSpeed's: use --strategy zero2 "
-                                      "(optimizer) or zero3 (optimizer or all)")
-        if self.offload == "all" and self.strategy != "zero3":
-            raise FinetuneHelperError("offload", "'all' moves the parameters too, which only zero3 does")
+        check_offload(self.strategy, self.offload)
         if self.strategy in ZERO_STAGES and self.weights_dtype == "bf16":
             raise FinetuneHelperError("weights-dtype", "bf16 under DeepSpeed: ZeRO keeps fp32 master weights of the "
                                       "16-bit module (leave --weights-dtype out)")

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import defaults
 from ..errors import FinetuneHelperError
 from .model import ModelSpec
 
 #: ZeRO strategies and what offloading each accepts (``offload_param`` exists in ZeRO-3 only)
 ZERO_STAGES = {"zero2": 2, "zero3": 3}
-OFFLOAD = ("none", "optimizer", "all")
+OFFLOAD = defaults.OFFLOADS
 #: the optimizers whose states the estimator's 8 bytes describe (Adam's two fp32 moments); with offload DeepSpeed
 #: runs its own CPU Adam (the config's ``optimizer`` section)
 ZERO_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
@@ -81,10 +82,7 @@ def zero_states(spec: ModelSpec, *, strategy: str, offload: str, gpus: int, trai
     in all over ``nodes`` nodes."""
     if strategy not in ZERO_STAGES:
         raise FinetuneHelperError("strategy", f"{strategy!r} is not a ZeRO strategy ({', '.join(ZERO_STAGES)})")
-    if offload not in OFFLOAD:
-        raise FinetuneHelperError("offload", f"{offload!r} is not one of {', '.join(OFFLOAD)}")
-    if offload == "all" and strategy != "zero3":
-        raise FinetuneHelperError("offload", "'all' (parameters too) needs zero3; ZeRO-2 offloads the optimizer only")
+    check_offload(strategy, offload)
     n = trainable
     params16 = n * PARAM_16 + frozen_bytes
     # what the optimizer offload moves to the host: the 32-bit gradients, master weights and moments (16 bytes)
@@ -106,6 +104,19 @@ def zero_states(spec: ModelSpec, *, strategy: str, offload: str, gpus: int, trai
     # the 16-bit gradient partition lives through the run, the 32-bit one is made for the step (measured)
     return ZeroStates(_split(params16 + n * MASTER_32, gpus), _split(n * (GRAD_16 + GRAD_32), gpus),
                       _split(n * ADAM_STATES, gpus), gathered, 0)
+
+
+def check_offload(strategy: str, offload: str) -> None:
+    """``offload`` is one DeepSpeed does under ``strategy`` (a sharding or a --strategy): ZeRO-2 the optimizer,
+    ZeRO-3 the optimizer or all; nothing else offloads."""
+    if offload not in OFFLOAD:
+        raise FinetuneHelperError("offload", f"{offload!r} is not one of {', '.join(OFFLOAD)}")
+    if offload != "none" and strategy not in ZERO_STAGES:
+        raise FinetuneHelperError("offload", "offloading to host memory is DeepSpeed's: use --strategy zero2 "
+                                  "(optimizer) or zero3 (optimizer or all)")
+    if offload == "all" and strategy != "zero3":
+        raise FinetuneHelperError("offload", "'all' moves the parameters too, which only zero3 does; ZeRO-2 "
+                                  "offloads the optimizer")
 
 
 def _split(total: int, parts: int) -> int:

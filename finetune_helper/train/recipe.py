@@ -134,8 +134,9 @@ class HardwareSection:
         if self.strategy not in defaults.STRATEGIES:
             raise FinetuneHelperError("hardware.strategy", f"{self.strategy!r} is not one of "
                                       f"{', '.join(defaults.STRATEGIES)}")
-        if self.offload not in ("none", "optimizer", "all"):
-            raise FinetuneHelperError("hardware.offload", f"{self.offload!r} is not one of none, optimizer, all")
+        if self.offload not in defaults.OFFLOADS:
+            raise FinetuneHelperError("hardware.offload", f"{self.offload!r} is not one of "
+                                      f"{', '.join(defaults.OFFLOADS)}")
 
 
 @dataclass
