@@ -677,7 +677,7 @@ def recommend_plan(req: PlanRequest) -> Plan:
                               + ("" if req.dataset_size else
                                  f" (dataset size not given: {defaults.ASSUMED_DATASET_SIZE} assumed)")
                               + (f"; fewer than {MIN_STEPS} optimizer steps even at the smallest effective batch "
-                                 f"({MIN_EFFECTIVE_BATCH}): more data or epochs would train the adapter further"
+                                 f"({MIN_EFFECTIVE_BATCH}): more data or epochs would train the model further"
                                  if steps < MIN_STEPS else ""))
     lr, reasons["learning_rate"], raw_lr = scaled_learning_rate(
         method=req.method, optim=fit.optim, effective_batch=eff, hidden_size=req.model.hidden_size,

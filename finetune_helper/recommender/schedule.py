@@ -52,9 +52,10 @@ import math
 
 from ..errors import FinetuneHelperError
 
-#: the ``lr_scheduler_type`` values modelled here (a subset of ``transformers.SchedulerType``); the last two take
-#: ``lr_scheduler_kwargs``: ``min_lr_rate`` (``get_cosine_with_min_lr_schedule_with_warmup``) and
-#: ``num_decay_steps`` / ``decay_type`` / ``min_lr_ratio`` (``get_wsd_schedule``)
+#: the ``lr_scheduler_type`` values modelled here (a subset of ``transformers.SchedulerType``, and step decay); four
+#: take ``lr_scheduler_kwargs``: ``min_lr_rate`` (``cosine_with_min_lr``), ``min_lr_rate`` / ``warmup_lr_rate``
+#: (``cosine_warmup_with_min_lr``), ``num_decay_steps`` / ``decay_type`` / ``min_lr_ratio``
+#: (``warmup_stable_decay``, ``get_wsd_schedule``) and ``milestones`` / ``gamma`` (``step_decay``)
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr",
                                "cosine_warmup_with_min_lr", "warmup_stable_decay", "step_decay")
 #: ``step_decay`` is not transformers': ``finetune-helper run`` gives the Trainer a ``LambdaLR`` of :func:`lr_at`
