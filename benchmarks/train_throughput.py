@@ -356,11 +356,11 @@ def callback_cost(logging_steps: int, n: int = 2000) -> float:
     ``logging_steps``), measured by calling them directly: a bound that the noise of whole runs cannot give."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from finetune_helper.train.runner import _callbacks
+    from finetune_helper.train.callbacks import runner_callbacks
 
     run_dir = TMP / "callback-cost"
     run_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = _callbacks(run_dir, quiet, {})
+    callbacks = runner_callbacks(run_dir, quiet, {})
     args = TrainingArguments(output_dir=str(run_dir), report_to="none", use_cpu=True)
     st, control = TrainerState(), TrainerControl()
     st.max_steps, st.num_input_tokens_seen = n, 0

@@ -9,12 +9,14 @@ and ``summary.json`` is the estimate of this setup.  So an override of the batch
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..export.versions import trl_fuses_lm_head
 from ..recommender.model import ModelSpec
 from ..recommender.rules import DEFAULT_OPTIM
 from ..recommender.training_setup import TrainingSetup, step_shape
+from . import run_folder
 
 
 def compute_dtype(sft_kwargs: dict[str, Any]) -> str:
@@ -62,3 +64,54 @@ def executed_setup(recipe, spec: ModelSpec, sft_kwargs: dict[str, Any], *, devic
         attn_implementation=recipe.model.attn_implementation or spec.default_attn_implementation,
         weights_dtype=weights if weights != "fp32" else None, device=device, loss=loss,
         padded=padded, packing=packing)
+
+
+def run_setup(prep, sft_kwargs: dict[str, Any]):  # -> recommender.training_setup.TrainingSetup
+    """The setup of the step these arguments run (``train.setup.executed_setup``): what the model is loaded as and
+    what the reported estimate describes."""
+    return executed_setup(prep.recipe, prep.plan.request.model, sft_kwargs, device=run_device(sft_kwargs),
+                          weights_dtype=prep.plan.weights_dtype)
+
+
+def run_estimate(prep, sft_kwargs: dict[str, Any] | None = None):  # -> MemoryEstimate
+    """The memory estimate of the step these arguments run on this machine (what plan.json and summary.json
+    report next to the plan made for the recipe's GPU)."""
+    from ..recommender.memory import estimate_memory
+
+    kwargs = sft_kwargs if sft_kwargs is not None else prep.sft_kwargs
+    setup = run_setup(prep, kwargs)
+    gpus = prep.plan.request.gpus  # the processes of the run: FSDP / ZeRO shard over them, DDP replicates
+    sharding = "fsdp" if kwargs.get("fsdp") and gpus > 1 else "ddp" if gpus > 1 else "none"
+    zero = zero_strategy(kwargs)
+    sharding, offload = zero if zero else (sharding, "none")
+    return estimate_memory(prep.plan.request.model, setup, gpus=gpus, sharding=sharding,
+                           accumulation=int(kwargs.get("gradient_accumulation_steps", 1)), offload=offload)
+
+
+def zero_strategy(sft_kwargs: dict[str, Any]) -> tuple[str, str] | None:
+    """(zero2 | zero3, offload) when these arguments run DeepSpeed ZeRO (the plan's config, or a recipe's
+    ``training.deepspeed`` dict or JSON file)."""
+    from ..recommender.zero import strategy_of
+
+    config = sft_kwargs.get("deepspeed")
+    if isinstance(config, str):
+        config = run_folder.read_json(Path(config)) or {}
+    return strategy_of(config) if isinstance(config, dict) else None
+
+
+def shards_parameters(sft_kwargs: dict[str, Any]) -> bool:
+    """Whether these arguments split the parameters themselves over the processes (FSDP, ZeRO-3)."""
+    return bool(sft_kwargs.get("fsdp")) or (zero_strategy(sft_kwargs) or ("none",))[0] == "zero3"
+
+
+def run_device(sft_kwargs: dict[str, Any]) -> str:
+    """Where these arguments run: the CPU when they say so (``use_cpu``), else CUDA (a dry run on a machine without
+    a GPU writes the arguments for the GPU the recipe names)."""
+    return "cpu" if sft_kwargs.get("use_cpu") else "cuda"
+
+
+def local_device() -> str:
+    """``cuda`` when this machine has a CUDA GPU, else ``cpu`` (imports torch)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

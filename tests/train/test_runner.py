@@ -236,7 +236,7 @@ def test_the_runner_loads_the_model_its_estimate_describes(tmp_path, method, tra
     recipe = load_recipe(TINY, [*extra, method, training, "training.max_steps=1"])
     prep, tokenizer = runner.prepare(recipe, tmp_path / "run", **QUIET)
     setup = runner.run_setup(prep, prep.sft_kwargs)
-    model = runner._load_model(prep, prep.sft_kwargs)
+    model = runner.load_model(prep, prep.sft_kwargs)
     base = [p for n, p in model.named_parameters() if "lora" not in n]
     assert {str(p.dtype) for p in base} == {f"torch.{dtype}"} and setup.load_dtype == {"float32": "fp32",
                                                                                         "bfloat16": "bf16"}[dtype]
@@ -551,9 +551,9 @@ def test_the_run_is_planned_for_the_gpu_that_is_present(tmp_path, monkeypatch, d
     """A stubbed detection (this machine has no CUDA) returning a card other than the recipe's: the plan is made
     for it, said in the log and plan.json; a card without bf16 gets fp16."""
     from finetune_helper.recommender.gpu import resolve_gpu
-    from finetune_helper.train import runner
+    from finetune_helper.train import prepare as prepare_module
 
-    monkeypatch.setattr(runner, "_detected_gpu", lambda: resolve_gpu(detected))
+    monkeypatch.setattr(prepare_module, "_detected_gpu", lambda: resolve_gpu(detected))
     lines: list[str] = []
     out = tmp_path / "dry"
     run(TINY, ["hardware.gpu=A100 80GB"], output_dir=str(out), dry_run=True, log=lines.append)
@@ -572,8 +572,8 @@ def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype(tmp_path)
 
     recipe = load_recipe(TINY, ["method.type=qlora", "training.bf16=true", "training.max_steps=1"])
     prep, _ = runner.prepare(recipe, tmp_path / "run", **QUIET)
-    plain = runner._load_model(prep, prep.sft_kwargs).config.quantization_config
-    sharded = runner._load_model(prep, {**prep.sft_kwargs, "fsdp": True}).config.quantization_config
+    plain = runner.load_model(prep, prep.sft_kwargs).config.quantization_config
+    sharded = runner.load_model(prep, {**prep.sft_kwargs, "fsdp": True}).config.quantization_config
     assert plain.bnb_4bit_quant_storage == torch.uint8 and sharded.bnb_4bit_quant_storage == torch.bfloat16
 
 

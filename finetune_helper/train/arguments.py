@@ -1,0 +1,141 @@
+"""The run's ``SFTConfig`` arguments: the plan's, the recipe's ``training:`` overrides (typed and checked as the
+fields they set) and what this machine needs, built once as a real ``SFTConfig`` before anything is written, so
+that a bad value is a one-line error naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import FinetuneHelperError, first_line
+from ..export.versions import RENAMES
+from .preflight import check_deepspeed
+from .recipe import Recipe
+from .setup import zero_strategy
+
+
+def sft_kwargs_for(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run: bool, has_eval: bool,
+                trl_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The ``SFTConfig`` keyword arguments of the run (the plan's, the recipe's overrides, what this machine needs)
+    checked by building an SFTConfig once, and the adaptations to this machine, each said in a line."""
+    from ..export.training_args import training_kwargs
+
+    overrides = dict(recipe.training)
+    adaptations: list[str] = []
+    kwargs = training_kwargs(plan, str(run_dir), sft=True, **{"seed": recipe.seed, **overrides})
+    _check_deepspeed(kwargs, device, dry_run=dry_run)
+    if device == "cpu" and dry_run:
+        adaptations.append("no CUDA GPU on this machine: a run here would train on the CPU in fp32")
+    elif device == "cpu" and overrides.get("bf16") is True:
+        kwargs.update(use_cpu=True, bf16=True, fp16=False)
+        adaptations.append("no CUDA GPU: training on the CPU under bf16 autocast (training.bf16=true; use_cpu=True)")
+    elif device == "cpu":
+        kwargs.update(use_cpu=True, bf16=False, fp16=False)
+        adaptations.append("no CUDA GPU: training on the CPU in fp32 (use_cpu=True, bf16/fp16 off)")
+        if plan.optim not in ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor") and "optim" not in overrides:
+            kwargs["optim"] = "adamw_torch"
+            adaptations.append(f"optim {plan.optim} needs bitsandbytes on CUDA: adamw_torch on the CPU")
+    if device == "cpu" and not dry_run and kwargs.get("fsdp"):
+        # accelerate routes FSDP to GPU-like devices only: CPU processes would silently replicate; say so instead
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("fsdp", "fsdp_config")}
+        adaptations.append("no CUDA GPU: FSDP is accelerate's on GPUs only; the CPU processes train data parallel "
+                           "(DDP, gloo), the model replicated")
+    if kwargs.get("lr_scheduler_kwargs") and "lr_scheduler_kwargs" not in overrides and int(
+            overrides.get("max_steps", -1)) > 0:
+        # a run shortened or lengthened by training.max_steps: the schedule's own step counts follow it
+        from ..recommender.rules import scheduler_kwargs
+        from ..recommender.schedule import warmup_steps_for
+
+        total = int(overrides["max_steps"])
+        warmup = warmup_steps_for(kwargs.get("warmup_steps", kwargs.get("warmup_ratio", 0)) or 0, total)
+        kwargs["lr_scheduler_kwargs"] = scheduler_kwargs(plan.lr_scheduler_type, total, warmup)
+    # keep checkpoints on logging steps, so a diverged loss is seen before it can be saved
+    logging_steps = int(kwargs.get("logging_steps", 10))
+    if "save_steps" in kwargs and "save_steps" not in overrides:
+        kwargs["save_steps"] = max(logging_steps, math.ceil(kwargs["save_steps"] / logging_steps) * logging_steps)
+    kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
+    kwargs.setdefault("logging_nan_inf_filter", False)  # the Trainer would hide NaN/inf losses from the guard
+    kwargs.setdefault("disable_tqdm", True)
+    # DDP: every trainable parameter takes part in each step (find_unused_parameters would walk the graph each time)
+    kwargs.setdefault("ddp_find_unused_parameters", False)
+    kwargs.setdefault("save_total_limit", 3)
+    if overrides.get("bf16") is True and device == "cuda" and not plan.request.gpu.bf16:
+        raise FinetuneHelperError("training.bf16", f"{plan.request.gpu.name} has no bf16: leave it out (the plan "
+                                  "trains in fp16 with loss scaling there)")
+    if not has_eval and str(overrides.get("eval_strategy", "no")) != "no":
+        raise FinetuneHelperError("training.eval_strategy", f"{overrides['eval_strategy']!r} needs held-out data: set "
+                                  "data.eval_fraction above 0 (or eval_strategy to no)")
+    if has_eval:
+        kwargs.setdefault("eval_strategy", "steps")
+        kwargs.setdefault("eval_steps", kwargs.get("save_steps", 100))
+        kwargs.setdefault("per_device_eval_batch_size", kwargs["per_device_train_batch_size"])
+    sft = {"max_length": plan.request.resolved_seq_len, "packing": recipe.data.packing, **trl_kwargs}
+    if recipe.data.packing:
+        sft["padding_free"] = True
+        attn = recipe.model.attn_implementation or plan.request.model.default_attn_implementation
+        if attn != "flash_attention_2" or device == "cpu":
+            adaptations.append(
+                "data.packing: padding-free rows are attended as one masked sequence without flash_attention_2, "
+                "quadratic in the packed length (benchmarks/train_throughput.py: 2.7x slower than padded batches on "
+                "the CPU); on a GPU set model.attn_implementation=flash_attention_2")
+    sft.update({k: v for k, v in overrides.items() if k in sft})  # training: completion_only_loss wins, say
+    return _check_sft_config({**kwargs, **sft}, overrides, device), adaptations
+
+
+def _check_deepspeed(sft_kwargs: dict[str, Any], device: str, *, dry_run: bool) -> None:
+    zero = zero_strategy(sft_kwargs)
+    if zero is not None:
+        check_deepspeed(zero[0], device, dry_run=dry_run)
+
+
+#: TrainingArguments fields that must be positive when a recipe sets them
+_POSITIVE_FIELDS = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps", "max_length"}
+
+
+def check_training_values(training: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``training:`` values typed as the SFTConfig fields they set (``"3e-4"`` -> float), with
+    one-line errors naming ``training.<key>``; needs no plan (``finetune-helper validate`` uses it)."""
+    import typing
+
+    from trl import SFTConfig
+
+    from .recipe import _coerce
+
+    hints = typing.get_type_hints(SFTConfig)
+    simple = (int, float, bool, int | None, float | None, bool | None)
+    out = dict(training)
+    for key, value in training.items():
+        tp = hints.get(key)
+        if tp in simple:
+            out[key] = value = _coerce(value, tp, f"training.{key}")
+        if key in _POSITIVE_FIELDS and not (isinstance(value, (int, float)) and value > 0):
+            raise FinetuneHelperError(f"training.{key}", f"must be > 0, got {value!r}")
+    return out
+
+
+def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], device: str) -> dict[str, Any]:
+    """Type-check the recipe's ``training:`` values against the SFTConfig fields and build the SFTConfig once, before
+    anything is written, so a bad value is a one-line error naming it. Returns the kwargs with coerced values."""
+    import warnings
+
+    from trl import SFTConfig
+
+    # an override may name a setting by the other transformers version's name (warmup_ratio, gradient_checkpointing):
+    # the export wrote it under the installed version's name
+    present = {k: k if k in sft_kwargs else RENAMES.get(k, k) for k in overrides}
+    typed = check_training_values({name: sft_kwargs[name] for name in present.values() if name in sft_kwargs})
+    sft_kwargs = {**sft_kwargs, **typed}
+    probe = dict(sft_kwargs)
+    if device == "cpu":  # a dry run on a machine without the planned GPU: check the values, not the hardware
+        probe.update(use_cpu=True, bf16=False, fp16=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            SFTConfig(**probe)
+    except (TypeError, ValueError) as exc:
+        text = first_line(exc)
+        raise FinetuneHelperError("training", f"the TrainingArguments do not build: {text}") from None
+    return sft_kwargs

@@ -1,0 +1,115 @@
+"""What must hold before a run loads anything: the run folder (it can be written, it holds no other run, a resume
+continues the same recipe), DeepSpeed's preconditions, LoRA's target modules.  Each refusal is a one-line
+:class:`FinetuneHelperError`, raised at once, before any process starts or anything is written.  No torch import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import FinetuneHelperError
+from . import run_folder
+from .recipe import Recipe
+from .setup import local_device
+
+
+def check_run_folder(run_dir: Path, *, dry_run: bool, resume: bool) -> None:
+    """Refuse, before anything is written, what would write over a run or a user's file."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FinetuneHelperError("output-dir", f"{run_dir} is a file, not a folder")
+    _check_writable(run_dir)
+    own = run_dir / run_folder.RECIPE
+    if own.exists() and not run_folder.is_own_recipe(own):
+        raise FinetuneHelperError("output-dir", f"{own} is not a recipe.yaml a run wrote (your own recipe?); a run "
+                                  "writes its resolved recipe there: choose another --output-dir (nothing was written)")
+    traces = run_folder.run_traces(run_dir)
+    if dry_run and traces:
+        raise FinetuneHelperError("output-dir", f"{run_dir} holds a run ({', '.join(traces)}); a dry run would rewrite "
+                                  "its recipe.yaml, plan.json and training_args.json: give the dry run another "
+                                  "--output-dir (nothing was written)")
+    if not resume and not dry_run and traces:
+        raise FinetuneHelperError("output-dir", f"{run_dir} already holds a run ({', '.join(traces)}); pass --resume "
+                                  "(or finetune-helper resume) to continue it, or --output-dir for a new one "
+                                  "(nothing was overwritten)")
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run folder can be created and written (before minutes of loading), or a one-line error; nothing is
+    created here (a refused run leaves no folder behind)."""
+    probe = run_dir.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FinetuneHelperError("output-dir", f"cannot write in {run_dir}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FinetuneHelperError("output-dir", f"cannot write in {run_dir}: {probe} is not writable")
+
+
+#: recipe settings a resumed run may change: only how long it trains
+
+
+def check_deepspeed(strategy: str, device: str | None = None, *, dry_run: bool = False) -> None:
+    """A ZeRO run needs DeepSpeed installed, and CUDA GPUs (the Trainer's DeepSpeed path, through accelerate, does
+    not run on the CPU); refused at once, before any process starts or anything loads."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise FinetuneHelperError("hardware.strategy", f"{strategy} runs DeepSpeed, which is not installed here: "
+                                  "pip install deepspeed (or strategy fsdp)")
+    if not dry_run and (device or local_device()) == "cpu":
+        raise FinetuneHelperError("hardware.strategy", f"{strategy}: DeepSpeed runs on CUDA GPUs and this machine has "
+                                  "none (the Trainer's DeepSpeed path does not train on the CPU): use fsdp or ddp "
+                                  "here, or --dry-run to write the run's arguments")
+
+
+def check_targets(recipe: Recipe, spec) -> None:
+    """``method.target_modules`` against the model's linear layers, every name: PEFT matches by suffix and refuses
+    only when no name matches, so ``[q_projj, v_proj]`` would silently train v_proj alone."""
+    targets = recipe.method.target_modules
+    if recipe.method.type == "full" or targets == "all-linear":
+        return
+    try:
+        spec.lora_linears(tuple(targets) if isinstance(targets, list) else targets)
+    except FinetuneHelperError as exc:
+        raise FinetuneHelperError("method.target_modules", exc.message) from None
+
+
+RESUMABLE_CHANGES = {"recommend.epochs", "training.max_steps", "training.num_train_epochs"}
+
+
+def check_resume_matches(recipe: Recipe, run_dir: Path) -> bool:
+    """``--resume`` continues the same run: its saved recipe.yaml must agree but for the training length.  Returns
+    whether the training length changed."""
+    import yaml
+
+    saved_file = run_dir / run_folder.RECIPE
+    if not saved_file.is_file():
+        return False
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    now = recipe.to_dict()
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and key != "columns":
+                out.update(flat(value, name + "."))
+            else:
+                out[name] = value
+        return out
+
+    a, b = flat(saved), flat(now)
+    longer = False
+    for key in sorted(set(a) | set(b)):
+        if key == "output_dir":
+            continue
+        if key in RESUMABLE_CHANGES:
+            longer = longer or a.get(key) != b.get(key)
+            continue
+        if a.get(key) != b.get(key):
+            raise FinetuneHelperError(key, f"differs from the run being resumed ({a.get(key)!r} in {saved_file}, "
+                                      f"{b.get(key)!r} now); --resume continues the same run (only the training "
+                                      "length may change): use a new --output-dir for a different recipe")
+    return longer
