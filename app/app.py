@@ -129,7 +129,8 @@ class App:
         return resolve_model(source)
 
     def plan(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-             scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD):
+             scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
+             trainer=defaults.TRAINER):
         from finetune_helper.recommender.gpu import resolve_gpu
         from finetune_helper.recommender.plan import PlanRequest, recommend_plan
 
@@ -144,27 +145,30 @@ class App:
                           lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"),
                           scheduler=str(scheduler or defaults.SCHEDULER),
                           strategy=str(strategy or defaults.STRATEGY), offload=str(offload or defaults.OFFLOAD),
+                          trainer=str(trainer or defaults.TRAINER),
                           calibration=lookup(gpu_spec.name, spec.name, str(method)))
         return recommend_plan(req)
 
     def recommend(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                  scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD):
+                  scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
+                  trainer=defaults.TRAINER):
         plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                         scheduler, strategy, offload)
+                         scheduler, strategy, offload, trainer)
         settings = pd.DataFrame(plan.settings_rows(), columns=["setting", "value", "reason"])
         return (verdict_markdown(plan), settings, memory_frame(plan), schedule_frame(plan), plan.to_dict())
 
     def export(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-               scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD, fmt="python"):
+               scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
+               trainer=defaults.TRAINER, fmt="python"):
         from finetune_helper.export.formats import render
 
         if fmt not in EXPORT_FORMATS:
             raise FinetuneHelperError("format", f"{fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
         plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                         scheduler, strategy, offload)
+                         scheduler, strategy, offload, trainer)
         output_dir = f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
         texts = {"recipe": self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
-                                            lr_min, lr_max, scheduler, strategy, offload, checked=True)}
+                                            lr_min, lr_max, scheduler, strategy, offload, trainer, checked=True)}
         names = {"python": "train_args.py", "json": "training_args.json", "yaml": "training_args.yaml",
                  "recipe": "recipe.yaml"}
         try:
@@ -184,18 +188,18 @@ class App:
 
     def recipe_text(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
                     scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
-                    data_path: str = PLACEHOLDER_DATA, checked: bool = False) -> str:
+                    trainer=defaults.TRAINER, data_path: str = PLACEHOLDER_DATA, checked: bool = False) -> str:
         """The form as a recipe; ``checked``: the caller has already planned these values (so they are valid)."""
         if not checked:
             self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                      scheduler, strategy, offload)
+                      scheduler, strategy, offload, trainer)
         recipe = recipe_from_settings(
             model=str(model).strip(), gpu=str(gpu).strip(), gpus=_opt_int(gpus, "gpus") or 1, method=str(method),
             seq_len=_seq_len(seq_len), dataset_size=_opt_int(dataset_size, "dataset-size"),
             epochs=_number(epochs, "epochs"), target_effective_batch=_opt_int(target_batch, "target-batch") or 0,
             lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"), data_path=data_path,
             scheduler=str(scheduler or defaults.SCHEDULER), strategy=str(strategy or defaults.STRATEGY),
-            offload=str(offload or defaults.OFFLOAD))
+            offload=str(offload or defaults.OFFLOAD), trainer=str(trainer or defaults.TRAINER))
         header = ("# Made by the finetune-helper app from its recommendation.\n"
                   f"# data.path: replace {PLACEHOLDER_DATA} with your dataset (or upload one in the Train tab).\n"
                   "# Run: finetune-helper run recipe.yaml\n")
@@ -204,10 +208,10 @@ class App:
     # --------------------------------------------------------------------------------- train
     def load_recipe(self, choice, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
                     lr_max, scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY,
-                    offload=defaults.OFFLOAD) -> str:
+                    offload=defaults.OFFLOAD, trainer=defaults.TRAINER) -> str:
         if choice == FROM_RECOMMENDATION:
             return self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
-                                    lr_max, scheduler, strategy, offload)
+                                    lr_max, scheduler, strategy, offload, trainer)
         names = {p.name: p for p in shipped_recipes()}
         if choice not in names:
             raise FinetuneHelperError("recipe", f"{choice!r} is not a shipped recipe; choose from "
@@ -330,6 +334,15 @@ def verdict_markdown(plan) -> str:
                                                             if plan.lr_note else []),
              f"Peak per GPU {fmt_gib(total)} = {parts} GiB; GPU {fmt_gib(r.gpu.memory_bytes)}, usable "
              f"{fmt_gib(r.budget_bytes)} ({1 - r.safety_margin:.0%})."]
+    from finetune_helper.export.formats import TRAINER_LABELS
+
+    trainer = f"Planned for {TRAINER_LABELS[r.trainer]}"
+    if r.trainer == "trl":
+        other = plan.under_trainer("transformers")
+        trainer += (f"; under transformers.Trainer the same batch would need {fmt_gib(other['peak_memory_bytes'])} "
+                    f"({'fits' if other['fits'] else 'does not fit'}): Trainer *transformers* plans batch "
+                    f"{other['per_device_train_batch_size']}")
+    lines.append(trainer + ".")
     for step in plan.escalation:
         lines.append(f"- tried {step.change}: {fmt_gib(step.peak_memory_bytes)}: "
                      f"{'fits' if step.fits else 'does not fit'}")
@@ -528,6 +541,9 @@ def _recommend_tab(app: App) -> SimpleNamespace:
                                  elem_id="strategy")
         t.offload = gr.Dropdown(list(defaults.OFFLOADS), value=defaults.OFFLOAD, label="Offload to host",
                                 info="DeepSpeed: optimizer (zero2 / zero3), all (zero3)", elem_id="offload")
+        t.trainer = gr.Dropdown(list(defaults.TRAINERS), value=defaults.TRAINER, label="Trainer",
+                                info="trl: SFTTrainer (what Train runs); transformers: Trainer, full logits",
+                                elem_id="trainer")
     t.button = gr.Button("Recommend", variant="primary", elem_id="recommend-btn")
     t.error = gr.Markdown(elem_id="recommend-error")
     #: the named endpoints /recommend and /export (errors raised to the API client); the page's own button keeps
@@ -546,12 +562,13 @@ def _recommend_tab(app: App) -> SimpleNamespace:
                                 y_title="learning rate")
     with gr.Row():
         t.export_format = gr.Radio(list(EXPORT_FORMATS), value="python", label="Export format")
-    t.code = gr.Code(language="python", label="TrainingArguments", elem_id="export-code")
+    t.code = gr.Code(language="python", label="Trainer arguments (SFTConfig or TrainingArguments)",
+                     elem_id="export-code")
     t.downloads = gr.File(label="Downloads: Python, JSON, YAML, recipe", file_count="multiple", elem_id="downloads")
     with gr.Accordion("Plan as JSON", open=False):
         t.plan_json = gr.JSON()
     t.form = [t.model, t.gpu, t.n_gpus, t.method, t.seq_len, t.dataset_size, t.epochs, t.target_batch, t.lr_min,
-              t.lr_max, t.scheduler, t.strategy, t.offload]
+              t.lr_max, t.scheduler, t.strategy, t.offload, t.trainer]
     t.outputs = [t.verdict, t.settings, t.memory_plot, t.lr_plot, t.plan_json]
     return t
 

@@ -21,7 +21,7 @@ PROG = "finetune-helper"
 #: in the order ``--help`` lists them
 COMMANDS = (estimate, recommend, export, validate, run, resume, lr_find, doctor, probe, app, gpus, models)
 #: error fields that name a recipe setting (``data.path``) or the recipe itself rather than a command-line flag
-_RECIPE_FIELDS = ("recipe", "override", "training", "seed", "output_dir", "stack", "app", "run_dir")
+_RECIPE_FIELDS = ("recipe", "override", "training", "seed", "output_dir", "stack", "app", "run_dir", "trainer")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -35,6 +35,11 @@ STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "zero3")
 #: DeepSpeed's offload to host memory: ``none``, ``optimizer`` (zero2 / zero3), ``all`` (zero3: parameters too)
 OFFLOAD = "none"
 OFFLOADS = ("none", "optimizer", "all")
+#: the trainer a plan is made for: ``trl`` (TRL's ``SFTTrainer``, what ``finetune-helper run`` executes: its fused,
+#: chunked LM head never builds the vocabulary-wide logits) or ``transformers`` (``transformers.Trainer`` with the
+#: model's own loss, which builds the full logits and upcasts them to fp32)
+TRAINER = "trl"
+TRAINERS = ("trl", "transformers")
 #: examples assumed when the dataset size is not given
 ASSUMED_DATASET_SIZE = 10_000
 #: fraction of GPU memory kept free for what the estimate cannot see (other processes, allocator spikes, NCCL)

@@ -42,7 +42,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: 1, or all local GPUs with "
                    "--gpu auto)")
     p.add_argument("--dataset-size", type=int, default=None,
-                   help=f"training examples (default: {defaults.ASSUMED_DATASET_SIZE} assumed)")
+                   help=f"training examples; with --packing, the packed rows of --seq-len tokens they make (TRL packs "
+                   f"before training) (default: {defaults.ASSUMED_DATASET_SIZE} assumed)")
     p.add_argument("--epochs", type=float, default=defaults.EPOCHS, help="default: %(default)s")
     p.add_argument("--target-batch", type=int, default=defaults.TARGET_EFFECTIVE_BATCH,
                    help="target effective batch in sequences (default: %(default)s, Llama 2 SFT)")
@@ -56,13 +57,24 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    "free (default: %(default)s)")
     p.add_argument("--weights-dtype", default=None, choices=("fp32", "bf16"), help="full fine-tuning's weights "
                    "(default: fp32 masters under autocast, pure bf16 only when that does not fit)")
-    p.add_argument("--packing", action="store_true", help="the data is packed (TRL packing=True, padding-free): a "
-                   "micro-batch's examples run as one row")
+    p.add_argument("--packing", action="store_true", help="the data is packed (TRL packing=True, padding-free): "
+                   "examples are packed into rows of --seq-len tokens, a micro-batch of rows runs as one row, and "
+                   "--dataset-size counts rows")
     p.add_argument("--strategy", default=defaults.STRATEGY, choices=defaults.STRATEGIES,
                    help="several GPUs: auto (DDP, or FSDP when it fits a larger micro-batch), ddp, fsdp, or DeepSpeed "
                    "zero2 / zero3 (default: %(default)s)")
     p.add_argument("--offload", default=defaults.OFFLOAD, choices=defaults.OFFLOADS,
                    help="DeepSpeed's offload to host memory: optimizer (zero2 / zero3), all (zero3; parameters too)")
+    add_trainer_arg(p)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where the step runs: cuda, or cpu to "
+                   "plan a CPU run's memory (no CUDA context, the CPU kernels; exports add use_cpu) "
+                   "(default: %(default)s)")
+
+
+def add_trainer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trainer", default=defaults.TRAINER, choices=defaults.TRAINERS,
+                   help="the trainer the plan is for: trl (TRL's SFTTrainer, what `run` executes: no vocabulary-wide "
+                   "logits) or transformers (transformers.Trainer: full logits in fp32) (default: %(default)s)")
 
 
 def target_modules(text: str) -> str | tuple[str, ...]:
@@ -93,7 +105,7 @@ def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
                       attn_implementation=args.attn_implementation, packing=args.packing, scheduler=args.scheduler,
-                      strategy=args.strategy, offload=args.offload,
+                      strategy=args.strategy, offload=args.offload, trainer=args.trainer, device=args.device,
                       calibration=lookup(gpu.name, spec.name, args.method))
     return recommend_plan(req)
 

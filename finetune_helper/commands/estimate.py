@@ -9,7 +9,7 @@ from typing import Any
 from .. import defaults
 from ..errors import FinetuneHelperError
 from ..units import fmt_gib
-from .common import add_model_args, breakdown_table, emit, model_line, table
+from .common import add_model_args, add_trainer_arg, breakdown_table, emit, model_line, table
 
 
 def add_parser(subparsers) -> None:
@@ -31,6 +31,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--unpadded", action="store_true", help="every row is as long as --seq-len (no padding mask)")
     p.add_argument("--packing", action="store_true", help="padding-free packing (TRL packing=True): the --batch "
                    "examples run as one row of batch x seq-len tokens")
+    add_trainer_arg(p)
+    p.add_argument("--loss", default=None, choices=("fused", "logits"), help="the loss path, when not the trainer's: "
+                   "fused (TRL's chunked LM head) or logits (the model's own loss; TRL too with label smoothing or a "
+                   "custom loss function) (default: the --trainer's)")
     p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps: above 1 the gradients "
                    "live through every micro-step (default: %(default)s)")
     p.set_defaults(func=run)
@@ -40,7 +44,7 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
     from ..recommender.memory import estimate_memory
     from ..recommender.model import resolve_model
     from ..recommender.rules import DEFAULT_OPTIM
-    from ..recommender.training_setup import TrainingSetup, step_shape
+    from ..recommender.training_setup import TRAINER_LOSS, TrainingSetup, step_shape
 
     spec = resolve_model(args.model)
     rows, seq, padded = step_shape(args.batch, spec.sequence_length(args.seq_len), packing=args.packing)
@@ -49,7 +53,8 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
                           lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                           lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
                           attn_implementation=args.attn_implementation or spec.default_attn_implementation,
-                          device=args.device, padded=padded and not args.unpadded, packing=args.packing)
+                          device=args.device, padded=padded and not args.unpadded, packing=args.packing,
+                          loss=args.loss or TRAINER_LOSS[args.trainer])
     sharding = args.sharding or ("ddp" if args.gpus > 1 else "none")
     if args.accumulation < 1:
         raise FinetuneHelperError("accumulation", f"must be >= 1, got {args.accumulation}")
@@ -59,6 +64,7 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
                           offload=args.offload, nodes=args.nodes)
     data = {"model": spec.name, "model_type": spec.model_type, "method": args.method, "batch": args.batch,
             "seq_len": seq, "dtype": args.dtype, "optim": setup.optim, "sharding": sharding, "offload": args.offload,
+            "trainer": args.trainer, "loss": setup.loss,
             "gradient_checkpointing": args.gradient_checkpointing, **est.to_dict()}
     if args.gpus > 1:
         data["strategies"] = by_strategy(spec, setup, args.gpus, args.accumulation, args.nodes)
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> None:
         return
     print(f"{model_line(data['model'], data['model_type'], data['parameters'], data['trainable_parameters'])}: "
           f"{data['method']}, batch {data['batch']} x {data['seq_len']} tokens, {data['dtype']}, {data['optim']}, "
-          f"gradient checkpointing {'on' if data['gradient_checkpointing'] else 'off'}")
+          f"gradient checkpointing {'on' if data['gradient_checkpointing'] else 'off'}, "
+          + ("TRL's fused LM head" if data["loss"] == "fused" else "full logits in fp32 (the model's own loss)"))
     print()
     print(breakdown_table(data["breakdown"], data["total_bytes"]))
     print()

@@ -11,8 +11,9 @@ from .common import add_plan_args, emit, gather_plan
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="the plan as TrainingArguments JSON / YAML / Python / CLI flags, or an "
-                              "accelerate launch config (--format accelerate)")
+    p = subparsers.add_parser("export", help="the plan as the trainer's arguments (TRL's SFTConfig, or "
+                              "TrainingArguments with --trainer transformers) in JSON / YAML / Python / CLI flags, or "
+                              "an accelerate launch config (--format accelerate)")
     add_plan_args(p)
     p.add_argument("--format", default="json", choices=("json", "yaml", "python", "cli", "accelerate"),
                    help="default: %(default)s; accelerate: a config for `accelerate launch --config_file`")
@@ -24,12 +25,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..export.formats import render
+    from ..export.formats import PLAIN_FORMATS, header, render
 
     plan = gather_plan(args)
     output_dir = args.output_dir or f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
     text = render(plan, args.format, output_dir=output_dir, version=args.transformers_version)
-    if not plan.fits:  # yaml and python carry it as a comment too; json and cli flags cannot
+    if args.format in PLAIN_FORMATS:  # no comments in JSON or a flag line: what the others say in theirs
+        for line in header(plan, args.transformers_version):
+            print(f"# {line}", file=sys.stderr)
+    if not plan.fits:
         print(f"finetune-helper: warning: this plan does not fit in GPU memory: {plan.reasons.get('fits', '')}",
               file=sys.stderr)
     if not args.output:
@@ -40,7 +44,9 @@ def run(args: argparse.Namespace) -> None:
             fh.write(text if text.endswith("\n") else text + "\n")
     except OSError as exc:
         raise FinetuneHelperError("output", f"cannot write {args.output}: {exc.strerror}") from exc
-    what = "accelerate config" if args.format == "accelerate" else f"{args.format} TrainingArguments"
+    from ..export.training_args import config_class
+
+    what = "accelerate config" if args.format == "accelerate" else f"{args.format} {config_class(plan)}"
     print(f"wrote {what} to {args.output}", file=sys.stderr)
     if args.format == "accelerate":
         from ..export.formats import launch_command

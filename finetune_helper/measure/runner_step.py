@@ -52,6 +52,8 @@ class Measurement:
     seconds: float
     #: per micro-step: the token shape the collator produced (batch, sequence) and whether it padded any row
     batches: list[tuple[tuple[int, ...], bool]] = field(default_factory=list)
+    #: the class that trained (``SFTTrainer``, or ``Trainer`` for a recipe with ``trainer: transformers``)
+    trainer_class: str = ""
 
     @property
     def peak(self) -> StepPeak:
@@ -145,4 +147,5 @@ def measure_recipe(recipe, *, steps: int = 3, run_dir: str | Path, log: Callable
     else:
         trainer.train()
     return Measurement(steps=peaks, sft_kwargs=dict(prep.sft_kwargs), plan=prep.plan,
-                       device="cuda" if cuda else "cpu", seconds=round(time.time() - t0, 2), batches=batches)
+                       device="cuda" if cuda else "cpu", seconds=round(time.time() - t0, 2), batches=batches,
+                       trainer_class=type(trainer).__name__)

@@ -33,7 +33,7 @@ from .optimizers import EIGHT_BIT_FALLBACK, OPTIMIZERS, is_eight_bit
 from .rules import (DEFAULT_OPTIM, MAX_GRAD_NORM, MIN_EFFECTIVE_BATCH, MIN_STEPS, ONE_CYCLE_RISE, SCHEDULER,
                     SCHEDULES, TRAINER_SCHEDULERS, WEIGHT_DECAY, lr_bounds_note, lr_reference_rate, reference_batch,
                     reference_clipping, scaled_learning_rate, schedule_reason, scheduler_kwargs, warmup_ratio)
-from .training_setup import TrainingSetup, step_shape
+from .training_setup import TRAINER_LOSS, TrainingSetup, step_shape
 from .zero import OFFLOAD, ZERO_OPTIMIZERS, ZERO_STAGES, check_offload, deepspeed_config
 
 #: Largest per-device micro-batch the planner proposes (beyond it throughput stops improving on any current GPU).
@@ -57,7 +57,8 @@ class PlanRequest:
     method: str = defaults.METHOD
     #: tokens per sequence; None means min(2048, the model's max_position_embeddings).
     seq_len: int | None = None
-    #: training examples (sequences after packing/truncation); None assumes ``defaults.ASSUMED_DATASET_SIZE``.
+    #: training sequences: examples, or with ``packing`` the rows TRL packs them into; None assumes
+    #: ``defaults.ASSUMED_DATASET_SIZE``.
     dataset_size: int | None = None
     epochs: float = defaults.EPOCHS
     target_effective_batch: int = defaults.TARGET_EFFECTIVE_BATCH
@@ -92,6 +93,9 @@ class PlanRequest:
     strategy: str = defaults.STRATEGY
     #: DeepSpeed's offload to host memory: ``optimizer`` (zero2 / zero3) or ``all`` (zero3, parameters too).
     offload: str = defaults.OFFLOAD
+    #: the trainer the plan is for (:data:`defaults.TRAINERS`): ``trl`` (``SFTTrainer``'s fused LM head, what
+    #: ``finetune-helper run`` executes) or ``transformers`` (``transformers.Trainer``: full logits in fp32).
+    trainer: str = defaults.TRAINER
 
     def __post_init__(self) -> None:
         if not isinstance(self.gpus, int) or isinstance(self.gpus, bool) or not 1 <= self.gpus <= MAX_GPUS_REQUEST:
@@ -124,6 +128,10 @@ class PlanRequest:
         if self.weights_dtype == "bf16" and (self.method != "full" or not self.gpu.bf16):
             raise FinetuneHelperError("weights-dtype", "bf16 weights are an option of full fine-tuning on a GPU with "
                                       "bfloat16")
+        if self.trainer not in defaults.TRAINERS:
+            raise FinetuneHelperError("trainer", f"{self.trainer!r} is not one of {', '.join(defaults.TRAINERS)}")
+        if self.device not in ("cuda", "cpu"):
+            raise FinetuneHelperError("device", f"{self.device!r} is not one of cuda, cpu")
         if self.scheduler not in SCHEDULES:
             raise FinetuneHelperError("scheduler", f"{self.scheduler!r} is not one of {', '.join(SCHEDULES)}")
         if self.optim is not None and self.optim not in OPTIMIZERS:
@@ -160,6 +168,11 @@ class PlanRequest:
     def dtype(self) -> str:
         return "bf16" if self.gpu.bf16 else "fp16"
 
+    @property
+    def loss(self) -> str:
+        """The loss path of the trainer planned for (``fused`` or ``logits``, :data:`.training_setup.TRAINER_LOSS`)."""
+        return TRAINER_LOSS[self.trainer]
+
     def setup(self, micro_batch: int, gradient_checkpointing: bool, optim: str | None = None,
               method: str | None = None, weights_dtype: str | None = None) -> TrainingSetup:
         method = method or self.method
@@ -167,7 +180,7 @@ class PlanRequest:
         rows, length, padded = step_shape(micro_batch, self.resolved_seq_len, packing=self.packing)
         return TrainingSetup(
             method=method, micro_batch_size=rows, seq_len=length, padded=padded, packing=self.packing,
-            device=self.device,
+            device=self.device, loss=self.loss,
             dtype=self.dtype, optim=optim or self.optim or DEFAULT_OPTIM,
             gradient_checkpointing=gradient_checkpointing, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules,
@@ -248,6 +261,20 @@ class Plan:
         return math.ceil(self.warmup_ratio * self.total_steps)
 
     @property
+    def option(self) -> _Option:
+        """How the step runs: checkpointing, optimizer, sharding and weight storage, as the planner chose them."""
+        shard = {"single GPU": "none"}.get(self.distributed, self.distributed)
+        return _Option(self.gradient_checkpointing, self.optim, shard, self.weights_dtype)
+
+    def under_trainer(self, trainer: str) -> dict[str, Any]:
+        """The same step under another trainer's loss path (``transformers``: full logits in fp32): the peak at this
+        plan's micro-batch, whether it fits, and the micro-batch a plan for that trainer would choose."""
+        req = dataclasses.replace(self.request, trainer=trainer)
+        peak = self.option.estimate(req, self.per_device_train_batch_size).total_bytes
+        return {"trainer": trainer, "peak_memory_bytes": peak, "fits": peak <= req.budget_bytes,
+                "per_device_train_batch_size": recommend_plan(req).per_device_train_batch_size}
+
+    @property
     def lr_scheduler_kwargs(self) -> dict[str, Any]:
         """What the schedule needs (``min_lr_rate``, ``num_decay_steps``, ...), as ``TrainingArguments`` passes it
         to ``get_scheduler`` (step decay's: the runner's); empty for most schedules."""
@@ -302,6 +329,7 @@ class Plan:
         ]
         if "distributed" in r:
             rows.append(("distributed", self.distributed, r["distributed"]))
+        rows.append(("trainer", self.request.trainer, r["trainer"]))
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,6 +341,9 @@ class Plan:
             "gpu_memory_bytes": r.gpu.memory_bytes,
             "gpus": r.gpus,
             "method": r.method,
+            "trainer": r.trainer,
+            "loss": r.loss,
+            "device": r.device,
             "seq_len": r.resolved_seq_len,
             "per_device_train_batch_size": self.per_device_train_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
@@ -344,6 +375,15 @@ class Plan:
                            for e in self.escalation],
         }
 
+
+#: what each trainer's loss path means for the plan (TRL 1.16 ``SFTTrainer.compute_loss``: ``fused_lm_head=True``;
+#: transformers ``loss/loss_utils.py``: ``logits.float()``)
+TRAINER_REASONS = {
+    "trl": "TRL's SFTTrainer (what finetune-helper run executes): its fused, chunked LM head never builds the "
+           "vocabulary-wide logits; --trainer transformers plans for transformers.Trainer",
+    "transformers": "transformers.Trainer with the model's own loss: the full logits, upcast to fp32, and their "
+                    "gradient are part of the peak",
+}
 
 #: how the reasons name each way of sharding
 STRATEGY_LABELS = {"ddp": "DDP", "fsdp": "FSDP full sharding", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
@@ -654,12 +694,13 @@ def recommend_plan(req: PlanRequest) -> Plan:
     micro = fit.micro
     accum = req.accumulation(micro)
     eff = micro * accum * req.gpus
+    unit = f"packed rows of {req.resolved_seq_len} tokens" if req.packing else "examples"
     lowered = ""
     if target < req.target_effective_batch:
-        lowered = (f"; target lowered from {req.target_effective_batch} to {target} so that {dataset} examples x "
+        lowered = (f"; target lowered from {req.target_effective_batch} to {target} so that {dataset} {unit} x "
                    f"{req.epochs:g} epochs make about {MIN_STEPS} optimizer steps (never below "
                    f"{MIN_EFFECTIVE_BATCH} sequences)" if steps_target else
-                   f"; target lowered from {req.target_effective_batch} to the {dataset} training examples")
+                   f"; target lowered from {req.target_effective_batch} to the {dataset} training {unit}")
     reasons["gradient_accumulation_steps"] = (f"smallest with {micro} x accumulation x {req.gpus} GPU"
                                               f"{'s' if req.gpus > 1 else ''} >= target {target}: {accum} "
                                               f"(effective batch {eff}){lowered}")
@@ -673,9 +714,12 @@ def recommend_plan(req: PlanRequest) -> Plan:
     reasons["optim"] = _optim_reason(req, fit)
 
     steps = max(1, math.ceil(math.ceil(dataset / eff) * req.epochs))
-    reasons["total_steps"] = (f"ceil({dataset} examples / {eff}) x {req.epochs:g} epochs = {steps}"
+    reasons["total_steps"] = (f"ceil({dataset} {unit} / {eff}) x {req.epochs:g} epochs = {steps}"
                               + ("" if req.dataset_size else
                                  f" (dataset size not given: {defaults.ASSUMED_DATASET_SIZE} assumed)")
+                              + ("; with packing TRL packs the examples into rows before training, so the dataset "
+                                 "size counts rows (finetune-helper run counts them from the tokenized data)"
+                                 if req.packing else "")
                               + (f"; fewer than {MIN_STEPS} optimizer steps even at the smallest effective batch "
                                  f"({MIN_EFFECTIVE_BATCH}): more data or epochs would train the model further"
                                  if steps < MIN_STEPS else ""))
@@ -697,6 +741,7 @@ def recommend_plan(req: PlanRequest) -> Plan:
     distributed, why = _distributed(req, fit)
     if why:
         reasons["distributed"] = why
+    reasons["trainer"] = TRAINER_REASONS[req.trainer]
     return Plan(
         request=req, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, learning_rate=lr,
         warmup_ratio=warm, gradient_checkpointing=fit.gc, optim=fit.optim, bf16=req.dtype == "bf16",

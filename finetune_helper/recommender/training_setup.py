@@ -29,6 +29,10 @@ TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICES = ("cuda", "cpu")
 LOSS_PATHS = ("fused", "logits")
+#: the loss path of each trainer a plan can be made for (``defaults.TRAINERS``): TRL 1.16's ``SFTTrainer.compute_loss``
+#: calls the model with ``fused_lm_head=True``; ``transformers.Trainer`` takes the model's own loss
+#: (``loss/loss_utils.py``: ``logits.float()``)
+TRAINER_LOSS = {"trl": "fused", "transformers": "logits"}
 
 
 def step_shape(batch: int, seq_len: int, *, packing: bool) -> tuple[int, int, bool]:

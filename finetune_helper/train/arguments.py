@@ -25,6 +25,7 @@ def sft_kwargs_for(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run:
     overrides = dict(recipe.training)
     adaptations: list[str] = []
     kwargs = training_kwargs(plan, str(run_dir), sft=True, **{"seed": recipe.seed, **overrides})
+    kwargs.pop("model_init_kwargs", None)  # the runner loads the model itself (train/load.py), as the setup says
     _check_deepspeed(kwargs, device, dry_run=dry_run)
     if device == "cpu" and dry_run:
         adaptations.append("no CUDA GPU on this machine: a run here would train on the CPU in fp32")
@@ -80,6 +81,10 @@ def sft_kwargs_for(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run:
                 "data.packing: padding-free rows are attended as one masked sequence without flash_attention_2, "
                 "quadratic in the packed length (benchmarks/train_throughput.py: 2.7x slower than padded batches on "
                 "the CPU); on a GPU set model.attn_implementation=flash_attention_2")
+    if recipe.trainer == "transformers" and "remove_unused_columns" not in overrides:
+        # transformers.Trainer would drop the columns its model's forward does not name (seq_lengths of packed
+        # rows) before TRL's collator sees them; TRL's prepared data holds only what the collator reads
+        sft["remove_unused_columns"] = False
     sft.update({k: v for k, v in overrides.items() if k in sft})  # training: completion_only_loss wins, say
     return _check_sft_config({**kwargs, **sft}, overrides, device), adaptations
 
@@ -88,6 +93,39 @@ def _check_deepspeed(sft_kwargs: dict[str, Any], device: str, *, dry_run: bool) 
     zero = zero_strategy(sft_kwargs)
     if zero is not None:
         check_deepspeed(zero[0], device, dry_run=dry_run)
+
+
+def _build(cls: type, kwargs: dict[str, Any]) -> Any:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(**kwargs)
+
+
+def _culprit(cls: type, kwargs: dict[str, Any], overridden: set[str]) -> str | None:
+    """The one recipe override without which ``cls(**kwargs)`` builds (the arguments the planner wrote build, so a
+    failure is an override's), or None when no single one is."""
+    for key in sorted(overridden):
+        try:
+            _build(cls, {k: v for k, v in kwargs.items() if k != key})
+        except (TypeError, ValueError):
+            continue
+        return key
+    return None
+
+
+def _allowed_values(cls: type, field: str) -> list[str]:
+    """The values an enumerated field takes (``lr_scheduler_type``: transformers' ``SchedulerType``, ``optim``...),
+    from the field's type; empty for other fields."""
+    import enum
+    import typing
+
+    hint = typing.get_type_hints(cls).get(field)
+    for tp in typing.get_args(hint) or (hint,):
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return [str(member.value) for member in tp]
+    return []
 
 
 #: TrainingArguments fields that must be positive when a recipe sets them
@@ -119,7 +157,6 @@ def check_training_values(training: dict[str, Any]) -> dict[str, Any]:
 def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], device: str) -> dict[str, Any]:
     """Type-check the recipe's ``training:`` values against the SFTConfig fields and build the SFTConfig once, before
     anything is written, so a bad value is a one-line error naming it. Returns the kwargs with coerced values."""
-    import warnings
 
     from trl import SFTConfig
 
@@ -132,10 +169,12 @@ def _check_sft_config(sft_kwargs: dict[str, Any], overrides: dict[str, Any], dev
     if device == "cpu":  # a dry run on a machine without the planned GPU: check the values, not the hardware
         probe.update(use_cpu=True, bf16=False, fp16=False)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            SFTConfig(**probe)
+        _build(SFTConfig, probe)
     except (TypeError, ValueError) as exc:
-        text = first_line(exc)
-        raise FinetuneHelperError("training", f"the TrainingArguments do not build: {text}") from None
+        key = _culprit(SFTConfig, probe, {present[k] for k in overrides if present[k] in probe})
+        if key is None:
+            raise FinetuneHelperError("training", f"the TrainingArguments do not build: {first_line(exc)}") from None
+        allowed = _allowed_values(SFTConfig, key)
+        raise FinetuneHelperError(f"training.{key}", f"{probe[key]!r} is refused: "
+                                  + (f"choose from {', '.join(allowed)}" if allowed else first_line(exc))) from None
     return sft_kwargs

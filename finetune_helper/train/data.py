@@ -379,6 +379,41 @@ def to_trl_dataset(dataset: "datasets.Dataset", fmt: str, *, assistant_mask_supp
     return converted, kwargs, note
 
 
+# ----------------------------------------------------------------------------------------------------- packing
+def token_lengths(dataset: "datasets.Dataset", tokenizer: Any) -> list[int]:
+    """Tokens per example of a dataset :func:`to_trl_dataset` made, tokenized as TRL 1.16's ``SFTTrainer`` tokenizes
+    it (``trl.data_utils._tokenize``, reached through ``_prepare_dataset``): conversations (``messages``, or a
+    conversational prompt + completion) through the chat template, plain text (``text``, or a text prompt +
+    completion) through the tokenizer with an EOS appended when it is missing."""
+    eos = tokenizer.eos_token or ""
+
+    def ids(turns_or_text: Any) -> list[int]:
+        if isinstance(turns_or_text, list):
+            return tokenizer.apply_chat_template(turns_or_text, tokenize=True, return_dict=True)["input_ids"]
+        text = turns_or_text if turns_or_text.endswith(eos) else turns_or_text + eos
+        return tokenizer(text=text)["input_ids"]
+
+    def length(example: dict) -> int:
+        if "prompt" in example:
+            return len(ids(example["prompt"] + example["completion"]))
+        return len(ids(example["messages"] if "messages" in example else example["text"]))
+
+    return [length(example) for example in dataset]
+
+
+def packed_rows(lengths: list[int], max_length: int, strategy: str = "bfd") -> int:
+    """How many rows TRL packs examples of ``lengths`` tokens into, ``max_length`` tokens each: TRL's own
+    ``pack_dataset`` (what ``SFTTrainer`` applies before training with ``packing=True``) run on placeholder tokens of
+    those lengths."""
+    from datasets import Dataset
+    from trl import pack_dataset
+
+    if not lengths:
+        return 0
+    placeholders = Dataset.from_dict({"input_ids": [[0] * n for n in lengths]})
+    return len(pack_dataset(placeholders, max_length, strategy))
+
+
 # ---------------------------------------------------------------------------------------------------- loading
 
 def _local_files(path: Path) -> tuple[str, list[str]]:

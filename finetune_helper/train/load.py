@@ -59,20 +59,36 @@ def _peft_config(recipe: Recipe):
 
 
 def build_trainer(prep: Prepared, tokenizer, sft_kwargs: dict[str, Any], callbacks: list) -> Any:
-    """The run's ``SFTTrainer`` for these arguments: its model loaded as the setup says, PEFT applied."""
+    """The run's trainer for these arguments: its model loaded as the setup says, PEFT applied, the data prepared by
+    TRL's ``SFTTrainer``; for a recipe with ``trainer: transformers``, a ``transformers.Trainer`` on what the
+    ``SFTTrainer`` prepared (:func:`_transformers_trainer`)."""
+    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(**sft_kwargs)
     model = load_model(prep, sft_kwargs)
-    trainer_class = SFTTrainer
+    trl = prep.recipe.trainer == "trl"
+    trainer_class = SFTTrainer if trl else Trainer
     if prep.plan.lr_scheduler_type == "step_decay" and sft_kwargs.get("lr_scheduler_type") == "constant_with_warmup":
-        trainer_class = _with_lambda_schedule(SFTTrainer, "step_decay", prep.plan.lr_scheduler_kwargs)
-    trainer = trainer_class(model=model, args=args, train_dataset=prep.train_dataset, eval_dataset=prep.eval_dataset,
-                            processing_class=tokenizer, peft_config=_peft_config(prep.recipe), callbacks=callbacks)
+        trainer_class = _with_lambda_schedule(trainer_class, "step_decay", prep.plan.lr_scheduler_kwargs)
+    sft = (trainer_class if trl else SFTTrainer)(
+        model=model, args=args, train_dataset=prep.train_dataset, eval_dataset=prep.eval_dataset,
+        processing_class=tokenizer, peft_config=_peft_config(prep.recipe), callbacks=callbacks)
+    trainer = sft if trl else _transformers_trainer(trainer_class, sft, callbacks)
     for printer in (PrinterCallback, ProgressCallback):  # our Progress callback prints one line per log instead
         trainer.remove_callback(printer)
     return trainer
+
+
+def _transformers_trainer(trainer_class, sft, callbacks: list) -> Any:
+    """``transformers.Trainer`` (``trainer_class``) on what ``sft`` (an ``SFTTrainer``) prepared: its tokenized data
+    with TRL's labels (-100 outside the completion or the assistant turns), its collator, and the model with PEFT
+    applied.  The loss is the model's own (``compute_loss`` without TRL's ``fused_lm_head``: the full logits, upcast
+    to fp32), as in a user's own ``transformers.Trainer`` script."""
+    return trainer_class(model=sft.model, args=sft.args, data_collator=sft.data_collator,
+                         train_dataset=sft.train_dataset, eval_dataset=sft.eval_dataset,
+                         processing_class=sft.processing_class, callbacks=callbacks)
 
 
 def _with_lambda_schedule(trainer_class, scheduler: str, options: dict[str, Any]):

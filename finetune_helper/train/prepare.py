@@ -158,7 +158,7 @@ def _plan_request(recipe: Recipe, spec, gpu, n_train: int):  # -> recommender.pl
         lora_target_modules=targets if isinstance(targets, str) else tuple(targets),
         weights_dtype=recipe.method.weights_dtype, calibration=lookup(gpu.name, spec.name, recipe.method.type),
         packing=bool(recipe.data.packing), scheduler=recipe.recommend.scheduler,
-        strategy=recipe.hardware.strategy, offload=recipe.hardware.offload,
+        strategy=recipe.hardware.strategy, offload=recipe.hardware.offload, trainer=recipe.trainer,
     )
 
 
@@ -210,8 +210,9 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
         # DeepSpeed (imported by the Trainer's stack when installed) prints a warning to stdout when it finds no
         # accelerator and settles on the CPU; naming the CPU, which is what it would choose, keeps the log clean
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    rows = _train_rows(recipe, spec, train, tokenizer, log)
     try:
-        plan = recommend_plan(_plan_request(recipe, spec, gpu, len(train) if train is not None else None))
+        plan = recommend_plan(_plan_request(recipe, spec, gpu, rows))
     except FinetuneHelperError as exc:  # the planner names its command-line flags; a recipe names its fields
         raise FinetuneHelperError(_RECIPE_FIELD.get(exc.field, exc.field), exc.message) from None
     overrides = dict(recipe.training)
@@ -225,6 +226,24 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
                         overrides=overrides, adaptations=adaptations, train_dataset=train, eval_dataset=evaluation,
                         data_format=fmt, data_note=note, holdout=holdout, resumed=resumed, hardware=hardware)
     return prepared, tokenizer
+
+
+def _train_rows(recipe: Recipe, spec, train, tokenizer, log: Callable[[str], None]) -> int | None:
+    """The training sequences the plan counts steps, warmup and the small-data batch over: the examples, or with
+    ``data.packing`` the rows TRL packs them into before training (counted from the data tokenized as TRL will);
+    ``recommend.dataset_size`` wins over both."""
+    if train is None:
+        return None
+    if not recipe.data.packing or tokenizer is None or recipe.recommend.dataset_size:
+        return len(train)
+    from . import data as dataio
+
+    length = recipe.data.max_length or spec.sequence_length(None)
+    strategy = str(recipe.training.get("packing_strategy", "bfd"))
+    rows = dataio.packed_rows(dataio.token_lengths(train, tokenizer), length, strategy)
+    log(f"data: packing: {len(train)} examples pack into {rows} rows of {length} tokens (TRL's {strategy} packing, "
+        "before training): the plan counts the rows")
+    return rows
 
 
 #: the planner's fields (its command-line flags) as the recipe names them
@@ -259,5 +278,7 @@ def write_run_files(prep: Prepared) -> None:
     estimate = run_estimate(prep)
     plan["run"] = {"setup": dataclasses.asdict(run_setup(prep, prep.sft_kwargs)), "estimate": estimate.to_dict()}
     plan["train_examples"] = len(prep.train_dataset)
+    if prep.recipe.data.packing:
+        plan["train_rows"] = prep.plan.request.dataset_size  # packed rows (or recommend.dataset_size)
     plan["eval_examples"] = len(prep.eval_dataset) if prep.eval_dataset is not None else 0
     write_json(prep.run_dir / run_folder.PLAN, plan)

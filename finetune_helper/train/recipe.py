@@ -8,6 +8,7 @@ A recipe has these sections (every key optional except ``model.name`` and ``data
     hardware:  {gpu, gpus}
     recommend: {target_effective_batch, lr_min, lr_max, epochs, dataset_size}
     training:  {any TrainingArguments field: wins over the recommendation, reported as an override}
+    trainer: trl | transformers
     seed: 42
     output_dir: runs/NAME
 
@@ -173,6 +174,10 @@ class Recipe:
     recommend: RecommendSection = field(default_factory=RecommendSection)
     #: TrainingArguments fields that win over the recommendation.
     training: dict[str, Any] = field(default_factory=dict)
+    #: the trainer that runs (and that the plan is made for): ``trl`` (TRL's ``SFTTrainer``: its fused LM head never
+    #: builds the vocabulary-wide logits) or ``transformers`` (``transformers.Trainer`` with the model's own loss, on
+    #: the data TRL prepares: full logits in fp32, a smaller micro-batch).
+    trainer: str = defaults.TRAINER
     seed: int = defaults.SEED
     #: where the run folder goes; empty means runs/<recipe file stem>.
     output_dir: str | None = None
@@ -185,6 +190,8 @@ class Recipe:
             raise FinetuneHelperError("data.path", "is required: a .json/.jsonl/.csv/.parquet file, a Hub dataset id "
                                       "or builtin:arithmetic")
         _check_training_keys(self.training)
+        if self.trainer not in defaults.TRAINERS:
+            raise FinetuneHelperError("trainer", f"{self.trainer!r} is not one of {', '.join(defaults.TRAINERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -202,14 +209,14 @@ def recipe_from_settings(*, model: str, gpu: str, gpus: int = 1, method: str = d
                          target_effective_batch: int = defaults.TARGET_EFFECTIVE_BATCH, lr_min: float = defaults.LR_MIN,
                          lr_max: float = defaults.LR_MAX, data_path: str = PLACEHOLDER_DATA,
                          scheduler: str = defaults.SCHEDULER, strategy: str = defaults.STRATEGY,
-                         offload: str = defaults.OFFLOAD) -> Recipe:
+                         offload: str = defaults.OFFLOAD, trainer: str = defaults.TRAINER) -> Recipe:
     """A recipe that reproduces a recommendation (the app's "recipe YAML" download and its Train tab)."""
     return Recipe(model=ModelSection(name=model), method=MethodSection(type=method),
                   data=DataSection(path=data_path, max_length=seq_len),
                   hardware=HardwareSection(gpu=gpu, gpus=gpus, strategy=strategy, offload=offload),
                   recommend=RecommendSection(target_effective_batch=target_effective_batch, lr_min=lr_min,
                                              lr_max=lr_max, epochs=epochs, dataset_size=dataset_size,
-                                             scheduler=scheduler))
+                                             scheduler=scheduler), trainer=trainer)
 
 
 _SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection, "hardware": HardwareSection,
@@ -335,6 +342,7 @@ def recipe_from_dict(raw: Any) -> Recipe:
     if not isinstance(training, dict):
         raise FinetuneHelperError("training", f"must be a mapping of TrainingArguments fields, got {training!r}")
     return Recipe(**sections, training=dict(training),
+                  trainer=_coerce(raw.get("trainer", defaults.TRAINER), str, "trainer"),
                   seed=_coerce(raw.get("seed", defaults.SEED), int, "seed"),
                   output_dir=_coerce(raw.get("output_dir"), str | None, "output_dir"))
 

@@ -55,7 +55,8 @@ def executed_setup(recipe, spec: ModelSpec, sft_kwargs: dict[str, Any], *, devic
     weights = recipe.method.weights_dtype or weights_dtype
     weights = weights if recipe.method.type == "full" and dtype == "bf16" else None
     targets = recipe.method.target_modules
-    loss = "fused" if trl_fuses_lm_head() and not sft_kwargs.get("label_smoothing_factor") else "logits"
+    fused = recipe.trainer == "trl" and trl_fuses_lm_head() and not sft_kwargs.get("label_smoothing_factor")
+    loss = "fused" if fused else "logits"
     return TrainingSetup(
         method=recipe.method.type, micro_batch_size=batch, seq_len=length, dtype=dtype,
         optim=sft_kwargs.get("optim", DEFAULT_OPTIM), gradient_checkpointing=checkpointing(sft_kwargs),

@@ -20,12 +20,14 @@ from .conftest import FAKE_TOKEN, REPO, AppServer, wait_for
 #: integration tier (make test-integration): real torch / transformers / trainer / server work
 pytestmark = pytest.mark.integration
 
-FORM = ("meta-llama/Llama-3.1-8B", "RTX 4090", 1, "lora", 0, 20000, 2, 64, 1e-5, 5e-5, "cosine", "auto", "none")
+FORM = ("meta-llama/Llama-3.1-8B", "RTX 4090", 1, "lora", 0, 20000, 2, 64, 1e-5, 5e-5, "cosine", "auto", "none",
+        "trl")
 
 
-def core_plan():
+def core_plan(trainer: str = "trl"):
     req = PlanRequest(model=resolve_model("meta-llama/Llama-3.1-8B"), gpu=resolve_gpu("RTX 4090"), method="lora",
-                      dataset_size=20000, epochs=2, target_effective_batch=64, lr_min=1e-5, lr_max=5e-5)
+                      dataset_size=20000, epochs=2, target_effective_batch=64, lr_min=1e-5, lr_max=5e-5,
+                      trainer=trainer)
     return recommend_plan(req)
 
 
@@ -69,7 +71,7 @@ def test_recommend_matches_the_core_planner(client):
 
 def test_a_deepspeed_recommendation_and_its_recipe(client):
     """The form's strategy and offload reach the plan (as the core plans them) and the recipe it writes."""
-    form = FORM[:2] + (2,) + ("full",) + FORM[4:11] + ("zero3", "optimizer")
+    form = FORM[:2] + (2,) + ("full",) + FORM[4:11] + ("zero3", "optimizer", "trl")
     plan_json = client.predict(*form, api_name="/recommend")[4]
     assert plan_json["distributed"] == "zero3" and plan_json["offload"] == "optimizer" and plan_json["fits"]
     assert plan_json["host_memory_bytes"] > 0
@@ -81,17 +83,22 @@ def test_a_deepspeed_recommendation_and_its_recipe(client):
 def test_a_step_decay_export_is_its_recipe(client):
     """Step decay has no TrainingArguments type: the export says so where the arguments would be, and the recipe
     (which finetune-helper run trains with the runner's LambdaLR) is the one download."""
-    text, files = client.predict(*FORM[:10], "step_decay", "auto", "none", "yaml", api_name="/export")
+    text, files = client.predict(*FORM[:10], "step_decay", "auto", "none", "trl", "yaml", api_name="/export")
     assert text.startswith("# step_decay has no TrainingArguments type")
     assert [Path(f).name for f in files] == ["recipe.yaml"]
     assert "scheduler: step_decay" in Path(files[0]).read_text()
 
 
-def test_export_files_read_back(client, tmp_path):
-    from transformers import HfArgumentParser, TrainingArguments
+@pytest.mark.parametrize("trainer, cls", [("trl", "SFTConfig"), ("transformers", "TrainingArguments")])
+def test_export_files_read_back(client, tmp_path, trainer, cls):
+    """The form's trainer picks the arguments class every download is written for, and they read back equal."""
+    from transformers import HfArgumentParser
     from transformers.utils import is_torch_bf16_gpu_available
 
-    text, files = client.predict(*FORM, "yaml", api_name="/export")
+    from finetune_helper.export.training_args import arguments_class
+
+    form = FORM[:13] + (trainer,)
+    text, files = client.predict(*form, "yaml", api_name="/export")
     by_name = {Path(f).name: Path(f) for f in files}
     assert set(by_name) == {"train_args.py", "training_args.json", "training_args.yaml", "recipe.yaml"}
     assert by_name["training_args.yaml"].read_text().rstrip("\n") == text.rstrip("\n")  # gr.Code drops the last newline
@@ -100,15 +107,17 @@ def test_export_files_read_back(client, tmp_path):
     yaml_file, json_file = tmp_path / "args.yaml", tmp_path / "args.json"
     yaml_file.write_text(text + "".join(f"\n{k}: {str(v).lower()}" for k, v in machine.items()) + "\n")
     json_file.write_text(json.dumps({**json.loads(by_name["training_args.json"].read_text()), **machine}))
-    (from_yaml,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(yaml_file))
-    (from_json,) = HfArgumentParser(TrainingArguments).parse_json_file(str(json_file))
-    expected = fh.to_training_arguments(core_plan(), output_dir="outputs/Llama-3.1-8B", **machine)
+    plan = core_plan(trainer)
+    parser = HfArgumentParser(arguments_class(plan))
+    (from_yaml,) = parser.parse_yaml_file(str(yaml_file))
+    (from_json,) = parser.parse_json_file(str(json_file))
+    expected = fh.to_training_arguments(plan, output_dir="outputs/Llama-3.1-8B", **machine)
+    assert type(expected).__name__ == cls and type(from_yaml) is type(expected) is type(from_json)
     assert from_yaml.to_dict() == expected.to_dict() == from_json.to_dict()
     # the Python snippet runs and builds the same arguments
     snippet = by_name["train_args.py"].read_text()
-    assert snippet.count("TrainingArguments(") == 1
-    snippet = snippet.replace("TrainingArguments(", "TrainingArguments(" + "".join(f"{k}={v!r}, " for k, v in
-                                                                                  machine.items()))
+    assert snippet.count(f"{cls}(") == 1
+    snippet = snippet.replace(f"{cls}(", f"{cls}(" + "".join(f"{k}={v!r}, " for k, v in machine.items()))
     namespace: dict = {"__name__": "snippet"}
     exec(compile(snippet, "train_args.py", "exec"), namespace)  # noqa: S102
     assert namespace["args"].to_dict() == expected.to_dict()
@@ -116,8 +125,8 @@ def test_export_files_read_back(client, tmp_path):
     from finetune_helper.train.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(yaml.safe_load(by_name["recipe.yaml"].read_text()))
-    assert (recipe.model.name, recipe.method.type, recipe.hardware.gpu, recipe.recommend.epochs) == (
-        "meta-llama/Llama-3.1-8B", "lora", "RTX 4090", 2)
+    assert (recipe.model.name, recipe.method.type, recipe.hardware.gpu, recipe.recommend.epochs, recipe.trainer) == (
+        "meta-llama/Llama-3.1-8B", "lora", "RTX 4090", 2, trainer)
 
 
 @pytest.mark.parametrize("form, field", [
@@ -128,8 +137,8 @@ def test_export_files_read_back(client, tmp_path):
     (FORM[:4] + (10**6,) + FORM[5:], "seq-len"),
     (FORM[:8] + (1e-3, 1e-5) + FORM[10:], "lr-min"),
     (FORM[:2] + (1.5,) + FORM[3:], "gpus"),  # never rounded to 2
-    (FORM[:11] + ("auto", "optimizer"), "offload"),  # offloading is DeepSpeed's
-    (FORM[:2] + (2,) + FORM[3:11] + ("zero2", "all"), "offload"),
+    (FORM[:11] + ("auto", "optimizer", "trl"), "offload"),  # offloading is DeepSpeed's
+    (FORM[:2] + (2,) + FORM[3:11] + ("zero2", "all", "trl"), "offload"),
 ])
 def test_bad_recommend_input_is_a_visible_error_and_the_app_keeps_working(client, form, field):
     from gradio_client.exceptions import AppError

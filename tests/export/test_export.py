@@ -20,6 +20,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 import finetune_helper as fh
 from finetune_helper.export import formats, training_args, versions
+from finetune_helper.export.training_args import arguments_class
 from finetune_helper.errors import FinetuneHelperError
 
 #: integration tier (make test-integration): real torch / transformers / trainer / server work
@@ -44,10 +45,13 @@ def plans() -> dict:
         # schedules with lr_scheduler_kwargs (a dict field: every format must carry it back)
         "wsd": fh.recommend(MODEL, gpu="24GB", method="lora", dataset_size=5000, scheduler="warmup_stable_decay"),
         "min_lr": fh.recommend(MODEL, gpu="24GB", method="full", dataset_size=5000, scheduler="cosine_with_min_lr"),
+        # the plain transformers.Trainer target: TrainingArguments, no SFTConfig fields
+        "hf": fh.recommend(MODEL, gpu="24GB", method="lora", dataset_size=5000, trainer="transformers"),
+        "hf_full": fh.recommend(MODEL, gpu="24GB", method="full", dataset_size=5000, trainer="transformers"),
     }
 
 
-PLAN_NAMES = ("full", "lora", "sgd", "fp16", "wsd", "min_lr")
+PLAN_NAMES = ("full", "lora", "sgd", "fp16", "wsd", "min_lr", "hf", "hf_full")
 
 
 def build(plan, **overrides) -> TrainingArguments:
@@ -55,8 +59,10 @@ def build(plan, **overrides) -> TrainingArguments:
 
 
 def assert_same_args(got: TrainingArguments, want: TrainingArguments) -> None:
-    """Every dataclass field equal, one by one, and of the same type."""
-    diffs = {f.name: (getattr(got, f.name), getattr(want, f.name)) for f in dataclasses.fields(TrainingArguments)
+    """Every dataclass field equal, one by one, and of the same type (the class too: SFTConfig or
+    TrainingArguments)."""
+    assert type(got) is type(want)
+    diffs = {f.name: (getattr(got, f.name), getattr(want, f.name)) for f in dataclasses.fields(type(want))
              if getattr(got, f.name) != getattr(want, f.name)
              or type(getattr(got, f.name)) is not type(getattr(want, f.name))}
     assert not diffs, diffs
@@ -126,7 +132,7 @@ def test_json_round_trip(plans, name, tmp_path):
     assert "hub_token" not in data
     path = tmp_path / "args.json"
     path.write_text(json.dumps({**data, **MACHINE}))
-    (parsed,) = HfArgumentParser(TrainingArguments).parse_json_file(str(path))
+    (parsed,) = HfArgumentParser(arguments_class(plan)).parse_json_file(str(path))
     assert_same_args(parsed, build(plan))
 
 
@@ -140,7 +146,7 @@ def test_yaml_round_trip_keeps_floats(plans, name, tmp_path):
     assert data == training_args.training_kwargs(plan, OUT)
     path = tmp_path / "args.yaml"
     path.write_text(text + "".join(f"{k}: {str(v).lower()}\n" for k, v in MACHINE.items()))
-    (parsed,) = HfArgumentParser(TrainingArguments).parse_yaml_file(str(path))
+    (parsed,) = HfArgumentParser(arguments_class(plan)).parse_yaml_file(str(path))
     assert_same_args(parsed, build(plan))
 
 
@@ -149,7 +155,8 @@ def test_yaml_comments_carry_reasons(plans):
     text = formats.to_yaml(plan, OUT)
     lr_line = next(line for line in text.splitlines() if line.startswith("learning_rate:"))
     assert lr_line.split("  # ", 1)[1] == " ".join(plan.reasons["learning_rate"].split())
-    assert text.startswith("# TrainingArguments for " + MODEL)
+    assert text.startswith("# SFTConfig for " + MODEL)
+    assert formats.to_yaml(plans["hf"], OUT).startswith("# TrainingArguments for " + MODEL)
 
 
 @pytest.mark.parametrize("value", [3e-4, 2e-5, 1e-5, 2.1213203435596425e-05, 1e17, 1e16, 0.0, 1.0, 0.03, 5e-324, 1e-300])
@@ -162,14 +169,15 @@ def test_yaml_float_format(value):
     assert isinstance(loaded, float) and loaded == value
 
 
-def test_python_snippet_runs_and_builds_the_same_args(plans, tmp_path):
-    plan = plans["full"]
+@pytest.mark.parametrize("name", ["full", "hf_full"])
+def test_python_snippet_runs_and_builds_the_same_args(plans, tmp_path, name):
+    plan = plans[name]
     text = formats.render(plan, "python", OUT)
     compile(text, "args.py", "exec")
     script = text
     if MACHINE:  # the one machine-specific argument (see MACHINE), added as the first keyword
-        script = text.replace("args = TrainingArguments(\n",
-                              "args = TrainingArguments(\n" + "".join(f"    {k}={v!r},\n" for k, v in MACHINE.items()))
+        opening = f"args = {training_args.config_class(plan)}(\n"
+        script = text.replace(opening, opening + "".join(f"    {k}={v!r},\n" for k, v in MACHINE.items()))
         assert script != text
     path = tmp_path / "args.py"
     path.write_text(script)
@@ -178,10 +186,12 @@ def test_python_snippet_runs_and_builds_the_same_args(plans, tmp_path):
     assert json.loads(proc.stdout) == json.loads(build(plan).to_json_string())
 
 
-def test_python_snippet_comments_carry_reasons(plans):
-    plan = plans["lora"]
+@pytest.mark.parametrize("name, imports", [("lora", "from trl import SFTConfig"),
+                                           ("hf", "from transformers import TrainingArguments")])
+def test_python_snippet_comments_carry_reasons(plans, name, imports):
+    plan = plans[name]
     lines = formats.to_python(plan, OUT).splitlines()
-    assert "from transformers import TrainingArguments" in lines
+    assert imports in lines
     assert lines[-1] == "    print(args.to_json_string())"
     ckpt = "activation_checkpointing" if versions.target_major() >= 5 else "gradient_checkpointing"
     for key, reason in (("learning_rate", "learning_rate"), ("per_device_train_batch_size", "per_device_train_batch_size"),
@@ -201,7 +211,7 @@ def test_cli_round_trip(plans, name):
     assert "\n" not in text.strip()
     assert f"--bf16 {plan.bf16}" in text
     argv = shlex.split(text) + [a for k, v in MACHINE.items() for a in (f"--{k}", str(v))]
-    (parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=argv)
+    (parsed,) = HfArgumentParser(arguments_class(plan)).parse_args_into_dataclasses(args=argv)
     assert_same_args(parsed, build(plan))
 
 
@@ -262,7 +272,8 @@ def test_introspection_and_metadata_paths_agree(plans):
     plan = plans["lora"]
     major = str(versions.target_major())
     assert training_args.training_kwargs(plan, OUT) == training_args.training_kwargs(plan, OUT, version=major)
-    assert set(training_args.training_kwargs(plan, OUT)) <= fields
+    assert set(training_args.training_kwargs(plans["hf"], OUT)) <= fields
+    assert set(training_args.training_kwargs(plan, OUT)) <= fields | versions.installed_sft_field_names()
     # what the text exports write is what to_training_arguments passes
     args = build(plan)
     for key, value in training_args.training_kwargs(plan, OUT).items():
@@ -357,3 +368,48 @@ def test_no_module_level_heavy_import():
         source = Path(module.__file__).read_text()
         top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
         assert not any("transformers" in line or "torch" in line for line in top_level), module.__name__
+
+
+# --------------------------------------------------------------------------------------------- every strategy
+#: (gpus, strategy, offload) of every way the plans run: one process, DDP, FSDP, DeepSpeed ZeRO-2 / ZeRO-3 with and
+#: without offload
+STRATEGIES = [(1, "auto", "none"), (2, "ddp", "none"), (2, "fsdp", "none"), (2, "zero2", "none"),
+              (2, "zero2", "optimizer"), (2, "zero3", "none"), (2, "zero3", "optimizer"), (2, "zero3", "all")]
+
+
+def parse_back(plan, fmt: str, tmp_path: Path):
+    """The arguments ``fmt`` exports, read back as a user's script reads them (plus this machine's ``use_cpu``)."""
+    cls = arguments_class(plan)
+    text = formats.render(plan, fmt, OUT)
+    if fmt == "cli":
+        argv = shlex.split(text) + [a for k, v in MACHINE.items() for a in (f"--{k}", str(v))]
+        return HfArgumentParser(cls).parse_args_into_dataclasses(args=argv)[0]
+    if fmt == "python":
+        opening = f"args = {training_args.config_class(plan)}(\n"
+        namespace: dict = {}
+        exec(text.replace(opening, opening + "".join(f"    {k}={v!r},\n" for k, v in MACHINE.items())), namespace)
+        return namespace["args"]
+    path = tmp_path / f"args.{fmt}"
+    data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+    path.write_text(json.dumps({**data, **MACHINE}) if fmt == "json" else yaml.safe_dump({**data, **MACHINE}))
+    parser = HfArgumentParser(cls)
+    return (parser.parse_json_file if fmt == "json" else parser.parse_yaml_file)(str(path))[0]
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml", "python", "cli"])
+@pytest.mark.parametrize("gpus, strategy, offload", STRATEGIES)
+def test_every_format_of_every_strategy_parses_back(tmp_path, fmt, gpus, strategy, offload):
+    """On the installed transformers, every format of every strategy reads back to the arguments the plan builds
+    (an FSDP plan's CLI flags included: ``--fsdp True`` would be the option string "True", refused)."""
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    plan = fh.recommend("meta-llama/Llama-3.1-8B", gpu="H100", gpus=gpus, method="full", strategy=strategy,
+                        offload=offload)
+    assert plan.distributed == {"auto": "single GPU"}.get(strategy, strategy)
+    parsed = parse_back(plan, fmt, tmp_path)
+    assert_same_args(parsed, build(plan))
+    if strategy == "fsdp":
+        assert parsed.fsdp_plugin_args["state_dict_type"] == "SHARDED_STATE_DICT"
+        assert parsed.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    if strategy.startswith("zero"):
+        assert parsed.deepspeed["zero_optimization"]["stage"] == int(strategy[-1])

@@ -60,10 +60,10 @@ def text_data(tmp_path_factory):
     return {"unpadded": root / "long.jsonl", "padded": root / "mixed.jsonl"}
 
 
-def recipe(model_dir, data, *, method: dict, training: dict, packing: bool = False):
+def recipe(model_dir, data, *, method: dict, training: dict, packing: bool = False, trainer: str = "trl"):
     from finetune_helper.train.recipe import recipe_from_dict
 
-    return recipe_from_dict({
+    return recipe_from_dict({"trainer": trainer,
         "model": {"name": str(model_dir)}, "method": method,
         "data": {"path": str(data), "max_length": MAX_LENGTH, "packing": packing}, "hardware": {"gpu": "16GiB"},
         "training": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, **training}, "seed": 0})

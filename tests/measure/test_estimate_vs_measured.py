@@ -22,23 +22,29 @@ pytestmark = pytest.mark.integration
 TOLERANCE = 0.05
 
 
-@pytest.mark.parametrize("arch,method,training,data,packing", [
-    ("llama", {"type": "full"}, {"bf16": True}, "padded", False),
-    ("llama", {"type": "full"}, {"bf16": True, "gradient_checkpointing": True}, "unpadded", False),
-    ("qwen2", {"type": "full", "weights_dtype": "bf16"}, {"bf16": True}, "unpadded", False),
-    ("gemma2", {"type": "lora", "lora_r": 8, "lora_dropout": 0.05}, {"bf16": True}, "padded", False),
+@pytest.mark.parametrize("arch,method,training,data,packing,trainer", [
+    ("llama", {"type": "full"}, {"bf16": True}, "padded", False, "trl"),
+    ("llama", {"type": "full"}, {"bf16": True, "gradient_checkpointing": True}, "unpadded", False, "trl"),
+    ("qwen2", {"type": "full", "weights_dtype": "bf16"}, {"bf16": True}, "unpadded", False, "trl"),
+    ("gemma2", {"type": "lora", "lora_r": 8, "lora_dropout": 0.05}, {"bf16": True}, "padded", False, "trl"),
     ("phi3", {"type": "lora", "lora_r": 8, "target_modules": ["qkv_proj"]},
-     {"bf16": True, "gradient_checkpointing": True}, "unpadded", False),
-    ("llama", {"type": "qlora", "lora_r": 8}, {}, "padded", False),
-    ("llama", {"type": "full"}, {}, "padded", True),
+     {"bf16": True, "gradient_checkpointing": True}, "unpadded", False, "trl"),
+    ("llama", {"type": "qlora", "lora_r": 8}, {}, "padded", False, "trl"),
+    ("llama", {"type": "full"}, {}, "padded", True, "trl"),
     # 48 packed examples of 64 tokens: without the block-diagonal mask over the 3072-token row the estimate is 11% low
-    ("qwen2", {"type": "lora", "lora_r": 8}, {"bf16": True, "per_device_train_batch_size": 48}, "unpadded", True),
+    ("qwen2", {"type": "lora", "lora_r": 8}, {"bf16": True, "per_device_train_batch_size": 48}, "unpadded", True,
+     "trl"),
     # accumulating: the gradients live through the next micro-steps (forward under autocast's weight cache included)
     ("llama", {"type": "full"}, {"bf16": True, "gradient_checkpointing": True, "gradient_accumulation_steps": 2},
-     "unpadded", False),
+     "unpadded", False, "trl"),
+    # a recipe with trainer: transformers runs transformers.Trainer (the model's own loss: full logits in fp32)
+    ("llama", {"type": "full"}, {"bf16": True}, "padded", False, "transformers"),
+    ("qwen2", {"type": "lora", "lora_r": 8}, {"bf16": True, "gradient_checkpointing": True}, "unpadded", False,
+     "transformers"),
 ])
 def test_estimate_of_the_runners_step_is_within_5_percent_of_its_tracked_peak(model_dir, text_data, tmp_path, arch,
-                                                                               method, training, data, packing):
+                                                                               method, training, data, packing,
+                                                                               trainer):
     from finetune_helper.measure.runner_step import measure_recipe
     from finetune_helper.recommender.memory import estimate_memory
     from finetune_helper.recommender.model import ModelSpec
@@ -46,8 +52,9 @@ def test_estimate_of_the_runners_step_is_within_5_percent_of_its_tracked_peak(mo
 
     if method["type"] == "qlora":
         pytest.importorskip("bitsandbytes")
-    r = recipe(model_dir(arch), text_data[data], method=method, training=training, packing=packing)
+    r = recipe(model_dir(arch), text_data[data], method=method, training=training, packing=packing, trainer=trainer)
     measured = measure_recipe(r, steps=3, run_dir=tmp_path / "run")
+    assert measured.trainer_class == ("SFTTrainer" if trainer == "trl" else "Trainer")
     spec = ModelSpec.from_config(json.loads((model_dir(arch) / "config.json").read_text()))
     accumulation = int(measured.sft_kwargs["gradient_accumulation_steps"])
     for step in measured.steps[1:]:
