@@ -13,7 +13,7 @@ from typing import Any, Callable
 from ..errors import FinetuneHelperError, first_line
 from ..recommender.optimizers import EIGHT_BIT_FALLBACK, is_eight_bit
 from . import launch, run_folder
-from .finish import exact_match_of
+from .finish import can_generate, exact_match_of
 from .load import build_trainer
 from .outcome import EXIT_OOM, RunStopped
 from .prepare import Prepared
@@ -88,7 +88,7 @@ def train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from: 
         if len(trainer.train_dataset) == 0:
             raise FinetuneHelperError("data.max_length", f"{sft_kwargs.get('max_length')} tokens leave no answer token "
                                       "in any example (TRL drops those): raise data.max_length")
-        if before is None and prep.holdout and launch.is_main():
+        if before is None and prep.holdout and launch.is_main() and can_generate(sft_kwargs, trained=False):
             before = exact_match_of(prep, trainer.model, tokenizer)
         state["phase"] = "training"
         state["estimated_peak_memory_bytes"] = run_estimate(prep, sft_kwargs).allocated_peak

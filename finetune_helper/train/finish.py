@@ -13,7 +13,7 @@ from . import launch, run_folder
 from .outcome import EXIT_DIVERGED, EXIT_INTERRUPTED, RunStopped
 from .prepare import Prepared
 from .run_folder import last_checkpoint, write_json
-from .setup import shards_parameters
+from .setup import shards_parameters, zero_strategy
 
 
 def training_summary(prep: Prepared, trainer, output, state: dict[str, Any]) -> dict[str, Any]:
@@ -64,13 +64,16 @@ def finish(prep: Prepared, trainer, tokenizer, summary: dict[str, Any], before: 
         else:
             summary["eval_loss"] = trainer.evaluate().get("eval_loss")
     final = prep.run_dir / run_folder.FINAL
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # checkpoints are sharded (each rank its shard), but with a sharded state dict save_model writes no model at
+        # all: final/ is gathered whole, as PEFT's FSDP example (examples/sft/train.py) does before its last save
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(final))  # every rank (FSDP gathers the shards); the main process writes
     summary["final"] = str(final)
     if not launch.is_main():
         return
     tokenizer.save_pretrained(str(final))
-    if prep.holdout and not (launch.world_size() > 1 and shards_parameters(prep.sft_kwargs)):
-        # (a sharded model generates only with every rank taking part: rank 0 alone would wait for the others)
+    if prep.holdout and can_generate(prep.sft_kwargs, trained=True):
         summary["exact_match_before"] = before
         summary["exact_match_after"] = exact_match_of(prep, trainer.model, tokenizer)
 
@@ -106,3 +109,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("final"):
         lines.append(f"saved: {summary['final']}")
     return "\n".join(lines)
+
+
+def can_generate(sft_kwargs: dict[str, Any], *, trained: bool) -> bool:
+    """Whether rank 0 alone can generate with the model these arguments train (the held-out exact match): not when
+    the parameters are sharded over several processes (a sharded model generates only with every rank taking part:
+    rank 0 alone would wait for the others), nor under ZeRO-3 before training, in any number of processes
+    (``from_pretrained`` partitioned the weights under ``deepspeed.zero.Init``; the engine that gathers them for a
+    forward comes with training)."""
+    if launch.world_size() > 1 and shards_parameters(sft_kwargs):
+        return False
+    return trained or (zero_strategy(sft_kwargs) or ("none",))[0] != "zero3"

@@ -373,8 +373,9 @@ VALIDATE_EQUALS_RUN = [
     (["recommend.epochs=.nan"], "recommend.epochs"),
     (["method.type=lora", "method.lora_alpha=-3"], "method.lora_alpha"),
     (["data.max_length=1000000000"], "data.max_length"),
-    (["training.optim=adamw_foo"], "training"),
-    (["training.lr_scheduler_type=cosinus"], "training"),
+    (["training.optim=adamw_foo"], "training.optim"),
+    (["training.lr_scheduler_type=cosinus"], "training.lr_scheduler_type"),
+    (["training.lr_scheduler_type=zigzag"], "training.lr_scheduler_type"),
     (["method.type=lora", "method.target_modules=[q_projj, v_proj]"], "method.target_modules"),
     (["data.path=/etc/hostname"], "data.path"),
     (["data.split=test"], "data.split"),
@@ -383,7 +384,7 @@ VALIDATE_EQUALS_RUN = [
 ]
 
 
-@pytest.mark.parametrize("overrides, field", VALIDATE_EQUALS_RUN, ids=[f for _, f in VALIDATE_EQUALS_RUN])
+@pytest.mark.parametrize("overrides, field", VALIDATE_EQUALS_RUN, ids=[o[-1] for o, _ in VALIDATE_EQUALS_RUN])
 def test_validate_refuses_what_run_refuses(overrides, field, tmp_path, capsys):
     for command in (["validate", str(TINY)], ["run", str(TINY), "--dry-run", "--output-dir", str(tmp_path / "r")]):
         with pytest.raises(SystemExit) as exit_info:
@@ -391,6 +392,8 @@ def test_validate_refuses_what_run_refuses(overrides, field, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1, (command, err)
         assert err[0].startswith(f"finetune-helper: error: {field}:"), (command, err)
+        if field in ("training.optim", "training.lr_scheduler_type"):  # the allowed values, named
+            assert "choose from" in err[0] and ("adamw_torch" in err[0] or "cosine_with_min_lr" in err[0]), err
     assert not (tmp_path / "r").exists()
 
 
