@@ -34,7 +34,8 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes taking part (default 1)")
     g.add_argument("--node-rank", type=int, default=0, metavar="R", help="this node's rank, 0 to M-1")
     g.add_argument("--main-address", default="127.0.0.1", metavar="HOST", help="the rank-0 node's address")
-    g.add_argument("--main-port", type=int, default=29500, metavar="P", help="a free port on the rank-0 node")
+    g.add_argument("--main-port", type=int, default=None, metavar="P", help="a free port on the rank-0 node "
+                   "(default: one node takes a free port of its own; several nodes 29500)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +47,7 @@ def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, out
              resume: bool) -> int:
     """One process, or (several GPUs or nodes, not a dry run, not already a launcher's worker) the launcher."""
     from ..recommender.zero import ZERO_STAGES
-    from ..train.launch import Launch, in_launcher, launch, world_size
+    from ..train.launch import Launch, checkpoint_bytes, in_launcher, launch, world_size
     from ..train.recipe import load_recipe
     from ..train.runner import check_deepspeed, check_run_folder, default_run_dir
 
@@ -75,7 +76,7 @@ def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, out
                 *(["--resume"] if resume else [])]
     print(f"launching {spec.gpus} process{'es' if spec.gpus > 1 else ''} on this node ({spec.world} in all): "
           f"{' '.join(spec.command(run_args))}", flush=True)
-    return launch(spec, run_args, run_dir)
+    return launch(spec, run_args, run_dir, checkpoint_bytes=checkpoint_bytes(loaded))
 
 
 def start(args: argparse.Namespace, recipe: str, overrides: list[str], *, output_dir: str | None, dry_run: bool,

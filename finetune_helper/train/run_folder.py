@@ -9,6 +9,7 @@ by the command, whatever happened: ``exit.json`` (its exit code).  No torch impo
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -107,29 +108,134 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-#: the weights of a checkpoint: a model or a PEFT adapter, whole or sharded (transformers / PEFT file names)
+# Checkpoints: what transformers' Trainer (``_save_checkpoint``) and the engines under it write, and what its resume
+# (``_load_from_checkpoint``, ``_load_optimizer_and_scheduler``, ``deepspeed_load_checkpoint``) reads back.
+# ``_save_checkpoint`` writes the weights (``save_model``), the optimizer and scheduler
+# (``_save_optimizer_and_scheduler``), the scaler, the RNG states (``rng_state.pth`` / ``rng_state_<rank>.pth``: the
+# resume goes on without them) and, last, ``trainer_state.json``.
+
+_TRAINER_STATE = "trainer_state.json"
+_SCHEDULER = "scheduler.pt"
+
+#: one process or DDP: ``Trainer._save`` (``save_pretrained``) writes a model or a PEFT adapter, whole or sharded, and
+#: ``_load_from_checkpoint`` takes any of them; the optimizer goes to ``optimizer.pt``
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
             "adapter_model.safetensors", "adapter_model.bin")
+_OPTIMIZER = "optimizer.pt"
+
+#: FSDP: accelerate's ``save_fsdp_model`` / ``save_fsdp_optimizer`` (``accelerate/utils/fsdp_utils.py``) write, with
+#: a FULL_STATE_DICT, ``pytorch_model_fsdp.bin`` and ``optimizer.bin`` from rank 0; with a SHARDED_STATE_DICT, a
+#: ``torch.distributed.checkpoint`` folder each (``pytorch_model_fsdp_0/``, ``optimizer_0/``), or per-rank files
+#: (``use_dcp=False``; LOCAL_STATE_DICT weights: ``pytorch_model_fsdp_rank<r>.bin``)
+_FSDP_PREFIX = "pytorch_model_fsdp"
+_FSDP_WEIGHTS = "pytorch_model_fsdp.bin"
+_FSDP_OPTIMIZER = "optimizer.bin"
+_FSDP_WEIGHTS_DIR, _FSDP_OPTIMIZER_DIR = "pytorch_model_fsdp_0", "optimizer_0"
+#: a ``torch.distributed.checkpoint`` folder is whole once it holds this: ``FileSystemWriter.finish`` writes it, on
+#: the coordinator, after every rank wrote its ``.distcp`` files (``torch/distributed/checkpoint/filesystem.py``)
+_DCP_METADATA = ".metadata"
+
+#: DeepSpeed: ``engine.save_checkpoint`` writes a ``global_step<N>/`` folder and, once every rank saved, ``latest``
+#: (the folder's name), which ``load_checkpoint`` reads to find it (``deepspeed/runtime/engine.py``)
+_DS_LATEST = "latest"
+#: in it, the module (and DeepSpeed's scheduler) in ``mp_rank_00_model_states.pt``, one per rank under ZeRO-3
+#: (``zero_pp_rank_<r>_mp_rank_00_model_states.pt``: ``_get_ckpt_name``), and each rank's ZeRO optimizer partition
+#: (``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt``: ``_get_rank_zero_ckpt_name``)
+_DS_FILE = re.compile(r"^(?:bf16_)?(?:zero_pp_rank_(\d+)_)?mp_rank_\d+_(model|optim)_states\.pt$")
 
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint folder ``path`` cannot be resumed from, or None when it is complete.
 
-    ``Trainer._save_checkpoint`` writes the weights, then the optimizer and scheduler, then the RNG state and last
-    ``trainer_state.json``: a run killed while saving (a second Stop, SIGKILL, a full disk) leaves a folder without
-    the state, or with the state of an earlier write cut short."""
+    The rule follows what the Trainer writes under each strategy and what its resume reads: first
+    ``trainer_state.json``, written last (a run killed while saving -- a second Stop, SIGKILL, a full disk -- leaves a
+    folder without it, or with the state of an earlier write cut short); then, by the layout the engine left, the
+    weights, the optimizer states and the scheduler of one process / DDP (``optimizer.pt``, ``scheduler.pt``), of
+    FSDP (:func:`_fsdp_problem`) or of DeepSpeed (:func:`_deepspeed_problem`)."""
     try:
-        json.loads((path / "trainer_state.json").read_text())
+        json.loads((path / _TRAINER_STATE).read_text())
     except (OSError, ValueError):
         return "trainer_state.json is missing or unreadable (the save was cut short)"
+    if (path / _DS_LATEST).exists() or any(path.glob("global_step*")):
+        return _deepspeed_problem(path)
+    if any(path.glob(_FSDP_PREFIX + "*")):
+        return _fsdp_problem(path)
     if not any((path / name).is_file() for name in _WEIGHTS):
         return "no model or adapter weights"
-    # optimizer.pt (one process); DeepSpeed and FSDP save their sharded optimizer states in folders of their own
-    if not ((path / "optimizer.pt").is_file() or any(path.glob("global_step*")) or any(path.glob("optimizer_*"))):
+    if not (path / _OPTIMIZER).is_file():
         return "no optimizer state"
-    if not (path / "scheduler.pt").is_file():
-        return "no scheduler state"
-    return None
+    return None if (path / _SCHEDULER).is_file() else "no scheduler state"
+
+
+def _fsdp_problem(path: Path) -> str | None:
+    """An FSDP checkpoint: the weights and the optimizer states as ``save_fsdp_model`` / ``save_fsdp_optimizer``
+    write them (whole, a finished ``torch.distributed.checkpoint`` folder, or per-rank files), and ``scheduler.pt``
+    (the Trainer writes it for every strategy but DeepSpeed's own scheduler; its resume loads the optimizer only
+    together with it)."""
+    def saved(whole: str, folder: str) -> bool:
+        return ((path / whole).is_file() or (path / folder / _DCP_METADATA).is_file()
+                or any(path.glob(f"{folder}_rank*.bin")))
+
+    if not (saved(_FSDP_WEIGHTS, _FSDP_WEIGHTS_DIR) or any(path.glob(f"{_FSDP_PREFIX}_rank*.bin"))):
+        return "no FSDP model state (pytorch_model_fsdp.bin, or a finished pytorch_model_fsdp_0/)"
+    if not saved(_FSDP_OPTIMIZER, _FSDP_OPTIMIZER_DIR):
+        return "no FSDP optimizer state (optimizer.bin, or a finished optimizer_0/)"
+    return None if (path / _SCHEDULER).is_file() else "no scheduler state"
+
+
+def _deepspeed_problem(path: Path) -> str | None:
+    """A DeepSpeed checkpoint: ``latest`` naming its ``global_step<N>/`` folder, which holds the module states and,
+    under ZeRO, the optimizer partitions of ranks 0 to n-1 (of every rank that holds module states, under ZeRO-3).
+
+    The scheduler: DeepSpeed's own when the run's DeepSpeed config has an ``optimizer`` or ``scheduler`` section
+    (transformers' ``deepspeed_optim_sched`` then hands it a ``DummyScheduler``, which accelerate turns into a
+    ``DeepSpeedSchedulerWrapper``): it is saved in the module states (``_common_checkpoint_state``) and the Trainer
+    writes no ``scheduler.pt`` (``_save_optimizer_and_scheduler``) -- the shipped offload configs are such.  Else
+    the Trainer's scheduler, in ``scheduler.pt``.  The run's ``training_args.json`` says which; without it, either
+    is taken."""
+    try:
+        tag = (path / _DS_LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return "no DeepSpeed 'latest' file (the save was cut short)"
+    folder = path / tag
+    if not tag or Path(tag).name != tag or not folder.is_dir():
+        return f"DeepSpeed's 'latest' names {tag!r}, which is not a folder of the checkpoint"
+    ranks: dict[str, set[int | None]] = {"model": set(), "optim": set()}
+    for file in folder.iterdir():
+        if (m := _DS_FILE.match(file.name)) and file.is_file():
+            ranks[m[2]].add(None if m[1] is None else int(m[1]))
+    if not ranks["model"]:
+        return f"no DeepSpeed module states in {tag}/"
+    config = _deepspeed_config(path.parent)
+    # ZeRO (stage 1 and up) saves the optimizer in partitions; without it, in the module states (taken when unknown:
+    # the recipes' strategies are ZeRO stages)
+    if config is None or _zero_stage(config) >= 1:
+        optim, per_rank = ranks["optim"] - {None}, ranks["model"] - {None}  # per rank: ZeRO-3's module states
+        every = set(range(max(optim | per_rank, default=-1) + 1))
+        if not optim:
+            return f"no DeepSpeed optimizer states in {tag}/"
+        for what, found in (("optimizer", optim), ("module", per_rank or every)):
+            if found != every:
+                return f"DeepSpeed {what} states of {tag}/ miss rank {', '.join(map(str, sorted(every - found)))}"
+    own_scheduler = config is None or "optimizer" in config or "scheduler" in config
+    return None if own_scheduler or (path / _SCHEDULER).is_file() else "no scheduler state"
+
+
+def _deepspeed_config(run_dir: Path) -> dict | None:
+    """The DeepSpeed config of the run in ``run_dir`` (``training_args.json``'s ``deepspeed``: the config itself or
+    a JSON file's path), or None when it cannot be read."""
+    args = read_json(Path(run_dir) / TRAINING_ARGS)
+    config = args.get("deepspeed") if isinstance(args, dict) else None
+    if isinstance(config, str):
+        config = read_json(Path(config).expanduser())
+    return config if isinstance(config, dict) else None
+
+
+def _zero_stage(config: dict) -> int:
+    try:
+        return int((config.get("zero_optimization") or {}).get("stage", 0) or 0)
+    except (TypeError, ValueError, AttributeError):
+        return 0
 
 
 def resume_point(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:

@@ -1,0 +1,172 @@
+"""Multi-process launches: concurrent runs on one node never meet on a port, and a Stop or Ctrl-C lets every rank
+finish its checkpoint however long the save takes.  Real torchrun launches of 2 CPU processes (gloo) of the tiny
+recipe; the slow save is the real one, delayed in the workers by a ``sitecustomize`` of the test's own."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune_helper import recommend
+from finetune_helper.train.launch import (CHECKPOINT_BYTES_PER_PARAMETER, DISK_BYTES_PER_SECOND,
+                                          SHUTDOWN_FLOOR_SECONDS, Launch, checkpoint_bytes, shutdown_timeout)
+from finetune_helper.train.recipe import load_recipe
+from finetune_helper.train.run_folder import checkpoint_problem, last_checkpoint
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+TINY = RECIPES / "tiny-demo.yaml"
+#: torchrun's wait before it SIGKILLs its workers when nothing sets it (torch/distributed/launcher/api.py)
+TORCHRUN_DEFAULT_WAIT = 30
+
+
+def finetune_helper(log: Path, *args: str, **popen) -> subprocess.Popen:
+    """``finetune-helper ARGS`` in the background, its output (and its processes') in ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "finetune_helper", *args], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **popen)
+
+
+def left_running(marker: str) -> list[str]:
+    """Processes whose command line names ``marker`` (the run folder: torchrun's and the workers')."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(entry.name)
+        except OSError:
+            continue
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def test_one_node_takes_a_free_rendezvous_and_several_nodes_meet_at_the_main_address():
+    one = Launch(gpus=2).command(["run", "r.yaml"])
+    assert "--standalone" in one and not any(a.startswith("--master_port") for a in one)
+    two = Launch(gpus=8, nodes=2, node_rank=1, main_address="10.0.0.1").command(["run", "r.yaml"])
+    assert "--standalone" not in two and {"--master_addr=10.0.0.1", "--master_port=29500", "--node_rank=1"} <= set(two)
+    chosen = Launch(gpus=2, main_port=29531).command(["run", "r.yaml"])
+    assert "--master_port=29531" in chosen and "--standalone" not in chosen  # a port the user names is kept
+
+
+# ------------------------------------------------------------------------------------------- the shutdown wait
+@pytest.mark.parametrize("recipe", ["llama-3.1-8b-full-2x24gb-zero3-offload.yaml",
+                                    "qwen2.5-72b-lora-8xh100-zero3.yaml"])
+def test_the_checkpoint_size_counts_the_trainable_parameters_the_plan_counts(recipe):
+    r = load_recipe(RECIPES / recipe)
+    targets = r.method.target_modules
+    plan = recommend(r.model.name, r.hardware.gpu, method=r.method.type, gpus=r.hardware.gpus,
+                     strategy=r.hardware.strategy, offload=r.hardware.offload, lora_r=r.method.lora_r,
+                     lora_target_modules=targets if isinstance(targets, str) else tuple(targets))
+    assert checkpoint_bytes(r) == plan.estimate.trainable_parameters * CHECKPOINT_BYTES_PER_PARAMETER
+
+
+def test_the_shutdown_wait_grows_with_the_checkpoint_past_torchruns_30_s_with_a_floor():
+    full_8b = checkpoint_bytes(load_recipe(RECIPES / "llama-3.1-8b-full-2x24gb-zero3-offload.yaml"))
+    lora_72b = checkpoint_bytes(load_recipe(RECIPES / "qwen2.5-72b-lora-8xh100-zero3.yaml"))
+    assert shutdown_timeout(None) == shutdown_timeout(lora_72b) == SHUTDOWN_FLOOR_SECONDS > TORCHRUN_DEFAULT_WAIT
+    assert shutdown_timeout(full_8b) == math.ceil(full_8b / DISK_BYTES_PER_SECOND) > SHUTDOWN_FLOOR_SECONDS
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method, files", [("full", ("model.safetensors", "optimizer.pt")),
+                                           ("lora", ("adapter_model.safetensors", "optimizer.pt"))])
+def test_the_checkpoint_size_bounds_what_a_real_checkpoint_writes(tmp_path, method, files):
+    """The weights and optimizer states of a real tiny checkpoint (fp32 weights, AdamW: 12 bytes per trainable
+    parameter) fit within the estimate, which is at most 16/12 of them."""
+    from finetune_helper import cli
+
+    overrides = [f"method.type={method}", "training.max_steps=2", "training.save_steps=2", "data.max_examples=200"]
+    assert cli.main(["run", str(TINY), *overrides, "--output-dir", str(tmp_path / "run")]) == 0
+    written = sum((tmp_path / "run" / "checkpoint-2" / name).stat().st_size for name in files)
+    estimate = checkpoint_bytes(load_recipe(TINY, overrides))
+    assert written <= estimate <= written * 16 / 12 * 1.02, (written, estimate)
+
+
+# ------------------------------------------------------------------------------------------ concurrent launches
+@pytest.mark.integration
+def test_two_concurrent_two_process_runs_on_one_node_both_finish(tmp_path):
+    """The app starts runs on disjoint GPUs side by side: two launches of 2 processes each, at once, each with its
+    own rendezvous (one shared port would refuse the second or join it to the first)."""
+    runs = {name: finetune_helper(tmp_path / f"{name}.log", "run", str(TINY), "--gpus", "2", "--output-dir",
+                                  str(tmp_path / name), "training.max_steps=2", "data.max_examples=200")
+            for name in ("a", "b")}
+    for name, proc in runs.items():
+        assert proc.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["status"] == "done" and summary["processes"] == 2 and summary["global_step"] == 2
+
+
+# --------------------------------------------------------------------------------------------- Ctrl-C, slow save
+#: the workers' sitecustomize: once transformers.trainer is imported, Trainer._save_checkpoint sleeps first, then
+#: saves for real and marks the rank that finished
+SLOW_SAVE = '''
+import importlib.abc, os, sys, time
+from pathlib import Path
+
+
+class SlowSave(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "transformers.trainer":
+            return None
+        spec = next(s for f in sys.meta_path if f is not self and hasattr(f, "find_spec")
+                    for s in [f.find_spec(name, path, target)] if s is not None)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            save = module.Trainer._save_checkpoint
+
+            def slow_save(trainer, *args, **kwargs):
+                time.sleep(float(os.environ["SLOW_SAVE_SECONDS"]))
+                save(trainer, *args, **kwargs)
+                Path(os.environ["SLOW_SAVE_MARKS"], "rank-" + os.environ["RANK"]).write_text(str(time.time()))
+
+            module.Trainer._save_checkpoint = slow_save
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("SLOW_SAVE_SECONDS") and "LOCAL_RANK" in os.environ:
+    sys.meta_path.insert(0, SlowSave())
+'''
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ctrl_c_lets_every_rank_finish_a_checkpoint_slower_than_torchruns_default_wait(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the command's process group) during a 2-process run whose checkpoint takes
+    35 s to save: both ranks finish it -- a complete checkpoint with both ranks' RNG states, exit 130 -- where
+    torchrun's default wait would have SIGKILLed them at 30 s; nothing is left running."""
+    site, marks, out = tmp_path / "site", tmp_path / "marks", tmp_path / "run"
+    site.mkdir()
+    marks.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_SAVE)
+    env = {**os.environ, "SLOW_SAVE_SECONDS": str(TORCHRUN_DEFAULT_WAIT + 5), "SLOW_SAVE_MARKS": str(marks),
+           "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+    log = tmp_path / "run.log"
+    proc = finetune_helper(log, "run", str(TINY), "--gpus", "2", "--output-dir", str(out), "training.max_steps=400",
+                           "training.save_steps=1000", "training.logging_steps=1", "data.max_examples=300", env=env,
+                           start_new_session=True)  # its own group, as a terminal's foreground job
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "metrics.jsonl").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    assert (out / "metrics.jsonl").exists(), "training never started"
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    assert sorted(p.name for p in marks.iterdir()) == ["rank-0", "rank-1"], log.read_text()[-3000:]
+    ckpt = last_checkpoint(out)
+    assert ckpt is not None and checkpoint_problem(ckpt) is None
+    assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    time.sleep(1.0)
+    assert not left_running(str(out))
