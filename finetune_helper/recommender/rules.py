@@ -173,6 +173,13 @@ def width_factor(hidden_size: int, narrowest: int, widest: int) -> tuple[float, 
                     "them Adam's LR ~ 1/width, muP (Yang et al. 2022, Tensor Programs V, Table 3), a heuristic)")
 
 
+def _ratio_for(steps: int, total_steps: int) -> float:
+    """The ratio whose ``ceil(ratio x total_steps)`` (transformers' ``get_warmup_steps``) is ``steps``: the plain
+    fraction, or half a step under it where float rounding would tip the ceiling over."""
+    ratio = steps / total_steps
+    return ratio if math.ceil(ratio * total_steps) == steps else (steps - 0.5) / total_steps
+
+
 def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int, *, lr_scale: float = 1.0
                  ) -> tuple[float, str]:
     """The warmup share of ``total_steps`` and its reason (see :data:`WARMUP_BASE`); ``lr_scale``: the planned LR
@@ -187,8 +194,14 @@ def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int, *
                 f"{lr_scale:.3g}x")
         why.append(f"+{extra:.2%} for {what} the reference's (Goyal et al. 2017 sec. 2.2: longer warmup)")
     if ratio * total_steps < WARMUP_MIN_STEPS:
-        ratio = min(1.0, WARMUP_MIN_STEPS / total_steps)
-        why.append(f"raised to {WARMUP_MIN_STEPS} warmup steps on a short run"
+        # the floor, but never the whole run: at most half of it (a run of 10 steps or fewer would otherwise only warm
+        # up, and a ratio of 1.0 is no warmup ratio transformers takes)
+        floor = min(WARMUP_MIN_STEPS, total_steps // 2)
+        ratio = _ratio_for(floor, total_steps)
+        why.append(("no warmup on a run of one step" if floor == 0 else
+                    f"raised to {floor} warmup steps on a short run"
+                    + (f" (the {WARMUP_MIN_STEPS}-step floor capped at half of its {total_steps} steps)"
+                       if floor < WARMUP_MIN_STEPS else ""))
                    + (f" ({ratio:.0%}, above the 10% ceiling)" if ratio > WARMUP_MAX else ""))
     elif ratio * total_steps > WARMUP_MAX_STEPS:
         # half a step under the cap, so that the Trainer's ceil(ratio x steps) is the cap whatever the float rounding

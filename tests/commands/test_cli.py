@@ -75,6 +75,14 @@ def test_export_writes_file(tmp_path: Path):
     assert str(out) in proc.stderr
 
 
+@pytest.mark.parametrize("fmt", ["json", "yaml", "python", "cli", "accelerate"])
+def test_a_run_of_ten_steps_or_fewer_exports(fmt):
+    """80 examples of batch 8, one epoch: 10 steps, warmed up for 5 of them (never the whole run)."""
+    proc = run("export", "--model", "llama-3.1-8b", "--gpu", "H100", "--dataset-size", "80", "--epochs", "1",
+               "--format", fmt)
+    assert proc.stdout.strip() and "error" not in proc.stderr
+
+
 @pytest.mark.parametrize("fmt", ["json", "cli"])
 def test_export_of_a_plan_that_does_not_fit_warns_on_stderr(fmt):
     proc = run("export", "--model", "llama-3.1-70b", "--gpu", "24GB", "--method", "full", "--format", fmt)

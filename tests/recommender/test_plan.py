@@ -137,6 +137,18 @@ def test_warmup_grows_for_short_runs_and_large_batches():
     assert huge.warmup_steps <= 2000 and "capped at 2000 steps" in huge.reasons["warmup_ratio"]
 
 
+@pytest.mark.parametrize("examples, steps, warmup", [(8, 1, 0), (16, 2, 1), (80, 10, 5), (88, 11, 5), (160, 20, 10)])
+def test_a_short_run_warms_up_for_at_most_half_of_it(examples, steps, warmup):
+    """The 10-step floor never takes the whole run (a ratio of 1.0 is no warmup ratio transformers takes: such plans
+    could not be exported); transformers' ceil(ratio x steps) is the warmup the reason states."""
+    plan = fh.recommend(LLAMA_8B, gpu="H100", dataset_size=examples, epochs=1)
+    assert plan.total_steps == steps and 0 <= plan.warmup_ratio < 1
+    assert math.ceil(plan.warmup_ratio * steps) == plan.warmup_steps == warmup
+    assert plan.reasons["warmup_ratio"].endswith(f"= {warmup} step{'s' if warmup != 1 else ''}")
+    if warmup < 10:
+        assert "half" in plan.reasons["warmup_ratio"] or "no warmup" in plan.reasons["warmup_ratio"]
+
+
 @pytest.mark.parametrize("examples, epochs", [(300, 3), (50, 3), (1000, 1)])
 def test_small_data_lowers_the_effective_batch_for_enough_steps(examples, epochs):
     """300 examples x 3 epochs at a target batch of 64 would be 15 optimizer steps; the plan lowers the batch (never

@@ -730,3 +730,13 @@ def test_resume_from_another_directory_keeps_the_run_folder(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert (run_dir / "checkpoint-4").is_dir() and not (other_cwd / "runs").exists()
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 4
+
+
+def test_a_three_example_recipe_validates_and_runs(tmp_path, capsys):
+    """Issue 20 item 12: a run of one optimizer step is planned without warmup (the 10-step floor takes at most half
+    of a run), so it validates and trains instead of failing on a warmup ratio of 1.0."""
+    small = ["data.max_examples=3", "recommend.epochs=1"]
+    assert cli.main(["validate", str(TINY), *small]) == 0
+    assert cli.main(["run", str(TINY), *small, "--output-dir", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["global_step"] == 1
