@@ -1,5 +1,11 @@
 """The runner's ``TrainerCallback``s: progress (a line per log and ``metrics.jsonl``) and the guard (divergence
-stop, a clean stop on SIGINT / SIGTERM).  They share a ``state`` dict with the runner and its signal handler."""
+stop, a clean stop on SIGINT / SIGTERM).  They share a ``state`` dict with the runner and its signal handler.
+
+:func:`watch_start_loss` records, on the trainer the runner built, what the guard and the doctor judge against:
+the loss before training (``state["start_loss"]``) and the vocabulary size (``state["vocab_size"]``, whose log is
+the loss of a uniform prediction).  The first log writes both into ``metrics.jsonl`` as a step-0 record
+(``{"step": 0, "start_loss": ..., "uniform_loss": ...}``), which a resumed run reads back
+(:func:`resume_reference`) and ``finetune-helper doctor`` uses."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Any, Callable
 
 from ..units import fmt_duration
 from . import run_folder
-from .divergence import DivergenceGuard
+from .divergence import PATIENCE, DivergenceGuard, uniform_loss
 
 
 def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str, Any]):
@@ -24,6 +30,7 @@ def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str,
             self.t0 = time.time()
             self.start_step = st.global_step
             self.tokens0 = state["tokens_at_start"] = st.num_input_tokens_seen or 0
+            self.wrote_start = False
 
         def on_log(self, args, st, control, logs=None, **kw):
             if not st.is_world_process_zero:  # several processes: rank 0 writes and prints
@@ -42,8 +49,12 @@ def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str,
 
                 record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
                 record["estimated_peak_memory_bytes"] = state.get("estimated_peak_memory_bytes")
+            lines = [record]
+            if not self.wrote_start and state.get("start_loss") is not None:
+                self.wrote_start = True
+                lines.insert(0, start_record(state["start_loss"], state.get("vocab_size")))
             with open(run_dir / run_folder.METRICS, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.writelines(json.dumps(line) + "\n" for line in lines)
             if "loss" in logs:
                 log(f"step {st.global_step}/{st.max_steps} | loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e}"
                     f" | {record['tokens_per_second'] or 0:,.0f} tok/s | ETA {fmt_duration(eta)}")
@@ -54,14 +65,17 @@ def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str,
         """Divergence stop (:mod:`.divergence`) and a clean stop on SIGINT/SIGTERM."""
 
         def __init__(self) -> None:
-            # a resumed run keeps the reference of its start (the first logged losses in metrics.jsonl)
-            self.guard = DivergenceGuard(reference=state.get("first_loss"))
+            self.guard: DivergenceGuard | None = None
 
         def on_log(self, args, st, control, logs=None, **kw):
             loss = (logs or {}).get("loss")
             if loss is None:
                 return
-            why = self.guard.update(loss, (logs or {}).get("grad_norm"), loss_scaler=bool(args.fp16))
+            if self.guard is None:  # at the first log the loss before training is known (a resumed run: its own)
+                self.guard = DivergenceGuard(reference=state.get("start_loss", state.get("first_loss")),
+                                             uniform=uniform_loss(state.get("vocab_size")))
+            why = self.guard.update(loss, (logs or {}).get("grad_norm"), loss_scaler=bool(args.fp16),
+                                    step=st.global_step)
             if why:
                 state["diverged"] = {"step": st.global_step, "loss": loss, "why": why,
                                      "learning_rate": args.learning_rate}
@@ -74,3 +88,68 @@ def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str,
                 control.should_training_stop = True
 
     return [Progress(), Guard()]
+
+
+def start_record(start_loss: float, vocab_size: int | None) -> dict[str, Any]:
+    """The step-0 record of ``metrics.jsonl``: the loss before training and the uniform prediction's loss
+    (``run_folder.read_metrics`` files it under step 0, kind "other"; it has no ``loss`` key, so the readers of the
+    training curve pass over it)."""
+    return {"step": 0, "start_loss": start_loss, "uniform_loss": uniform_loss(vocab_size), "vocab_size": vocab_size,
+            "wall_time": round(time.time(), 3)}
+
+
+def watch_start_loss(trainer, state: dict[str, Any]) -> None:
+    """Record the loss before training in ``state["start_loss"]`` and the model's vocabulary size in
+    ``state["vocab_size"]`` (when not set already).
+
+    The start loss is what the Trainer itself would log for its first optimizer step (``logging_steps=1``): the sum
+    of ``training_step``'s losses over that step's micro-batches (each already divided by the accumulation), all
+    computed on the initial weights, averaged over processes as the Trainer averages its logged loss.  It is
+    measured on the way, at no extra cost, and recorded just before the first optimizer step, so it is there at the
+    first log.  A run resumed from a checkpoint starts past step 0 and records nothing (:func:`resume_reference`
+    gives its reference)."""
+    from transformers import TrainerCallback
+    from transformers.trainer_pt_utils import nested_gather
+
+    if state.get("vocab_size") is None:
+        state["vocab_size"] = vocab_size(trainer.model)
+    parts: list = []
+    training_step = trainer.training_step
+
+    def watched(model, inputs, *args, **kwargs):
+        loss = training_step(model, inputs, *args, **kwargs)
+        if trainer.state.global_step == 0:
+            parts.append(loss.detach())
+        return loss
+
+    class StartLoss(TrainerCallback):
+        def on_pre_optimizer_step(self, args, st, control, **kw):
+            if st.global_step == 0 and parts:
+                import torch
+
+                value = nested_gather(torch.stack(parts).sum(), args.parallel_mode).mean().item()
+                parts.clear()
+                if math.isfinite(value):
+                    state["start_loss"] = value
+
+    trainer.training_step = watched
+    trainer.add_callback(StartLoss())
+
+
+def vocab_size(model) -> int | None:
+    """The size of the model's output vocabulary (its text config's ``vocab_size``; a PEFT model forwards it)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    size = getattr(text, "vocab_size", None)
+    return int(size) if isinstance(size, int) and size > 1 else None
+
+
+def resume_reference(run_dir: Path) -> float | None:
+    """A resumed run's divergence reference: the loss before training stored in its ``metrics.jsonl``, else (a
+    folder from before it was stored) the mean of its first :data:`.divergence.PATIENCE` logged losses; None when
+    neither is there yet."""
+    for record in run_folder.read_metrics(run_dir):
+        start = record.get("start_loss")
+        if record.get("step") == 0 and isinstance(start, (int, float)) and math.isfinite(start):
+            return float(start)
+    return run_folder.starting_loss(run_dir, PATIENCE)
