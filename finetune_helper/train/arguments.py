@@ -130,7 +130,8 @@ def _allowed_values(cls: type, field: str) -> list[str]:
 
 #: TrainingArguments fields that must be positive when a recipe sets them
 _POSITIVE_FIELDS = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps", "max_length"}
+                    "learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps", "max_length",
+                    "max_steps"}
 
 
 def check_training_values(training: dict[str, Any]) -> dict[str, Any]:

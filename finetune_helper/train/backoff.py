@@ -13,11 +13,12 @@ from typing import Any, Callable
 from ..errors import FinetuneHelperError, first_line
 from ..recommender.optimizers import EIGHT_BIT_FALLBACK, is_eight_bit
 from . import launch, run_folder
+from .callbacks import watch_start_loss
 from .finish import can_generate, exact_match_of
 from .load import build_trainer
 from .outcome import EXIT_OOM, RunStopped
 from .prepare import Prepared
-from .run_folder import last_checkpoint, write_json
+from .run_folder import last_checkpoint
 from .setup import checkpointing, run_estimate
 
 
@@ -85,6 +86,7 @@ def train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from: 
         except torch.OutOfMemoryError as exc:
             raise RunStopped(EXIT_OOM, f"out of memory while loading the model onto the GPU ({first_line(exc)}): "
                              "use method.type=qlora (a 4-bit base), a smaller model, or more GPUs (--gpus N)") from None
+        watch_start_loss(trainer, state)  # the loss before training and the vocabulary, for the divergence guard
         if len(trainer.train_dataset) == 0:
             raise FinetuneHelperError("data.max_length", f"{sft_kwargs.get('max_length')} tokens leave no answer token "
                                       "in any example (TRL drops those): raise data.max_length")
@@ -106,5 +108,5 @@ def train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from: 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         oom_events.append(_back_off(sft_kwargs, prep.run_dir, log, cuda=torch.cuda.is_available()))
-        write_json(prep.run_dir / run_folder.TRAINING_ARGS, sft_kwargs)  # what runs now, and what a resume continues
+        run_folder.write_training_args(prep.run_dir, sft_kwargs)  # what runs now, and what a resume continues
         resume_from = oom_events[-1]["resumed_from"] and str(prep.run_dir / oom_events[-1]["resumed_from"])

@@ -80,36 +80,46 @@ RESUMABLE_CHANGES = {"recommend.epochs", "training.max_steps", "training.num_tra
 
 
 def check_resume_matches(recipe: Recipe, run_dir: Path) -> bool:
-    """``--resume`` continues the same run: its saved recipe.yaml must agree but for the training length.  Returns
-    whether the training length changed."""
+    """``--resume`` continues the same run: what it was started with (:data:`run_folder.INPUTS`: the resolved recipe,
+    ``training_args.json`` as the runner last wrote it, the data file's contents; for an older run, its recipe.yaml)
+    must not have changed, but for the training length.  Refuses in one line naming what changed; returns whether
+    the training length changed."""
     import yaml
 
-    saved_file = run_dir / run_folder.RECIPE
-    if not saved_file.is_file():
-        return False
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
     now = recipe.to_dict()
+    changed = run_folder.changed_inputs(run_dir, now, RESUMABLE_CHANGES)
+    started = run_folder.read_json(run_dir / run_folder.INPUTS)
+    if isinstance(started, dict) and isinstance(started.get("recipe"), dict):
+        before = run_folder.flat(started["recipe"])
+        source = run_dir / run_folder.INPUTS
+    else:
+        saved_file = run_dir / run_folder.RECIPE
+        if not saved_file.is_file():
+            return False
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+        before, source = run_folder.flat(saved), saved_file
+        changed = [key for key in sorted(set(before) | set(run_folder.flat(now)))
+                   if key not in RESUMABLE_CHANGES and key != "output_dir"
+                   and before.get(key) != run_folder.flat(now).get(key)]
+    if changed:
+        flat_now = run_folder.flat(now)
+        details = "; ".join(f"{key}: {before.get(key)!r} then, {flat_now.get(key)!r} now" if key in before or
+                            key in flat_now else key for key in changed)
+        raise FinetuneHelperError(changed[0] if changed[0] in flat_now or changed[0] in before else "resume",
+                                  f"the run was started with other inputs ({details}; recorded in {source}): resume "
+                                  "continues the same run, only its length may change "
+                                  f"({', '.join(sorted(RESUMABLE_CHANGES))}); use a new --output-dir for a different "
+                                  "recipe")
+    return any(before.get(key) != run_folder.flat(now).get(key) for key in RESUMABLE_CHANGES)
 
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in d.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict) and key != "columns":
-                out.update(flat(value, name + "."))
-            else:
-                out[name] = value
-        return out
 
-    a, b = flat(saved), flat(now)
-    longer = False
-    for key in sorted(set(a) | set(b)):
-        if key == "output_dir":
-            continue
-        if key in RESUMABLE_CHANGES:
-            longer = longer or a.get(key) != b.get(key)
-            continue
-        if a.get(key) != b.get(key):
-            raise FinetuneHelperError(key, f"differs from the run being resumed ({a.get(key)!r} in {saved_file}, "
-                                      f"{b.get(key)!r} now); --resume continues the same run (only the training "
-                                      "length may change): use a new --output-dir for a different recipe")
-    return longer
+def saved_arguments(run_dir: Path) -> dict[str, Any]:
+    """A resumed run's own ``training_args.json`` (the back-off's batch included), or a one-line refusal when it is
+    missing or not a JSON object: never a re-plan that would write over the run's plan and arguments."""
+    path = Path(run_dir) / run_folder.TRAINING_ARGS
+    saved = run_folder.read_json(path)
+    if not isinstance(saved, dict):
+        what = "missing" if not path.exists() else "not readable as the run's arguments (a JSON object)"
+        raise FinetuneHelperError("resume", f"{path} is {what}: resume continues with the arguments the run wrote "
+                                  "there (nothing was changed); restore it, or start a new run with --output-dir")
+    return saved

@@ -16,7 +16,7 @@ from ..errors import FinetuneHelperError, first_line
 from ..export.versions import check_stack, installed_stack
 from . import run_folder
 from .arguments import sft_kwargs_for
-from .preflight import check_targets
+from .preflight import check_targets, saved_arguments
 from .recipe import BUILTIN_DATA, BUILTIN_MODEL, Recipe, resolve_recipe_gpu, resolve_recipe_model
 from .run_folder import write_json
 from .setup import local_device, run_estimate, run_setup
@@ -218,8 +218,9 @@ def prepare(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print, *
     overrides = dict(recipe.training)
     sft_kwargs, adaptations = sft_kwargs_for(recipe, plan, run_dir, device, dry_run=dry_run or check_only,
                                           has_eval=evaluation is not None, trl_kwargs=trl_kwargs)
-    resumed = resume and (saved := run_folder.read_json(run_dir / run_folder.TRAINING_ARGS)) is not None
+    resumed = resume
     if resumed:
+        saved = saved_arguments(run_dir)
         from_recipe = {k: sft_kwargs[k] for k in _FROM_RECIPE if k in sft_kwargs}
         sft_kwargs = {**saved, **from_recipe}
     prepared = Prepared(recipe=recipe, run_dir=run_dir, model_path=model_path, plan=plan, sft_kwargs=sft_kwargs,
@@ -261,10 +262,13 @@ _FROM_RECIPE = ("num_train_epochs", "max_steps", "output_dir")
 
 
 def write_run_files(prep: Prepared) -> None:
-    """recipe.yaml, plan.json and training_args.json; a resumed run keeps the plan.json it started with."""
+    """recipe.yaml, plan.json, training_args.json and what the run starts with (inputs.json); a resumed run keeps
+    the plan.json and the inputs it started with."""
     prep.run_dir.mkdir(parents=True, exist_ok=True)
     (prep.run_dir / run_folder.RECIPE).write_text(run_folder.RECIPE_HEADER + "\n" + prep.recipe.to_yaml())
-    write_json(prep.run_dir / run_folder.TRAINING_ARGS, prep.sft_kwargs)
+    if not (prep.resumed and (prep.run_dir / run_folder.INPUTS).is_file()):
+        run_folder.write_inputs(prep.run_dir, prep.recipe.to_dict())
+    run_folder.write_training_args(prep.run_dir, prep.sft_kwargs)
     if prep.resumed and (prep.run_dir / run_folder.PLAN).is_file():
         return
     plan = prep.plan.to_dict()

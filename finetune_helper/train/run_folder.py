@@ -17,6 +17,8 @@ from typing import Any
 RECIPE = "recipe.yaml"
 PLAN = "plan.json"
 TRAINING_ARGS = "training_args.json"
+#: what the run was started with (:func:`write_inputs`): a resume whose inputs changed is refused
+INPUTS = "inputs.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 EXIT = "exit.json"
@@ -65,6 +67,84 @@ def read_json(path: Path) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- the run's inputs
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe dict as ``{"data.max_length": 64, ...}`` (``data.columns`` stays one mapping)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "columns":
+            out.update(flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+#: data files up to this size are hashed whole; larger ones by their size and their first and last MiB (reading
+#: tens of GB at every resume would take minutes)
+WHOLE_HASH_BYTES, EDGE_BYTES = 1 << 30, 1 << 20
+
+
+def data_fingerprint(path: str) -> dict[str, Any] | None:
+    """A local data file's size and SHA-256 (of its first and last MiB beyond 1 GiB); None for what is not a local
+    file (the built-in data, made from the recipe's seed; a Hub dataset, named by the recipe's fields)."""
+    file = Path(path).expanduser()
+    if path.startswith("builtin:") or not file.is_file():
+        return None
+    size = file.stat().st_size
+    with file.open("rb") as fh:
+        if size <= WHOLE_HASH_BYTES:
+            return {"bytes": size, "sha256": digest(fh.read())}
+        head = fh.read(EDGE_BYTES)
+        fh.seek(size - EDGE_BYTES)
+        return {"bytes": size, "sha256_edges": digest(head + fh.read())}
+
+
+def write_inputs(run_dir: Path, recipe: dict[str, Any]) -> None:
+    """Record what the run starts with: the resolved recipe and its data file's fingerprint (a resume compares them,
+    :func:`changed_inputs`)."""
+    record = read_json(Path(run_dir) / INPUTS)
+    record = record if isinstance(record, dict) else {}
+    record.update(recipe=recipe, data=data_fingerprint(str(recipe.get("data", {}).get("path", ""))))
+    write_json(Path(run_dir) / INPUTS, record)
+
+
+def write_training_args(run_dir: Path, kwargs: dict[str, Any]) -> None:
+    """``training_args.json``, and its digest in :data:`INPUTS` (an edit by hand is then told from the runner's own
+    rewrites: a resume's, an out-of-memory back-off's)."""
+    text = json.dumps(kwargs, indent=2) + "\n"
+    (Path(run_dir) / TRAINING_ARGS).write_text(text, encoding="utf-8")
+    record = read_json(Path(run_dir) / INPUTS)
+    record = record if isinstance(record, dict) else {}
+    record["training_args_sha256"] = digest(text.encode("utf-8"))
+    write_json(Path(run_dir) / INPUTS, record)
+
+
+def changed_inputs(run_dir: Path, recipe: dict[str, Any], allowed: set[str]) -> list[str]:
+    """What differs from what the run in ``run_dir`` was started with: recipe fields (but ``allowed`` ones and
+    ``output_dir``), ``training_args.json`` edited by hand, the data file's contents.  Empty when nothing did, or
+    for a run that recorded no inputs (older runs: their recipe.yaml is what they were started with)."""
+    record = read_json(Path(run_dir) / INPUTS)
+    if not isinstance(record, dict) or not isinstance(record.get("recipe"), dict):
+        return []
+    before, now = flat(record["recipe"]), flat(recipe)
+    changed = [key for key in sorted(set(before) | set(now))
+               if key not in allowed and key != "output_dir" and before.get(key) != now.get(key)]
+    args = Path(run_dir) / TRAINING_ARGS
+    if "training_args_sha256" in record and args.is_file() and \
+            digest(args.read_bytes()) != record["training_args_sha256"]:
+        changed.append(f"{TRAINING_ARGS} was edited since the run wrote it")
+    if "data" in record and record["data"] != data_fingerprint(str(recipe.get("data", {}).get("path", ""))):
+        changed.append("the data file's contents changed")
+    return changed
 
 
 def write_exit(run_dir: str | Path, code: int) -> None:
@@ -153,9 +233,14 @@ def checkpoint_problem(path: Path) -> str | None:
     weights, the optimizer states and the scheduler of one process / DDP (``optimizer.pt``, ``scheduler.pt``), of
     FSDP (:func:`_fsdp_problem`) or of DeepSpeed (:func:`_deepspeed_problem`)."""
     try:
-        json.loads((path / _TRAINER_STATE).read_text())
+        state = json.loads((path / _TRAINER_STATE).read_text())
     except (OSError, ValueError):
         return "trainer_state.json is missing or unreadable (the save was cut short)"
+    if not isinstance(state, dict):
+        return "trainer_state.json is not the Trainer's state (not a JSON object)"
+    damaged = damaged_file(path)
+    if damaged:
+        return damaged
     if (path / _DS_LATEST).exists() or any(path.glob("global_step*")):
         return _deepspeed_problem(path)
     if any(path.glob(_FSDP_PREFIX + "*")):
@@ -165,6 +250,61 @@ def checkpoint_problem(path: Path) -> str | None:
     if not (path / _OPTIMIZER).is_file():
         return "no optimizer state"
     return None if (path / _SCHEDULER).is_file() else "no scheduler state"
+
+
+#: what each saved file is: safetensors (an 8-byte header length, a JSON header, the tensors it places), torch's
+#: zip archive (``torch.save`` since PyTorch 1.6; its central directory is at the end, so a cut file loses it) or JSON
+_SAFETENSORS, _TORCH_ZIP, _JSON = (".safetensors",), (".pt", ".bin", ".pth"), (".json",)
+
+
+def damaged_file(path: Path) -> str | None:
+    """The first file of checkpoint folder ``path`` (and its engine's sub-folders) that does not open as what it
+    is -- a safetensors file shorter than its header says, a torch archive without its zip directory, JSON that is not
+    an object -- named with what is wrong; None when every file opens.  Reads headers and directories only."""
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        suffix = file.suffix.lower()
+        if suffix in _SAFETENSORS:
+            why = _safetensors_problem(file)
+        elif suffix in _TORCH_ZIP:
+            why = _torch_file_problem(file)
+        elif suffix in _JSON:
+            why = None if isinstance(read_json(file), dict) else "is not a JSON object"
+        else:
+            continue
+        if why:
+            return f"{file.relative_to(path)} {why} (damaged)"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    try:
+        with file.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size)) if 0 < size < file.stat().st_size else None
+    except (OSError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        return "has no readable safetensors header"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    if 8 + size + max(ends, default=0) > file.stat().st_size:
+        return "is shorter than its header says (cut short)"
+    return None
+
+
+def _torch_file_problem(file: Path) -> str | None:
+    import zipfile
+
+    try:
+        with file.open("rb") as fh:
+            magic = fh.read(2)
+        if magic[:1] == b"\x80":  # a legacy pickle (torch.save before 1.6): not checkable
+            return None
+        with zipfile.ZipFile(file) as archive:
+            archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return "is not a readable torch archive (its zip directory is missing: cut short)"
+    return None
 
 
 def _fsdp_problem(path: Path) -> str | None:

@@ -27,15 +27,14 @@ from ..units import fmt_gib
 from . import launch, run_folder
 from .arguments import check_training_values
 from .backoff import train_with_backoff
-from .callbacks import runner_callbacks
-from .divergence import PATIENCE
+from .callbacks import resume_reference, runner_callbacks
 from .finish import finish, format_summary, stop_early, training_summary
 from .load import build_trainer, load_model
 from .outcome import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_OOM, RunResult, RunStopped
-from .preflight import RESUMABLE_CHANGES, check_deepspeed, check_resume_matches, check_run_folder
+from .preflight import RESUMABLE_CHANGES, check_deepspeed, check_resume_matches, check_run_folder, saved_arguments
 from .prepare import Prepared, prepare, write_run_files
 from .recipe import Recipe, load_recipe
-from .run_folder import last_checkpoint, starting_loss, write_json
+from .run_folder import last_checkpoint, write_json
 from .setup import run_estimate, run_setup
 
 
@@ -46,7 +45,7 @@ def train(prep: Prepared, tokenizer, *, resume: bool = False, log: Callable[[str
 
     run_dir = prep.run_dir
     state = state if state is not None else {}
-    if resume and (first := starting_loss(run_dir, PATIENCE)) is not None:
+    if resume and (first := resume_reference(run_dir)) is not None:
         state["first_loss"] = first  # the divergence guard's reference
     if torch.cuda.is_available():
         state.update(cuda=True)
@@ -91,9 +90,14 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         if start is None:
             raise FinetuneHelperError("resume", f"no complete checkpoint in {run_dir} to resume from" + (
                 f" ({skipped[-1][0].name}: {skipped[-1][1]})" if skipped else ""))
+        saved_arguments(run_dir)  # an unreadable training_args.json is refused here, before anything is written
+        check_training_values(recipe.training)  # a length of 0 or less too
         longer = check_resume_matches(recipe, run_dir)
-        if run_folder.finished(run_dir) and not longer:
-            message = (f"{run_dir} finished already (summary.json); nothing to resume and nothing was changed. To "
+        done = run_folder.finished(run_dir) and not longer
+        behind = None if done else _at_or_past(recipe, start)
+        if done or behind:
+            message = (f"{run_dir}: {behind}; nothing to resume and nothing was changed" if behind else
+                       f"{run_dir} finished already (summary.json); nothing to resume and nothing was changed. To "
                        f"train longer, raise its length: {' or '.join(sorted(RESUMABLE_CHANGES))}")
             log(message)
             return RunResult(run_dir, EXIT_OK, {"status": "finished", "message": message})
@@ -116,6 +120,24 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _at_or_past(recipe: Recipe, checkpoint: Path) -> str | None:
+    """Why a resume from ``checkpoint`` would train nothing -- the length asked for (``training.max_steps``, or the
+    epochs) is at or below where the checkpoint is -- or None.  (The Trainer would still take a step, and write
+    final/ and the summary anew.)"""
+    state = run_folder.read_json(checkpoint / "trainer_state.json") or {}
+    step, epoch = state.get("global_step"), state.get("epoch")
+    max_steps = recipe.training.get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0:
+        if isinstance(step, int) and max_steps <= step:
+            return f"training.max_steps={max_steps} is at or below {checkpoint.name}'s step {step}"
+        return None
+    epochs = recipe.training.get("num_train_epochs", recipe.recommend.epochs)
+    if isinstance(epochs, (int, float)) and isinstance(epoch, (int, float)) \
+            and epochs <= epoch:
+        return f"{epochs:g} epochs is at or below {checkpoint.name}'s {epoch:.3g} epochs"
+    return None
 
 
 def _absolute_paths(recipe: Recipe) -> Recipe:

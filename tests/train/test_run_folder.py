@@ -19,15 +19,42 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 COMMON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "training_args.bin")
 
 
+def safetensors_bytes(n: int = 4096) -> bytes:
+    """A whole safetensors file: its header's length, the header placing one tensor of ``n`` bytes, the tensor."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    return len(header).to_bytes(8, "little") + header + bytes(n)
+
+
+def torch_archive_bytes() -> bytes:
+    """What torch.save writes since PyTorch 1.6: a zip archive (here one small entry)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00." * 100)
+    return buffer.getvalue()
+
+
+def stand_in(name: str) -> bytes:
+    """A stand-in file of ``name``'s kind that opens as that kind (the check reads headers and zip directories)."""
+    if name.endswith(".json"):
+        return b"{}"
+    if name.endswith(".safetensors"):
+        return safetensors_bytes()
+    if name.endswith((".pt", ".bin", ".pth")):
+        return torch_archive_bytes()
+    return b"stand-in"
+
+
 def lay_out(folder: Path, files: list[str], *, step: int, world: int) -> Path:
-    """A ``checkpoint-<step>`` of ``world`` ranks: ``files`` (folders made as needed; contents stand-ins, none of
-    them read by the check), the RNG state of every rank (``_save_rng_state``) and, last, as the Trainer writes it,
-    ``trainer_state.json``."""
+    """A ``checkpoint-<step>`` of ``world`` ranks: ``files`` (folders made as needed; stand-ins of each file's kind),
+    the RNG state of every rank (``_save_rng_state``) and, last, as the Trainer writes it, ``trainer_state.json``."""
     ckpt = folder / f"checkpoint-{step}"
     rng = ["rng_state.pth"] if world == 1 else [f"rng_state_{r}.pth" for r in range(world)]
     for name in [*COMMON, *files, *rng]:
         (ckpt / name).parent.mkdir(parents=True, exist_ok=True)
-        (ckpt / name).write_bytes(b"\x80\x02}q\x00.")
+        (ckpt / name).write_bytes(stand_in(name))
     state = {"global_step": step, "max_steps": 12, "epoch": 0.5, "log_history": [{"loss": 2.5, "step": step}],
              "train_batch_size": 4, "is_world_process_zero": True}
     (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -181,4 +208,38 @@ def test_a_real_torch_distributed_checkpoint_folder_is_finished_by_its_metadata_
     dcp.save({"optimizer": {"state": {"0": {"exp_avg": torch.zeros(3)}}}}, checkpoint_id=str(ckpt / "optimizer_0"))
     assert {p.name for p in (ckpt / "optimizer_0").iterdir()} >= {".metadata"}
     assert any(p.suffix == ".distcp" for p in (ckpt / "optimizer_0").iterdir())
+    assert checkpoint_problem(ckpt) is None
+
+
+# --------------------------------------------------------------------------------------------- damaged files
+ONE_PROCESS = ["model.safetensors", "optimizer.pt", "scheduler.pt"]
+
+
+def cut(file: Path, keep: float = 0.5) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda c: cut(c / "model.safetensors"), "model.safetensors is shorter than its header says"),
+    (lambda c: (c / "model.safetensors").write_bytes(b"\x00" * 3), "model.safetensors has no readable safetensors"),
+    (lambda c: cut(c / "optimizer.pt"), "optimizer.pt is not a readable torch archive"),
+    (lambda c: cut(c / "scheduler.pt", 0.9), "scheduler.pt is not a readable torch archive"),
+    (lambda c: (c / "trainer_state.json").write_text("[]"), "trainer_state.json is not the Trainer's state"),
+    (lambda c: (c / "config.json").write_text('{"model_type": "lla'), "config.json is not a JSON object"),
+])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_complete_one(tmp_path, damage, why):
+    run = tmp_path / "run"
+    lay_out(run, ONE_PROCESS, step=2, world=1)
+    newest = lay_out(run, ONE_PROCESS, step=4, world=1)
+    assert checkpoint_problem(newest) is None
+    damage(newest)
+    assert why in (checkpoint_problem(newest) or "")
+    start, skipped = resume_point(run)
+    assert start.name == "checkpoint-2" and [p.name for p, _ in skipped] == ["checkpoint-4"]
+
+
+def test_a_legacy_pickle_checkpoint_file_is_not_taken_for_a_damaged_archive(tmp_path):
+    ckpt = lay_out(tmp_path / "run", ONE_PROCESS, step=2, world=1)
+    (ckpt / "optimizer.pt").write_bytes(b"\x80\x02}q\x00.")  # torch.save before 1.6: a plain pickle
     assert checkpoint_problem(ckpt) is None

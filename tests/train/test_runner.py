@@ -10,8 +10,10 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from finetune_helper import cli
+from finetune_helper.train.run_folder import RECIPE_HEADER
 from finetune_helper.train.runner import EXIT_DIVERGED, EXIT_INTERRUPTED, RunStopped, last_checkpoint, run
 
 #: integration tier (make test-integration): real torch / transformers / trainer / server work
@@ -246,18 +248,30 @@ def test_the_runner_loads_the_model_its_estimate_describes(tmp_path, method, tra
     assert plan["run"]["setup"]["micro_batch_size"] == prep.sft_kwargs["per_device_train_batch_size"]
 
 
-def test_resume_falls_back_past_an_incomplete_checkpoint_and_says_so(tmp_path):
+def _cut(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda c: (c / "trainer_state.json").unlink(), "incomplete (trainer_state.json"),
+    (lambda c: _cut(c / "model.safetensors"), "model.safetensors is shorter than its header says"),
+    (lambda c: _cut(c / "optimizer.pt"), "optimizer.pt is not a readable torch archive"),
+    (lambda c: (c / "trainer_state.json").write_text("[]"), "trainer_state.json is not the Trainer's state"),
+], ids=["cut-short", "truncated-weights", "truncated-optimizer", "state-not-an-object"])
+def test_resume_falls_back_past_an_incomplete_or_damaged_checkpoint_and_says_so(tmp_path, damage, why):
     """The Trainer writes trainer_state.json last: a save cut short (SIGKILL, a second Stop, a full disk) leaves a
-    checkpoint without it, which resume must pass over for the last complete one."""
+    checkpoint without it, and a full disk or a copy cut short leaves files that do not open: resume passes over
+    either for the last complete one, naming it."""
     out = tmp_path / "run"
     run(TINY, steps(4, "training.save_steps=2", "data.max_examples=200"), output_dir=str(out), **QUIET)
-    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    damage(out / "checkpoint-4")
     assert last_checkpoint(out).name == "checkpoint-2"
     lines: list[str] = []
     result = run(TINY, steps(6, "training.save_steps=2", "data.max_examples=200"), output_dir=str(out), resume=True,
                  log=lines.append)
     assert result.exit_code == 0 and result.summary["global_step"] == 6
-    assert any(line.startswith("checkpoint-4 is incomplete (trainer_state.json") and "from checkpoint-2" in line
+    assert any(line.startswith("checkpoint-4 is") and why in line and "from checkpoint-2" in line
                for line in lines), lines
     assert last_checkpoint(out).name == "checkpoint-6"
 
@@ -740,3 +754,91 @@ def test_a_three_example_recipe_validates_and_runs(tmp_path, capsys):
     assert cli.main(["run", str(TINY), *small, "--output-dir", str(tmp_path / "run")]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "done" and summary["global_step"] == 1
+
+
+# --------------------------------------------------------------------------------------------- issue 20: resume
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run of the tiny demo finished at step 6 (checkpoints 2, 4, 6), on a local data file: copied by each test."""
+    from finetune_helper.train.tiny import synthetic_dataset, write_dataset
+
+    root = tmp_path_factory.mktemp("finished")
+    data = write_dataset(root / "data.jsonl", synthetic_dataset(100, seed=3))
+    out = root / "run"
+    assert cli.main(["run", str(TINY), "--output-dir", str(out), f"data.path={data}",
+                     *steps(6, "training.save_steps=2")]) == 0
+    return out
+
+
+def copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(finished_run, tmp_path / "run", symlinks=True))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda r: r / "recipe.yaml", "data.max_length"),
+    (lambda r: r / "recipe.yaml", "seed"),
+    (lambda r: r / "recipe.yaml", "recommend.lr_max"),
+    (lambda r: r / "training_args.json", "training_args.json was edited"),
+    (lambda r: Path(yaml.safe_load((r / "recipe.yaml").read_text())["data"]["path"]), "the data file's contents"),
+], ids=["max_length", "seed", "lr_max", "training_args", "data"])
+def test_resume_notices_what_was_edited_since_the_run_started(finished_run, tmp_path, capsys, edit, field):
+    run_dir = copy_run(finished_run, tmp_path)
+    target = edit(run_dir)
+    if target.name == "recipe.yaml":
+        raw = yaml.safe_load(target.read_text())
+        section, _, key = field.rpartition(".")
+        (raw[section] if section else raw)[key] = {"data.max_length": 32, "seed": 7, "recommend.lr_max": 3e-4}[field]
+        target.write_text(RECIPE_HEADER + "\n" + yaml.safe_dump(raw))
+    elif target.name == "training_args.json":
+        args = json.loads(target.read_text())
+        target.write_text(json.dumps({**args, "learning_rate": 0.5}))
+    original = target.read_text() if target.name.endswith(".jsonl") else None
+    if original is not None:  # the data file itself (shared by the copies: put back below)
+        target.write_text(original.replace("1", "2", 1))
+    before = snapshot(run_dir)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["resume", str(run_dir), "training.max_steps=8"])
+    finally:
+        if original is not None:
+            target.write_text(original)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and field in err[0], err
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("length", ["training.max_steps=3", "training.max_steps=6", "training.num_train_epochs=0.5"])
+def test_resume_never_trains_a_finished_run_backwards(finished_run, tmp_path, capsys, length):
+    run_dir = copy_run(finished_run, tmp_path)
+    before = snapshot(run_dir)
+    assert cli.main(["resume", str(run_dir), length]) == 0
+    assert "nothing to resume and nothing was changed" in capsys.readouterr().out
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("length", ["training.max_steps=-5", "training.max_steps=0"])
+def test_a_length_of_zero_or_less_is_a_field_error(finished_run, tmp_path, capsys, length):
+    run_dir = copy_run(finished_run, tmp_path)
+    before = snapshot(run_dir)
+    for argv in (["resume", str(run_dir), length], ["validate", str(TINY), length]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and err == [f"finetune-helper: error: training.max_steps: must be > 0, got "
+                                                     f"{length.split('=')[1]}"], err
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", None])
+def test_an_unreadable_training_args_json_is_an_error_not_a_new_plan(finished_run, tmp_path, capsys, content):
+    run_dir = copy_run(finished_run, tmp_path)
+    args = run_dir / "training_args.json"
+    args.unlink() if content is None else args.write_text(content)
+    before = snapshot(run_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["resume", str(run_dir), "training.max_steps=8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "training_args.json is" in err[0], err
+    assert snapshot(run_dir) == before  # plan.json with the run's own batch is kept
