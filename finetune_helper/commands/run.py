@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import shutil
+import signal
 import sys
 
 from ..errors import FinetuneHelperError, first_line
@@ -47,10 +50,13 @@ def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, out
              resume: bool) -> int:
     """One process, or (several GPUs or nodes, not a dry run, not already a launcher's worker) the launcher."""
     from ..recommender.zero import ZERO_STAGES
-    from ..train.launch import Launch, checkpoint_bytes, in_launcher, launch, world_size
+    from ..train.launch import Launch, checkpoint_bytes, die_with_parent, in_launcher, launch, world_size
     from ..train.recipe import load_recipe
-    from ..train.runner import check_deepspeed, check_run_folder, default_run_dir
+    from ..train.run_folder import LOCK, FolderLock
+    from ..train.runner import absolute_paths, check_deepspeed, check_resume, check_run_folder, default_run_dir
 
+    if in_launcher():  # a worker: torchrun gone (killed), it has nothing to report to and must not train on alone
+        die_with_parent(signal.SIGKILL)
     loaded = load_recipe(recipe, overrides)  # a bad recipe fails here, at once, before any process starts
     gpus = args.gpus if args.gpus is not None else loaded.hardware.gpus
     spec = Launch(gpus=gpus, nodes=args.nodes, node_rank=args.node_rank, main_address=args.main_address,
@@ -70,13 +76,26 @@ def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, out
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
         return start(args, recipe, overrides, output_dir=output_dir, dry_run=dry_run, resume=resume)
     run_dir = default_run_dir(loaded, recipe, output_dir)
+    overrides = [*overrides, f"hardware.gpus={spec.world}"]
     if spec.node_rank == 0:
         check_run_folder(run_dir, dry_run=False, resume=resume)
-    run_args = ["run", recipe, *overrides, f"hardware.gpus={spec.world}", "--output-dir", str(run_dir),
-                *(["--resume"] if resume else [])]
-    print(f"launching {spec.gpus} process{'es' if spec.gpus > 1 else ''} on this node ({spec.world} in all): "
-          f"{' '.join(spec.command(run_args))}", flush=True)
-    return launch(spec, run_args, run_dir, checkpoint_bytes=checkpoint_bytes(loaded))
+        # what one process checks before anything loads, checked here before N start (each would refuse alone)
+        if resume and (nothing := check_resume(absolute_paths(load_recipe(recipe, overrides)), run_dir)):
+            print(nothing, flush=True)
+            return 0
+    run_args = ["run", recipe, *overrides, "--output-dir", str(run_dir), *(["--resume"] if resume else [])]
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(run_dir)  # the launcher holds the folder for its workers, as long as any of them lives
+    lock.acquire()
+    try:
+        print(f"launching {spec.gpus} process{'es' if spec.gpus > 1 else ''} on this node ({spec.world} in all): "
+              f"{shlex.join(spec.command(run_args))}", flush=True)
+        return launch(spec, run_args, run_dir, checkpoint_bytes=checkpoint_bytes(loaded))
+    finally:
+        lock.release()
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK}:  # refused by the workers: leave no folder
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def start(args: argparse.Namespace, recipe: str, overrides: list[str], *, output_dir: str | None, dry_run: bool,

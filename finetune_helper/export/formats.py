@@ -78,7 +78,8 @@ def _load_line(plan: Plan) -> str:
     dtype = load_dtype(plan)
     why = {"full": "fp32 master weights, as planned" if dtype == "float32" else "pure-bf16 weights, as planned",
            "lora": "the frozen base in the compute dtype", "qlora": "the adapters' compute dtype"}[plan.request.method]
-    line = f"load the model with dtype=torch.{dtype} ({why}; transformers 5 loads the checkpoint's own dtype unless told"
+    line = (f"load the model with dtype=torch.{dtype} ({why}; transformers 5 loads the checkpoint's own dtype unless "
+            "told")
     line += ", TRL float32: SFTConfig.model_init_kwargs carries it)" if plan.request.trainer == "trl" else ")"
     if plan.request.method == "qlora":
         line += " and quantization_config=" + QLORA_QUANTIZATION.format(compute=TORCH_DTYPE_NAMES[plan.request.dtype])
@@ -207,7 +208,8 @@ def to_python(plan: Plan, output_dir: str, version: str | None = None) -> str:
     lines += [")", "", ""] + _load_model_function(plan)
     if r.method != "full":
         targets = r.lora_target_modules if isinstance(r.lora_target_modules, str) else list(r.lora_target_modules)
-        how = "SFTTrainer(peft_config=lora_config())" if cls == "SFTConfig" else "peft.get_peft_model(model, lora_config())"
+        how = ("SFTTrainer(peft_config=lora_config())" if cls == "SFTConfig" else
+               "peft.get_peft_model(model, lora_config())")
         lines += ["", "", "def lora_config():", f'    """The adapters the learning rate was scaled for: {how}."""',
                   "    from peft import LoraConfig", "",
                   f"    return LoraConfig(r={r.lora_r}, lora_alpha={r.lora_alpha}, lora_dropout={r.lora_dropout}, "

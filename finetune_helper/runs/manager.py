@@ -31,11 +31,12 @@ import yaml
 
 from ..errors import FinetuneHelperError
 from ..train import run_folder
-from ..train.doctor import diagnose
+from ..train.doctor import diagnose_files
 from ..train.recipe import Recipe, check_references, parse_yaml, recipe_from_dict
+from ..train.launch import run_processes
 from ..train.run_folder import last_checkpoint
 from ..train.run_folder import read_json as _read_any_json
-from ..train.run_folder import read_metrics as _read_any_metrics
+from ..train.run_folder import read_metrics_counted as _read_any_metrics
 from ..train.run_folder import write_json as _write_any_json
 from .workspace import Workspace
 
@@ -47,6 +48,8 @@ PROBE_FILE = "probe.json"
 #: ``finetune-helper lr-find --curve`` writes here, step by step (a range test started from the app)
 LR_FIND_FILE = "lr_find.json"
 #: exit codes of ``finetune-helper run`` (runner.py) and what the app calls them
+#: how often the reaper looks for the run's last processes before it frees the GPUs
+REAP_POLL_S = 0.5
 EXIT_STATES = {0: "done", 1: "failed", 2: "failed", 3: "diverged", 4: "out of memory", 130: "stopped"}
 #: Hub user-access tokens start with ``hf_`` (huggingface_hub docs, "User access tokens")
 TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{8,}")
@@ -128,7 +131,13 @@ def read_json(path: Path) -> Any:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return _read_any_metrics(run_dir) if _regular(Path(run_dir) / run_folder.METRICS) else []
+    return read_metrics_counted(run_dir)[0]
+
+
+def read_metrics_counted(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """The run's metrics records and the lines that were none (run_folder.read_metrics_counted), from a regular
+    file only."""
+    return _read_any_metrics(run_dir) if _regular(Path(run_dir) / run_folder.METRICS) else ([], 0)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -358,6 +367,10 @@ class RunManager:
 
     def _reap(self, run_id: str, proc: subprocess.Popen) -> None:
         code = proc.wait()
+        # the GPUs are free when no process of the run is left, the launcher's workers included (they wind down on
+        # their own after the launcher: torchrun is told to stop them when it dies, train/launch.py)
+        while run_processes(self.workspace.runs / run_id):
+            time.sleep(REAP_POLL_S)
         with self._lock:  # stop() rewrites process.json too
             path = self.workspace.runs / run_id / PROCESS_FILE
             info = read_json(path) or {}
@@ -402,8 +415,8 @@ class RunManager:
         """Continue a stopped run from its last checkpoint (the runner checks the recipe is unchanged)."""
         with self._lock:
             run_dir = self.run_dir(run_id)
-            if self.active_run() == run_id:
-                raise FinetuneHelperError("run", f"{run_id} is still running")
+            if self.active_run() == run_id or run_folder.in_use(run_dir):
+                raise FinetuneHelperError("run", f"{run_id} is still running (its folder is in use); stop it first")
             if last_checkpoint(run_dir) is None:
                 raise FinetuneHelperError("run", f"{run_id} has no checkpoint to resume from (it stopped before its "
                                           "first save); start it again instead")
@@ -428,7 +441,10 @@ class RunManager:
             if not ours or not self._alive(run_id, info.get("pid")):
                 raise FinetuneHelperError("run", f"{run_id} is not running (no process this app started for it)")
             if info.get("stop_requested"):  # a second Stop: the run did not stop (a hung data loader, NCCL, ...)
-                os.killpg(info["pid"], signal.SIGKILL)  # its own session: the group id is its pid
+                # every process of the run: the command's group, and torchrun and its workers, in sessions of their own
+                for pid in [info["pid"], *run_processes(run_dir)]:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
                 info["killed"] = True
             else:
                 os.kill(info["pid"], signal.SIGTERM)
@@ -443,8 +459,8 @@ class RunManager:
         run_dir = self.run_dir(run_id)
         info = read_json(run_dir / PROCESS_FILE) or {}
         started = info.get("started") or 0
-        alive = self._alive(run_id, info.get("pid"))
-        metrics = read_metrics(run_dir)
+        alive = self._alive(run_id, info.get("pid")) or bool(run_processes(run_dir))  # the launcher's workers too
+        metrics, skipped = read_metrics_counted(run_dir)
         current = [m for m in metrics if m.get("wall_time", started) >= started]  # this attempt's records
         summary = _fresh_json(run_dir / run_folder.SUMMARY, started)
         code = info.get("returncode")
@@ -469,9 +485,7 @@ class RunManager:
         if state not in ("done", "training", "preparing", "stopping") and message is None:
             message = _last_error(run_dir)
         step = max((m.get("step", 0) for m in metrics), default=0)
-        stopped = (summary or {}).get("message") if (summary or {}).get("status") == "diverged" else None
-        training_args = read_json(run_dir / run_folder.TRAINING_ARGS) or {}
-        diagnosis = diagnose(metrics, stopped=stopped, loss_scaler=bool(training_args.get("fp16"))).as_dict() \
+        diagnosis = diagnose_files(metrics, skipped, summary, read_json(run_dir / run_folder.TRAINING_ARGS)).as_dict() \
             if metrics else None
         max_steps = max((m.get("max_steps", 0) for m in metrics), default=0) or None
         now = [m for m in current if "loss" in m]

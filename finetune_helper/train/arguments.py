@@ -43,15 +43,20 @@ def sft_kwargs_for(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("fsdp", "fsdp_config")}
         adaptations.append("no CUDA GPU: FSDP is accelerate's on GPUs only; the CPU processes train data parallel "
                            "(DDP, gloo), the model replicated")
-    if kwargs.get("lr_scheduler_kwargs") and "lr_scheduler_kwargs" not in overrides and int(
-            overrides.get("max_steps", -1)) > 0:
-        # a run shortened or lengthened by training.max_steps: the schedule's own step counts follow it
+    if "lr_scheduler_kwargs" not in overrides and ("lr_scheduler_type" in overrides or int(
+            overrides.get("max_steps", -1)) > 0):
+        # the schedule's own settings follow the schedule that runs (training.lr_scheduler_type) and its length
+        # (training.max_steps): cosine_with_min_lr's min_lr_rate is no argument of linear, say
         from ..recommender.rules import scheduler_kwargs
         from ..recommender.schedule import warmup_steps_for
 
-        total = int(overrides["max_steps"])
+        total = int(overrides.get("max_steps", -1))
+        total = total if total > 0 else plan.total_steps
         warmup = warmup_steps_for(kwargs.get("warmup_steps", kwargs.get("warmup_ratio", 0)) or 0, total)
-        kwargs["lr_scheduler_kwargs"] = scheduler_kwargs(plan.lr_scheduler_type, total, warmup)
+        schedule = str(overrides.get("lr_scheduler_type", plan.lr_scheduler_type))
+        kwargs.pop("lr_scheduler_kwargs", None)
+        if schedule != "step_decay" and (options := scheduler_kwargs(schedule, total, warmup)):
+            kwargs["lr_scheduler_kwargs"] = options
     # keep checkpoints on logging steps, so a diverged loss is seen before it can be saved
     logging_steps = int(kwargs.get("logging_steps", 10))
     if "save_steps" in kwargs and "save_steps" not in overrides:

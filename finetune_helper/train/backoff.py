@@ -5,7 +5,9 @@ last checkpoint with the same effective batch and learning rate.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -97,7 +99,8 @@ def train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from: 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # each attempt's peak is its own
         try:
-            return trainer, trainer.train(resume_from_checkpoint=resume_from), oom_events, before
+            with _tied_keys_unmentioned(trainer.model):
+                return trainer, trainer.train(resume_from_checkpoint=resume_from), oom_events, before
         except torch.OutOfMemoryError:
             if launch.world_size() > 1:  # the other processes wait in a collective: no back-off, stop them all
                 raise RunStopped(EXIT_OOM, f"out of memory on rank {launch.rank()} of {launch.world_size()}: run "
@@ -110,3 +113,46 @@ def train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from: 
         oom_events.append(_back_off(sft_kwargs, prep.run_dir, log, cuda=torch.cuda.is_available()))
         run_folder.write_training_args(prep.run_dir, sft_kwargs)  # what runs now, and what a resume continues
         resume_from = oom_events[-1]["resumed_from"] and str(prep.run_dir / oom_events[-1]["resumed_from"])
+
+
+#: how the Trainer reports keys a resumed checkpoint lacked (``Trainer._issue_warnings_after_load``)
+_MISSING_KEYS = "There were missing keys in the checkpoint model loaded: "
+
+
+@contextlib.contextmanager
+def _tied_keys_unmentioned(model):
+    """Leave out the Trainer's warning about "missing keys" on resume when the keys are tied weights: a tied
+    ``lm_head.weight`` is the embedding itself, which ``save_pretrained`` writes once, so every resume of a model with
+    tied embeddings "misses" it (the Trainer's own check compares with ``_keys_to_ignore_on_save`` only).  A missing
+    key that is not tied is still reported."""
+    import ast
+
+    tied: set[str] = set()
+    seen: set[int] = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        key = parameter.data_ptr()
+        if key in seen:
+            tied.add(name)
+        seen.add(key)
+
+    def is_tied(key: str) -> bool:
+        return any(name == key or name.endswith("." + key) for name in tied)
+
+    class Tied(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            message = record.getMessage()
+            if not message.startswith(_MISSING_KEYS):
+                return True
+            try:
+                keys = ast.literal_eval(message[len(_MISSING_KEYS):].rstrip("."))
+            except (ValueError, SyntaxError):
+                return True
+            return not (keys and all(is_tied(str(k)) for k in keys))
+
+    logger = logging.getLogger("transformers.trainer")
+    quiet = Tied()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

@@ -31,6 +31,12 @@ def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str,
             self.start_step = st.global_step
             self.tokens0 = state["tokens_at_start"] = st.num_input_tokens_seen or 0
             self.wrote_start = False
+            if st.global_step and st.is_world_process_zero:
+                # resumed from a checkpoint: what an abandoned attempt logged past it is no longer the run's curve
+                # (run_folder.read_metrics drops it at this mark)
+                with open(run_dir / run_folder.METRICS, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"step": st.global_step, "resumed_at": st.global_step,
+                                         "wall_time": round(time.time(), 3)}) + "\n")
 
         def on_log(self, args, st, control, logs=None, **kw):
             if not st.is_world_process_zero:  # several processes: rank 0 writes and prints

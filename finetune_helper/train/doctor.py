@@ -28,6 +28,7 @@ tiny model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import asdict, dataclass
@@ -210,8 +211,25 @@ def _overfitting(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> Di
 
 
 def diagnose_run(run_dir) -> Diagnosis:
-    """:func:`diagnose` of a run folder: its metrics, how the runner ended it and whether it ran in fp16."""
-    summary = run_folder.read_json(run_dir / run_folder.SUMMARY) or {}
-    args = run_folder.read_json(run_dir / run_folder.TRAINING_ARGS) or {}
+    """:func:`diagnose` of a run folder: its metrics, how the runner ended it and whether it ran in fp16, whatever
+    its files hold (:func:`diagnose_files`)."""
+    records, skipped = run_folder.read_metrics_counted(run_dir)
+    return diagnose_files(records, skipped, run_folder.read_json(run_dir / run_folder.SUMMARY),
+                          run_folder.read_json(run_dir / run_folder.TRAINING_ARGS))
+
+
+def diagnose_files(records: list[dict[str, Any]], skipped: int, summary: Any, args: Any) -> Diagnosis:
+    """:func:`diagnose` of a run folder's files as read: ``skipped`` lines of metrics.jsonl that were not records are
+    counted in the evidence; a summary.json or training_args.json that is not an object is taken as absent."""
+    summary, args = _object(summary), _object(args)
     stopped = summary.get("message") if summary.get("status") == "diverged" else None
-    return diagnose(run_folder.read_metrics(run_dir), stopped=stopped, loss_scaler=bool(args.get("fp16")))
+    found = diagnose(records, stopped=stopped if isinstance(stopped, str) else None,
+                     loss_scaler=args.get("fp16") is True)
+    if skipped:
+        found = dataclasses.replace(found, evidence=f"{found.evidence}; {skipped} unreadable line"
+                                    f"{'s' if skipped > 1 else ''} of {run_folder.METRICS} skipped")
+    return found
+
+
+def _object(data: Any) -> dict[str, Any]:
+    return data if isinstance(data, dict) else {}

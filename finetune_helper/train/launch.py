@@ -1,7 +1,7 @@
 """Several processes, one run: ``finetune-helper run`` re-executed under torch's own launcher.
 
 ``run RECIPE --gpus N [--nodes M --node-rank R --main-address HOST --main-port P]`` starts
-``python -m torch.distributed.run`` (torchrun) with N processes per node, each running ``finetune_helper run`` on
+torch's launcher (torchrun, through :mod:`.torchrun`, which only ends it quietly) with N processes per node, each running ``finetune_helper run`` on
 the same recipe and run folder with ``hardware.gpus`` set to the world size; transformers' Trainer (through
 accelerate) reads torchrun's environment and trains data parallel (DDP, or FSDP when the plan shards): NCCL on
 CUDA, gloo on CPU, so the same launch path runs on a machine without a GPU.  Rank 0 alone checks and writes the run
@@ -101,7 +101,7 @@ class Launch:
             meet = ["--standalone"]  # a c10d store on a free port (torch/distributed/run.py: localhost:0)
         else:
             meet = [f"--master_addr={self.main_address}", f"--master_port={self.main_port or TORCHRUN_PORT}"]
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.gpus}",
+        return [sys.executable, "-m", "finetune_helper.train.torchrun", f"--nproc_per_node={self.gpus}",
                 f"--nnodes={self.nodes}", f"--node_rank={self.node_rank}", *meet, "-m", "finetune_helper", *run_args]
 
 
@@ -129,6 +129,58 @@ def shutdown_timeout(checkpoint_bytes: int | None) -> int:
     return max(SHUTDOWN_FLOOR_SECONDS, math.ceil((checkpoint_bytes or 0) / DISK_BYTES_PER_SECOND))
 
 
+#: ``prctl`` option 1 (linux/prctl.h): the signal a process receives when its parent dies
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``; a
+    no-op elsewhere), and act at once if the parent is already gone: so that no process of a run outlives the one
+    that started it (torchrun starts its workers in sessions of their own, out of reach of a signal to a group)."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+
+
+def run_processes(run_dir: Path) -> list[int]:
+    """The live processes of the run in ``run_dir``: every finetune-helper process (``-m finetune_helper``, the
+    ``finetune-helper`` script, torchrun running it) whose command line names the run folder or a file in it (the
+    command, torchrun and its workers all carry ``--output-dir RUN_DIR`` or ``RUN_DIR/recipe.yaml``; Linux
+    ``/proc``, empty elsewhere).  Zombies (exited, not yet reaped) do not count, nor other programs reading the
+    folder (a ``tail -f`` of its log)."""
+    folder = str(Path(run_dir).resolve())
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = [Path(a.decode()).expanduser() for a in (entry / "cmdline").read_bytes().split(b"\0")[:-1]]
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, UnicodeDecodeError, IndexError, ValueError):
+            continue
+        if state == "Z" or int(entry.name) == os.getpid() or not any(
+                a.name in ("finetune_helper", "finetune-helper") for a in argv):
+            continue
+        cwd = _cwd(entry)
+        for arg in argv:
+            path = str(arg if arg.is_absolute() or cwd is None else (cwd / arg))
+            if path == folder or path.startswith(folder + os.sep):
+                found.append(int(entry.name))
+                break
+    return sorted(found)
+
+
+def _cwd(entry: Path) -> Path | None:
+    try:
+        return Path(os.readlink(entry / "cwd"))
+    except OSError:
+        return None
+
+
 def launch(spec: Launch, run_args: list[str], run_dir: Path, *, checkpoint_bytes: int | None = None) -> int:
     """Run the workers and wait; the exit code is rank 0's (``exit.json``: the launcher itself only says that a
     worker failed), else the launcher's.
@@ -141,7 +193,9 @@ def launch(spec: Launch, run_args: list[str], run_dir: Path, *, checkpoint_bytes
     started = time.time()
     env = dict(os.environ)
     env.setdefault(SHUTDOWN_TIMEOUT_ENV, str(shutdown_timeout(checkpoint_bytes)))
-    proc = subprocess.Popen(spec.command(run_args), stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    # torchrun dies with this process: killed, it still gets a SIGTERM, and stops its workers with a checkpoint
+    proc = subprocess.Popen(spec.command(run_args), stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                            preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     stopping: list[str] = []
 
     def forward(signum, frame):  # noqa: ARG001

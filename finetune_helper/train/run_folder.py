@@ -9,16 +9,21 @@ by the command, whatever happened: ``exit.json`` (its exit code).  No torch impo
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
 from typing import Any
+
+from ..errors import FinetuneHelperError
 
 RECIPE = "recipe.yaml"
 PLAN = "plan.json"
 TRAINING_ARGS = "training_args.json"
 #: what the run was started with (:func:`write_inputs`): a resume whose inputs changed is refused
 INPUTS = "inputs.json"
+#: held (``flock``) by the process that trains into the folder, for its whole life (:class:`FolderLock`)
+LOCK = ".lock"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 EXIT = "exit.json"
@@ -67,6 +72,65 @@ def read_json(path: Path) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- one writer
+class FolderLock:
+    """One run folder, one writer: an exclusive ``flock`` on ``RUN_DIR/.lock``, held by the process that trains into
+    the folder (``run`` / ``resume`` in one process; the launcher of several, for its workers) for its whole life and
+    released by the OS when that process ends, however it ends (no stale lock after a SIGKILL).  The file holds the
+    holder's pid, so that a refusal can name it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK
+        self._fh = None
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
+    def acquire(self) -> None:
+        """Take the lock, or refuse in one line (field ``output-dir``) naming the process that holds it."""
+        import fcntl
+
+        if self._fh is not None:
+            return
+        fh = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise FinetuneHelperError("output-dir", f"{self.path.parent} is in use by another run or resume (process "
+                                      f"{holder or '?'}): one process trains into a run folder at a time; stop it "
+                                      "first, or choose another --output-dir (nothing was changed)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the file releases the flock
+            self._fh = None
+
+
+def in_use(run_dir: Path) -> bool:
+    """Whether a process holds the run folder's :class:`FolderLock` now."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------- the run's inputs
@@ -153,21 +217,68 @@ def write_exit(run_dir: str | Path, code: int) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """``metrics.jsonl``, one record per logged step, the latest record winning for a step logged twice (a resumed
-    run repeats the steps after its checkpoint)."""
-    records: dict[tuple[int, str], dict[str, Any]] = {}
+    """``metrics.jsonl``, one record per logged step (:func:`read_metrics_counted`, without the count)."""
+    return read_metrics_counted(run_dir)[0]
+
+
+#: the fields of a record that are numbers when present (a JSON ``true`` is no loss of 1.0)
+_NUMBER_FIELDS = ("loss", "eval_loss", "learning_rate", "grad_norm", "epoch", "start_loss", "uniform_loss")
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    """One line of metrics.jsonl as a record, or None when it is not one: not UTF-8 JSON, not an object, a step that
+    is not a whole number from 0 up, a number field that is not a number (NaN and infinity are numbers: a diverged
+    loss; null is no value) or too large for a float."""
     try:
-        lines = (Path(run_dir) / METRICS).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    for line in lines:
+        rec = json.loads(line.decode("utf-8").lstrip("\ufeff"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(rec, dict):
+        return None
+    step = rec.get("step", 0)
+    if isinstance(step, float) and step.is_integer():
+        step = int(step)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None
+    for key in _NUMBER_FIELDS:
+        value = rec.get(key)
+        if value is None:  # absent, or null: no value
+            rec.pop(key, None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
         try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line being written right now
+            rec[key] = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            return None
+    rec["step"] = step
+    return rec
+
+
+def read_metrics_counted(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """``metrics.jsonl``'s records in step order, and how many lines were not records (:func:`_record`; the last
+    line, being written right now, is not counted).  A step logged twice keeps its latest record (a resumed run
+    repeats the steps after its checkpoint), and a resume's mark (``resumed_at``, written by the runner when it
+    resumes) drops what the abandoned attempt logged past the checkpoint it resumed from."""
+    try:
+        lines = (Path(run_dir) / METRICS).read_bytes().split(b"\n")
+    except OSError:
+        return [], 0
+    records: dict[tuple[int, str], dict[str, Any]] = {}
+    skipped = 0
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        rec = _record(line)
+        if rec is None:
+            skipped += number < len(lines) - 1  # the last line may be half written
+            continue
+        if isinstance(rec.get("resumed_at"), int):
+            records = {key: r for key, r in records.items() if key[0] <= rec["resumed_at"]}
+            continue
         kind = "eval" if "eval_loss" in rec else "train" if "loss" in rec else "other"
-        records[(int(rec.get("step", 0)), kind)] = rec
-    return [records[k] for k in sorted(records)]
+        records[(rec["step"], kind)] = rec
+    return [records[k] for k in sorted(records)], skipped
 
 
 def starting_loss(run_dir: Path, logs: int) -> float | None:

@@ -77,7 +77,7 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     came: ``state["folder_ok"]`` once the run folder's checks passed, ``state["wrote_files"]`` once it wrote its
     run files (a refused run writes nothing)."""
     state = state if state is not None else {}
-    recipe = _absolute_paths(load_recipe(recipe_path, overrides))
+    recipe = absolute_paths(load_recipe(recipe_path, overrides))
     run_dir = default_run_dir(recipe, recipe_path, output_dir)
     main = launch.is_main()
     if not main:  # one of several processes: rank 0 checks, writes and prints
@@ -85,22 +85,14 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     else:
         check_run_folder(run_dir, dry_run=dry_run, resume=resume)
     state["folder_ok"] = True  # nothing in the folder stands in the way (its exit code may be recorded)
-    if resume:
-        start, skipped = run_folder.resume_point(run_dir)
-        if start is None:
-            raise FinetuneHelperError("resume", f"no complete checkpoint in {run_dir} to resume from" + (
-                f" ({skipped[-1][0].name}: {skipped[-1][1]})" if skipped else ""))
-        saved_arguments(run_dir)  # an unreadable training_args.json is refused here, before anything is written
-        check_training_values(recipe.training)  # a length of 0 or less too
-        longer = check_resume_matches(recipe, run_dir)
-        done = run_folder.finished(run_dir) and not longer
-        behind = None if done else _at_or_past(recipe, start)
-        if done or behind:
-            message = (f"{run_dir}: {behind}; nothing to resume and nothing was changed" if behind else
-                       f"{run_dir} finished already (summary.json); nothing to resume and nothing was changed. To "
-                       f"train longer, raise its length: {' or '.join(sorted(RESUMABLE_CHANGES))}")
-            log(message)
-            return RunResult(run_dir, EXIT_OK, {"status": "finished", "message": message})
+    if resume and (nothing := check_resume(recipe, run_dir)):
+        log(nothing)
+        return RunResult(run_dir, EXIT_OK, {"status": "finished", "message": nothing})
+    # one writer: held from here (a folder that exists) or from the first write (a new one), to the end; a launcher's
+    # workers write under their launcher's lock
+    lock = state["lock"] = run_folder.FolderLock(run_dir)
+    if main and not launch.in_launcher() and run_dir.is_dir():
+        lock.acquire()
     state["phase"] = "preparing"
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -120,6 +112,25 @@ def run(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        lock.release()
+
+
+def check_resume(recipe: Recipe, run_dir: Path) -> str | None:
+    """What a resume must pass before anything loads (one process, or the launcher before it starts N): a complete
+    checkpoint, readable saved arguments, a length above 0, the same inputs but for the length.  Returns the message
+    when there is nothing to resume (finished, or the length asked for is behind the checkpoint), else None."""
+    start, skipped = run_folder.resume_point(run_dir)
+    if start is None:
+        raise FinetuneHelperError("resume", f"no complete checkpoint in {run_dir} to resume from" + (
+            f" ({skipped[-1][0].name}: {skipped[-1][1]})" if skipped else ""))
+    saved_arguments(run_dir)  # an unreadable training_args.json is refused here, before anything is written
+    check_training_values(recipe.training)  # a length of 0 or less too
+    longer = check_resume_matches(recipe, run_dir)
+    if run_folder.finished(run_dir) and not longer:
+        return (f"{run_dir} finished already (summary.json); nothing to resume and nothing was changed. To train "
+                f"longer, raise its length: {' or '.join(sorted(RESUMABLE_CHANGES))}")
+    behind = _at_or_past(recipe, start)
+    return f"{run_dir}: {behind}; nothing to resume and nothing was changed" if behind else None
 
 
 def _at_or_past(recipe: Recipe, checkpoint: Path) -> str | None:
@@ -140,7 +151,7 @@ def _at_or_past(recipe: Recipe, checkpoint: Path) -> str | None:
     return None
 
 
-def _absolute_paths(recipe: Recipe) -> Recipe:
+def absolute_paths(recipe: Recipe) -> Recipe:
     """The recipe with a local data file and model folder as absolute paths, so that the run folder's recipe.yaml
     resumes from any working directory (``finetune-helper resume RUN_DIR``)."""
     data, model = Path(recipe.data.path).expanduser(), Path(recipe.model.name).expanduser()
@@ -182,6 +193,9 @@ def _run(recipe: Recipe, run_dir: Path, *, dry_run: bool, resume: bool, log: Cal
     for note in prep.adaptations:
         log(f"adapted: {note}")
     if launch.is_main():
+        if not launch.in_launcher():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            state["lock"].acquire()
         write_run_files(prep)
         state["wrote_files"] = True
     log(f"wrote {run_dir}/recipe.yaml, training_args.json" + (" (plan.json: the run's own, kept)" if prep.resumed
@@ -195,4 +209,4 @@ def _run(recipe: Recipe, run_dir: Path, *, dry_run: bool, resume: bool, log: Cal
 __all__ = ["run", "prepare", "train", "RunResult", "RunStopped", "format_summary", "EXIT_OK", "EXIT_DIVERGED",
            "EXIT_INTERRUPTED", "EXIT_OOM", "Prepared", "build_trainer", "load_model", "check_training_values",
            "check_deepspeed", "check_run_folder", "last_checkpoint", "run_estimate", "run_setup", "write_run_files",
-           "default_run_dir"]
+           "default_run_dir", "check_resume", "absolute_paths"]

@@ -170,3 +170,96 @@ def test_ctrl_c_lets_every_rank_finish_a_checkpoint_slower_than_torchruns_defaul
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     time.sleep(1.0)
     assert not left_running(str(out))
+    # one clean story (issue 20 item 10): the runner's lines, none of the launcher's
+    text = log.read_text()
+    assert "Traceback" not in text and "torch/distributed/elastic" not in text and "terminate called" not in text
+    assert text.rstrip().splitlines()[-1].startswith("finetune-helper: stopped: interrupted by SIGINT")
+
+
+# ------------------------------------------------------------------------------- issue 20: the process tree
+def wait_for_training(out: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until the run has logged a loss (its workers are training)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and '"loss"' in metrics.read_text():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"never trained: {log.read_text()[-3000:]}")
+
+
+def wait_until_gone(out: Path, timeout: float) -> list[int]:
+    from finetune_helper.train.launch import run_processes
+
+    deadline = time.time() + timeout
+    while run_processes(out) and time.time() < deadline:
+        time.sleep(0.2)
+    return run_processes(out)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_killing_the_command_stops_torchrun_and_its_workers_with_a_checkpoint(tmp_path):
+    """``kill -9`` of ``run --gpus 2``: torchrun, told by the kernel that its parent died, stops the workers as a
+    Stop would -- a checkpoint at the end of the step, then exit -- instead of training on to the end unwatched."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    proc = finetune_helper(log, "run", str(TINY), "--gpus", "2", "--output-dir", str(out), "training.max_steps=2000",
+                           "training.save_steps=1000", "training.logging_steps=1", "data.max_examples=300",
+                           start_new_session=True)
+    wait_for_training(out, proc, log)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not wait_until_gone(out, timeout=120), log.read_text()[-3000:]
+    ckpt = last_checkpoint(out)
+    assert ckpt is not None and checkpoint_problem(ckpt) is None  # the workers stopped with a checkpoint
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert json.loads((out / "summary.json").read_text())["global_step"] < 2000
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_resume_of_a_two_process_run_checks_its_changes_before_launching(tmp_path):
+    """What one process refuses in one line (exit 2) is refused before N processes start: a resume on another
+    number of GPUs, or with another max_length, is one line, and no worker ran."""
+    out, log = tmp_path / "g2", tmp_path / "g2.log"
+    proc = finetune_helper(log, "run", str(TINY), "--gpus", "2", "--output-dir", str(out), "training.max_steps=2",
+                           "training.save_steps=2", "data.max_examples=100")
+    assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+    for args, field in ((["--gpus", "3"], "hardware.gpus"), (["--gpus", "2", "data.max_length=32"], "data.max_length")):
+        done = subprocess.run([sys.executable, "-m", "finetune_helper", "resume", str(out), *args,
+                               "training.max_steps=4"], capture_output=True, text=True, timeout=120)
+        err = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(err) == 1 and err[0].startswith(f"finetune-helper: error: {field}:"), \
+            done.stderr[-3000:]
+        assert "launching" not in done.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_run_folder_in_use_is_refused_to_a_second_writer(tmp_path):
+    """One run folder, one writer: while a run trains, ``resume`` of its folder (and ``run --resume``) is refused in
+    one line and leaves its files alone; once it has ended the lock is gone (the OS releases it)."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    proc = finetune_helper(log, "run", str(TINY), "--output-dir", str(out), "training.max_steps=2000",
+                           "training.save_steps=2", "training.logging_steps=1", "data.max_examples=300",
+                           start_new_session=True)
+    try:
+        wait_for_training(out, proc, log)
+        deadline = time.time() + 120
+        while last_checkpoint(out) is None and time.time() < deadline:
+            time.sleep(0.2)
+        files = {name: (out / name).read_bytes() for name in ("recipe.yaml", "training_args.json", "plan.json")}
+        for argv in (["resume", str(out)], ["run", str(TINY), "--resume", "--output-dir", str(out),
+                                             "training.max_steps=2000", "training.save_steps=2",
+                                             "training.logging_steps=1", "data.max_examples=300"]):
+            done = subprocess.run([sys.executable, "-m", "finetune_helper", *argv], capture_output=True, text=True,
+                                  timeout=120)
+            err = done.stderr.strip().splitlines()
+            assert done.returncode == 2 and len(err) == 1 and "is in use by another run" in err[0], done.stderr
+        assert {name: (out / name).read_bytes() for name in files} == files
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    from finetune_helper.train.run_folder import in_use
+
+    assert not in_use(out)

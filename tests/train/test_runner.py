@@ -842,3 +842,65 @@ def test_an_unreadable_training_args_json_is_an_error_not_a_new_plan(finished_ru
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "training_args.json is" in err[0], err
     assert snapshot(run_dir) == before  # plan.json with the run's own batch is kept
+
+
+def test_a_schedule_overridden_in_training_runs_without_the_plans_schedule_options(tmp_path):
+    """Issue 20 item 13: the plan's cosine_with_min_lr writes min_lr_rate; a recipe that trains linear instead must
+    not pass it on (the Trainer's linear schedule takes no such argument: exit 1 at the first step before)."""
+    out = tmp_path / "run"
+    result = run(TINY, steps(2, "recommend.scheduler=cosine_with_min_lr", "training.lr_scheduler_type=linear"),
+                 output_dir=str(out), **QUIET)
+    args = json.loads((out / "training_args.json").read_text())
+    assert result.exit_code == 0 and args["lr_scheduler_type"] == "linear" and "lr_scheduler_kwargs" not in args
+    kept = run(TINY, steps(2, "recommend.scheduler=cosine_with_min_lr"), output_dir=str(tmp_path / "kept"),
+               dry_run=True, **QUIET)
+    assert kept.exit_code == 0
+    assert json.loads((tmp_path / "kept" / "training_args.json").read_text())["lr_scheduler_kwargs"] == {
+        "min_lr_rate": 0.1}
+
+
+def test_a_resume_says_nothing_of_the_tied_embeddings_it_did_not_miss(tmp_path, capfd):
+    """Issue 20 item 11: the tiny model ties lm_head to the embedding, which save_pretrained writes once; the
+    Trainer's "missing keys ... lm_head.weight" on every resume is noise, left out (an untied missing key is not)."""
+    out = tmp_path / "run"
+    assert cli.main(["run", str(TINY), "--output-dir", str(out), *steps(2, "training.save_steps=1",
+                                                                         "data.max_examples=100")]) == 0
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-2")
+    (out / "summary.json").unlink()
+    capfd.readouterr()
+    assert cli.main(["resume", str(out)]) == 0
+    captured = capfd.readouterr()
+    assert "resuming with the run's own training_args.json" in captured.out
+    assert "missing keys" not in captured.out + captured.err
+
+
+def test_the_tied_keys_filter_keeps_a_key_that_is_not_tied():
+    import logging
+
+    import torch
+
+    from finetune_helper.train.backoff import _tied_keys_unmentioned
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(4, 2)
+    model.head = torch.nn.Linear(2, 4, bias=False)
+    model.head.weight = model.embed.weight
+    model.other = torch.nn.Linear(2, 2)
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("transformers.trainer")
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        with _tied_keys_unmentioned(model):
+            logger.warning("There were missing keys in the checkpoint model loaded: ['head.weight'].")
+            logger.warning("There were missing keys in the checkpoint model loaded: ['other.weight'].")
+    finally:
+        logger.removeHandler(handler)
+    assert records == ["There were missing keys in the checkpoint model loaded: ['other.weight']."]
