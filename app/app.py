@@ -15,8 +15,10 @@ Named endpoints for ``gradio_client``: ``/recommend``, ``/export``, ``/start_run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import html
+import json
 import math
 import os
 import sys
@@ -33,11 +35,13 @@ import pandas as pd  # noqa: E402
 
 from finetune_helper import defaults  # noqa: E402
 from finetune_helper.commands.app import LOOPBACK, add_arguments, parse_auth  # noqa: E402
-from finetune_helper.errors import FinetuneHelperError  # noqa: E402
+from finetune_helper.errors import FinetuneHelperError, first_line  # noqa: E402
 from finetune_helper.recommender import catalog  # noqa: E402
 from finetune_helper.recommender.schedule import logged_schedule_points, schedule_points, warmup_steps_for  # noqa: E402
-from finetune_helper.runs.manager import RunManager, build_recipe, read_json  # noqa: E402
+from finetune_helper.runs.manager import (LR_FIND_FILE, PROBE_FILE, PROCESS_FILE, RECIPE_FILE, RunManager,  # noqa: E402
+                                          build_recipe, read_json)
 from finetune_helper.runs.workspace import Workspace  # noqa: E402
+from finetune_helper.train import run_folder  # noqa: E402
 from finetune_helper.train.recipe import BUILTIN_MODEL, PLACEHOLDER_DATA, recipe_from_settings  # noqa: E402
 from finetune_helper.units import GiB, fmt_duration, fmt_gib  # noqa: E402
 
@@ -79,6 +83,57 @@ def _errors_shown(fn):
     return wrapper
 
 
+#: what reading a damaged run folder raises, in the run manager or in the views here: a JSON file holding a list, a
+#: metrics line whose step is not a number, bytes that are not UTF-8, a loss that is a string ...
+_DAMAGED = (OSError, ValueError, TypeError, AttributeError, KeyError)
+#: the files of a run folder the app reads, as a run writes them: one JSON object each (metrics.jsonl: one a line)
+_RUN_FILES = (PROCESS_FILE, run_folder.SUMMARY, run_folder.EXIT, run_folder.PLAN, run_folder.TRAINING_ARGS, PROBE_FILE,
+              LR_FIND_FILE, run_folder.METRICS, run_folder.RECIPE, RECIPE_FILE)
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def _damaged_file(run_dir: Path) -> str | None:
+    """What is wrong with the first file of ``run_dir`` that is not as a run writes it (text that is not UTF-8, JSON
+    that is not an object, a metrics line without a whole-number step), or None.  Links are not read (the
+    manager's rule); JSON cut short reads as a file being written, as the manager reads it."""
+    for name in _RUN_FILES:
+        path = run_dir / name
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            return f"{name} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        except OSError:
+            continue
+        if name.endswith(".jsonl"):
+            lines = list(enumerate(text.splitlines(), 1))
+        elif name.endswith(".json"):
+            lines = [(0, text)]
+        else:
+            continue
+        for number, line in lines:
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            where = f"{name} line {number}" if number else name
+            if not isinstance(value, dict):
+                return f"{where} holds {_JSON_TYPES.get(type(value), 'a value')}, not a JSON object"
+            if number and (not isinstance(value.get("step", 0), int) or isinstance(value.get("step"), bool)):
+                return f"{where} has step {json.dumps(value.get('step'))}, not a whole number"
+    return None
+
+
+def damaged_run(run_dir: Path, exc: BaseException, after: str = "the other runs are not affected"
+                ) -> FinetuneHelperError:
+    """The one-line error for a run folder that cannot be read: the file at fault where it can be told, else what
+    reading it raised."""
+    what = _damaged_file(run_dir) or f"it cannot be read ({type(exc).__name__}: {first_line(exc)[:200]})"
+    return FinetuneHelperError("run", f"{run_dir.name}: {what}: its run folder was edited or damaged ({after})")
+
+
 # ------------------------------------------------------------------------------------------- recommend
 def _opt_int(value: Any, field: str) -> int | None:
     if value is None or value == "":
@@ -90,6 +145,12 @@ def _opt_int(value: Any, field: str) -> int | None:
     if not math.isfinite(number) or number != int(number):
         raise FinetuneHelperError(field, f"must be a whole number, got {value!r}")
     return int(number)
+
+
+def _gpus(value: Any) -> int:
+    """Empty: one GPU; anything else as given (the planner refuses 0 or too many, naming the field)."""
+    n = _opt_int(value, "gpus")
+    return 1 if n is None else n
 
 
 def _seq_len(value: Any) -> int | None:
@@ -136,7 +197,7 @@ class App:
 
         spec = self._model_spec(model)
         gpu_spec = resolve_gpu(str(gpu or "").strip() or "")
-        n_gpus = _opt_int(gpus, "gpus") or 1
+        n_gpus = _gpus(gpus)
         from finetune_helper.recommender.calibration import lookup
 
         req = PlanRequest(model=spec, gpu=gpu_spec, gpus=n_gpus, method=str(method), seq_len=_seq_len(seq_len),
@@ -194,7 +255,7 @@ class App:
             self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
                       scheduler, strategy, offload, trainer)
         recipe = recipe_from_settings(
-            model=str(model).strip(), gpu=str(gpu).strip(), gpus=_opt_int(gpus, "gpus") or 1, method=str(method),
+            model=str(model).strip(), gpu=str(gpu).strip(), gpus=_gpus(gpus), method=str(method),
             seq_len=_seq_len(seq_len), dataset_size=_opt_int(dataset_size, "dataset-size"),
             epochs=_number(epochs, "epochs"), target_effective_batch=_opt_int(target_batch, "target-batch") or 0,
             lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"), data_path=data_path,
@@ -243,8 +304,20 @@ class App:
         run_id = self.runs.start(recipe, name=(run_name or "").strip() or default_name, kind=kind)
         return run_id, f"Started **{run_id}**: {what}"
 
+    @contextlib.contextmanager
+    def _reading(self, run_id):
+        """Showing a run: a folder that cannot be read (a file edited by hand, or damaged) is a one-line error
+        naming the run and the file (:func:`damaged_run`), like any core error, not Gradio's generic one."""
+        try:
+            yield
+        except FinetuneHelperError:
+            raise
+        except _DAMAGED as exc:
+            raise damaged_run(self.workspace.runs / str(run_id).strip(), exc) from None
+
     def run_status(self, run_id) -> dict[str, Any]:
-        return self.runs.status(run_id)
+        with self._reading(run_id):
+            return self.runs.status(run_id)
 
     def stop_run(self, run_id) -> str:
         st = self.runs.stop(run_id)
@@ -262,9 +335,13 @@ class App:
         if not run_id:
             return (*[gr.skip()] * 7, last_fingerprint)
         try:
-            st = self.runs.status(run_id)
-        except (FinetuneHelperError, OSError) as exc:
+            with self._reading(run_id):
+                return self._live_view(run_id, last_fingerprint)
+        except FinetuneHelperError as exc:
             return (f"<p>{html.escape(str(exc))}</p>", *[gr.skip()] * 6, None)
+
+    def _live_view(self, run_id, last_fingerprint):
+        st = self.runs.status(run_id)
         curve = st.get("lr_find") or {}
         fingerprint = (run_id, st["state"], len(st["metrics"]), st["log_tail"][-200:], len(curve.get("lrs") or []),
                        curve.get("done"))
@@ -283,12 +360,26 @@ class App:
 
     # --------------------------------------------------------------------------------- runs
     def list_runs(self):
-        rows = self.runs.list_runs()
+        try:
+            rows = self.runs.list_runs()
+        except FinetuneHelperError:
+            raise
+        except _DAMAGED as exc:  # a folder the manager's list does not leave out: named, so it can be removed
+            damaged = next((self.workspace.runs / r for r in self.run_ids()
+                            if _damaged_file(self.workspace.runs / r)), None)
+            if damaged is None:
+                raise FinetuneHelperError("run", f"the runs in {self.workspace.runs} cannot be listed "
+                                                 f"({type(exc).__name__}: {first_line(exc)[:200]})") from None
+            raise damaged_run(damaged, exc, "the list is shown again once it is fixed or removed") from None
         columns = ["run_id", "state", "model", "method", "step", "max_steps", "train_loss_last", "eval_loss", "started"]
         frame = pd.DataFrame(rows, columns=columns).round({"train_loss_last": 4, "eval_loss": 4})
         return frame, gr.Dropdown(choices=[r["run_id"] for r in rows], value=rows[0]["run_id"] if rows else None)
 
     def run_details(self, run_id):
+        with self._reading(run_id):
+            return self._details(run_id)
+
+    def _details(self, run_id):
         d = self.runs.details(run_id)
         summary = d["summary"] or {}
         lines = [f"### {d['run_id']}: {d['state']}", f"step {d['step']}/{d['max_steps'] or '?'}; "
@@ -524,11 +615,13 @@ def _recommend_tab(app: App) -> SimpleNamespace:
                               label="Model", info="catalog, Hub id (owner/name), or a folder in the workspace")
         t.gpu = gr.Dropdown(gpu_choices, value="auto" if app.detected_gpu else "RTX 4090",
                             allow_custom_value=True, label="GPU", info="catalog name, or memory such as 24GB")
-        t.n_gpus = gr.Number(1, step=1, minimum=1, label="GPUs")
+        # no `minimum` on the number fields: gr.Number checks it before the handler runs, so a string sent through
+        # the API (gpus="two") failed there with Gradio's generic error and a number under it with a message naming
+        # no field; the handlers check every value (_opt_int, _number, the planner) and name the field
+        t.n_gpus = gr.Number(1, step=1, label="GPUs")
         t.method = gr.Radio(list(defaults.METHODS), value="lora", label="Method")
     with gr.Row():
-        t.seq_len = gr.Number(0, step=1, minimum=0, label="Sequence length",
-                              info="0: min(2048, the model's maximum)")
+        t.seq_len = gr.Number(0, step=1, label="Sequence length", info="0: min(2048, the model's maximum)")
         t.dataset_size = gr.Number(20000, step=1, label="Training examples")
         t.epochs = gr.Number(2, label="Epochs")
         t.target_batch = gr.Number(defaults.TARGET_EFFECTIVE_BATCH, step=1, label="Target effective batch")

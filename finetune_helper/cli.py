@@ -67,15 +67,40 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+class _Without(logging.Filter):
+    """Drops a logger's records whose message starts with ``prefix``; its other records pass."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+#: kernels (0.17.2: ``hf_hub._check_trust_remote_code``, logger ``kernels.hf_hub``) warns on every ``get_kernel``
+#: while the Hub is offline, and bitsandbytes (0.50: ``backends/cpu/ops.py``) asks for its CPU 4-bit kernel
+#: (``kernels-community/quantization-bitsandbytes``) when it is imported on a CPU with AVX512-BF16 and kernels is
+#: installed: a line on every command that loads the stack, about a check the user never asked for (when the kernel
+#: cannot be had, bitsandbytes computes with its own)
+_KERNELS_TRUST_NOTICE = _Without("Skipping publisher trust check for ")
+
+
+def _quiet_libraries() -> None:
+    """Library notices that are not the user's concern, held back: only those (a targeted level or filter)."""
+    # bitsandbytes (imported by transformers / TRL / PEFT when installed) logs a notice about an optional CPU kernel
+    # on every import
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels.hf_hub").addFilter(_KERNELS_TRUST_NOTICE)  # the same filter once, however often
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ARG001
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    # bitsandbytes (imported by transformers / TRL / PEFT when installed) logs a notice about an optional CPU kernel
-    # on every import: not the user's concern
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    _quiet_libraries()
     after = getattr(args, "after", None)  # a command's own epilogue, given the exit code (run records it)
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:  # restores showwarning / stdout when done
         warnings.showwarning = _one_line_warning

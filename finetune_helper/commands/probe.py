@@ -4,9 +4,12 @@ the result as a calibration that later plans for this device, model and method u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
+from pathlib import Path
 
 from .common import emit
 
@@ -35,13 +38,18 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.steps <= 20:
         raise FinetuneHelperError("steps", f"must be from 1 to 20, got {args.steps}")
+    if args.output_dir is not None:
+        check_folder(args.output_dir, "output-dir")
+    if args.result is not None and (Path(args.result).is_dir() or not Path(args.result).absolute().parent.is_dir()):
+        raise FinetuneHelperError("result", f"cannot write {args.result}: give a file in an existing folder")
     recipe = load_recipe(args.recipe, args.overrides)
-    out = args.output_dir or tempfile.mkdtemp(prefix="finetune-helper-probe-")
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    result = probe_recipe(recipe, run_dir=out, steps=args.steps, search=not args.no_search, log=log)
+    with contextlib.ExitStack() as stack:  # a temporary folder goes when the probe ends, however it ends
+        out = args.output_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="finetune-helper-probe-"))
+        result = probe_recipe(recipe, run_dir=out, steps=args.steps, search=not args.no_search, log=log)
     cal = result.calibration()
     stored = None
     if cal is not None and not args.no_store:
@@ -66,3 +74,17 @@ def run(args: argparse.Namespace) -> int:
     if result.largest_fitting:
         print(f"largest micro-batch that fit: {result.largest_fitting}")
     return 0
+
+
+def check_folder(path: str, field: str) -> None:
+    """``path`` is a folder, or one that can be made, and can be written: checked before minutes of measuring (a
+    file in its place would otherwise be a NotADirectoryError from the Trainer)."""
+    from ..errors import FinetuneHelperError
+
+    folder = Path(path).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == folder else f"cannot make {path}: "
+        raise FinetuneHelperError(field, f"{where}{existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FinetuneHelperError(field, f"cannot write in {path}: {existing} is not writable")

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> None:
     if any(line.startswith("data.path") for line in found):  # the run's own note on the data says more
         notes = [note for note in notes if not note.startswith("data.path")]
     notes += found
+    check_machine(recipe)
     plan = prep.plan
     print(f"{args.recipe}: ok ({recipe.model.name}, {recipe.method.type}, data {recipe.data.path}, "
           f"gpu {recipe.hardware.gpu} x {recipe.hardware.gpus}; plan: batch {plan.per_device_train_batch_size} x "
@@ -36,3 +37,16 @@ def run(args: argparse.Namespace) -> None:
           f"{'fits' if plan.fits else 'DOES NOT FIT'})")
     for note in notes:
         print(f"  note: {note}")
+
+
+def check_machine(recipe) -> None:
+    """What ``run`` refuses on this machine whatever the recipe's other values (``commands.run.dispatch``, before
+    any process starts): DeepSpeed without CUDA GPUs, with the same one-line error.  Checked after everything
+    else, so that a recipe for a GPU node validated on a laptop has passed every other check when it is refused
+    here (``run --dry-run`` still plans it)."""
+    from ..recommender.zero import ZERO_STAGES
+    from ..train.preflight import check_deepspeed
+
+    strategy = recipe.hardware.strategy
+    if strategy in ZERO_STAGES or "deepspeed" in recipe.training:
+        check_deepspeed(strategy if strategy in ZERO_STAGES else "training.deepspeed")

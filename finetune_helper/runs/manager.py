@@ -338,7 +338,7 @@ class RunManager:
     def _release_each(self, pid: int | None, run_id: str | None) -> None:
         for device in self.devices:
             path = self._lock_file(device)
-            info = read_json(path) or {}
+            info = _json_object(path)
             if (pid is not None and info.get("pid") == pid and not info.get("starting")) or (
                     run_id is not None and info.get("run_id") == run_id and info.get("starting")):
                 path.unlink(missing_ok=True)
@@ -373,7 +373,7 @@ class RunManager:
             time.sleep(REAP_POLL_S)
         with self._lock:  # stop() rewrites process.json too
             path = self.workspace.runs / run_id / PROCESS_FILE
-            info = read_json(path) or {}
+            info = _json_object(path)
             if info.get("pid") == proc.pid:
                 info.update(returncode=code, ended=time.time())
                 with contextlib.suppress(FinetuneHelperError):  # process.json replaced by a link: left alone
@@ -420,7 +420,7 @@ class RunManager:
             if last_checkpoint(run_dir) is None:
                 raise FinetuneHelperError("run", f"{run_id} has no checkpoint to resume from (it stopped before its "
                                           "first save); start it again instead")
-            if (read_json(run_dir / run_folder.SUMMARY) or {}).get("status") == "done":
+            if _json_object(run_dir / run_folder.SUMMARY).get("status") == "done":
                 raise FinetuneHelperError("run", f"{run_id} already finished; start a new run to train more")
             devices = self._take_locks(run_id, _recipe_gpus(run_dir))
             try:
@@ -435,7 +435,7 @@ class RunManager:
         Asked again while it still runs, kill it (SIGKILL to its process group; the last saved checkpoint stays)."""
         run_dir = self.run_dir(run_id)
         with self._lock:  # the reaper thread rewrites process.json too
-            info = read_json(run_dir / PROCESS_FILE) or {}
+            info = _json_object(run_dir / PROCESS_FILE)
             proc = self._procs.get(run_id)
             ours = (proc is not None and proc.pid == info.get("pid")) or _own_process(info.get("pid"), info, run_dir)
             if not ours or not self._alive(run_id, info.get("pid")):
@@ -457,7 +457,7 @@ class RunManager:
         """Everything the app shows about a run, from its folder (the current attempt's files only where an earlier
         attempt, stopped and now resumed, left its own)."""
         run_dir = self.run_dir(run_id)
-        info = read_json(run_dir / PROCESS_FILE) or {}
+        info = _json_object(run_dir / PROCESS_FILE)
         started = info.get("started") or 0
         alive = self._alive(run_id, info.get("pid")) or bool(run_processes(run_dir))  # the launcher's workers too
         metrics, skipped = read_metrics_counted(run_dir)
@@ -521,16 +521,17 @@ class RunManager:
             run_dir = self.workspace.runs / run_id
             try:
                 st = self.status(run_id)
-            except (FinetuneHelperError, OSError, ValueError, TypeError, AttributeError):
+                summary = st["summary"] or {}
+                plan = _json_object(run_dir / run_folder.PLAN)
+                rows.append({"run_id": st["run_id"], "state": st["state"],
+                             "model": _recipe_model(run_dir) or plan.get("model"), "method": plan.get("method"),
+                             "step": st["step"], "max_steps": st["max_steps"],
+                             "train_loss_last": summary.get("train_loss_last", st["loss"]),
+                             "eval_loss": summary.get("eval_loss", st["eval_loss"]),
+                             "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(st["started"]))
+                             if st["started"] else None})
+            except (FinetuneHelperError, OSError, ValueError, TypeError, AttributeError, OverflowError):
                 continue
-            summary = st["summary"] or {}
-            plan = read_json(run_dir / run_folder.PLAN) or {}
-            rows.append({"run_id": st["run_id"], "state": st["state"], "model": _recipe_model(run_dir) or plan.get("model"),
-                         "method": plan.get("method"), "step": st["step"], "max_steps": st["max_steps"],
-                         "train_loss_last": summary.get("train_loss_last", st["loss"]),
-                         "eval_loss": summary.get("eval_loss", st["eval_loss"]),
-                         "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(st["started"]))
-                         if st["started"] else None})
         return rows
 
     def details(self, run_id: str) -> dict[str, Any]:
@@ -540,24 +541,32 @@ class RunManager:
         recipe = run_dir / run_folder.RECIPE
         return {**st, "plan": read_json(run_dir / run_folder.PLAN),
                 "training_args": read_json(run_dir / run_folder.TRAINING_ARGS),
-                "recipe": redact(recipe.read_text(encoding="utf-8")) if _regular(recipe) else None}
+                "recipe": redact(recipe.read_text(encoding="utf-8", errors="replace")) if _regular(recipe) else None}
 
 
-def _fresh_json(path: Path, since: float) -> Any:
-    """``path`` as JSON if it was written by the current attempt (at or after ``since``), else None."""
+def _fresh_json(path: Path, since: float) -> dict[str, Any] | None:
+    """``path`` as a JSON object if the current attempt wrote it (at or after ``since``), else None (an older file,
+    or one that is not an object)."""
     try:
         if path.stat().st_mtime < since:
             return None
     except OSError:
         return None
-    return read_json(path)  # None unless a regular file
+    data = read_json(path)  # None unless a regular file
+    return data if isinstance(data, dict) else None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """``path`` as a JSON object, or empty when it is missing, not regular or not an object."""
+    data = read_json(path)
+    return data if isinstance(data, dict) else {}
 
 
 def _recipe_value(path: Path, section: str, key: str) -> Any:
     """``section.key`` of the recipe file ``path`` (a regular file only), or None when it cannot be read."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) if _regular(path) else None
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):
         return None
     part = raw.get(section) if isinstance(raw, dict) else None
     return part.get(key) if isinstance(part, dict) else None

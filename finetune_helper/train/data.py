@@ -36,7 +36,9 @@ Heavy imports (``datasets``, ``transformers``, ``trl``) happen inside the functi
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import math
 import random
 import re
@@ -451,6 +453,90 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)[:200]}" if str(exc).strip() else type(exc).__name__
 
 
+#: bytes read from the start of each JSON / CSV file to tell text from binary data before ``datasets`` reads it (a
+#: file past them is checked by the reader itself: :func:`_read_failure` reports its UnicodeDecodeError)
+SNIFF_BYTES = 64 * 1024
+
+
+def _not_text(head: bytes) -> str | None:
+    """Why ``head`` (a file's first bytes) is not UTF-8 text, or None: a byte sequence UTF-8 does not allow, or a NUL
+    byte (valid UTF-8, but no text holds one: binary data, or UTF-16 without its byte-order mark).  A multi-byte
+    character cut at the end of ``head`` is not an error."""
+    import codecs
+
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as exc:
+        return f"byte 0x{head[exc.start]:02x} at offset {exc.start}"
+    nul = head.find(b"\0")
+    return f"a NUL byte at offset {nul}" if nul >= 0 else None
+
+
+def _not_utf8(name: str | Path, problem: str) -> str:
+    return (f"{name} is not UTF-8 text ({problem}): binary data, or another encoding? JSON and CSV files are read "
+            "as UTF-8")
+
+
+def _check_files(path: Path, builder: str, files: list[str]) -> None:
+    """Refuse, naming the file, what ``datasets`` would only report as its own error: data files that are all empty
+    (its JSON reader raises a bare StopIteration) and a JSON / CSV file that is not UTF-8 text (DatasetGenerationError,
+    or a UnicodeDecodeError traceback from the CSV header)."""
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise FinetuneHelperError("data.path", f"{path} is empty" if path.is_file() else
+                                  f"every file in {path} is empty")
+    if builder == "parquet":  # binary by design; pyarrow names a file that is not Parquet ("magic bytes not found")
+        return
+    for name in files:
+        try:
+            with open(name, "rb") as handle:
+                problem = _not_text(handle.read(SNIFF_BYTES))
+        except OSError as exc:
+            raise FinetuneHelperError("data.path", f"cannot read {name}: {exc.strerror or exc}") from None
+        if problem:
+            raise FinetuneHelperError("data.path", _not_utf8(name, problem))
+
+
+def _read_failure(path: Path, builder: str, exc: BaseException) -> str:
+    """What went wrong reading ``path``, from what ``datasets`` raised: the cause its DatasetGenerationError wraps
+    ("An error occurred while generating the dataset" says nothing), in the user's terms where it is a known one."""
+    from datasets.exceptions import DatasetBuildError
+    from datasets.table import CastError
+    from pyarrow import ArrowException
+
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for cause in chain:
+        # an empty first file: the JSON reader's bare StopIteration; rows of whitespace only: the split's
+        # 'Instruction "train" corresponds to no data!' (datasets' arrow_reader)
+        if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):
+            return f"{path} has no rows"
+        if isinstance(cause, CastError):
+            differing = sorted(set(cause.table_column_names) ^ set(cause.requested_column_names))
+            return f"the files in {path} do not all have the same columns: {', '.join(differing)} in some of them " \
+                   "only; give one set of files with the same columns"
+        if isinstance(cause, UnicodeDecodeError):  # past the bytes _check_files read
+            return _not_utf8(path, f"byte 0x{cause.object[cause.start]:02x}")
+    cause = next((c for c in chain if not isinstance(c, DatasetBuildError)), chain[0])
+    # pyarrow's messages say what they are ("JSON parse error: ...", "Parquet magic bytes not found ...")
+    detail = first_line(cause)[:200] if isinstance(cause, ArrowException) else _first_line(cause)
+    return f"could not read {path} as {builder}: {detail}"
+
+
+@contextlib.contextmanager
+def _readers_quiet():
+    """``datasets``' file readers log the error they then raise ("Failed to load JSON from file ..."); it is
+    reported once, as a field error, so their log line is held back while they read."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load_local(path: Path, split: str) -> "datasets.Dataset":
     import datasets
 
@@ -458,15 +544,17 @@ def _load_local(path: Path, split: str) -> "datasets.Dataset":
     if not re.match(r"^train(\[.*\])?$", split):
         raise FinetuneHelperError("data.split", f"a local file has only the 'train' split (slices such as "
                                                 f"'train[:100]' work), got {split!r}")
-    kwargs: dict[str, Any] = {}
-    if builder == "csv":
-        kwargs = {"features": _csv_string_features(files), "keep_default_na": False}
+    _check_files(path, builder, files)
     try:
-        return datasets.load_dataset(builder, data_files={"train": files}, split=split, **kwargs)
+        kwargs: dict[str, Any] = {}
+        if builder == "csv":
+            kwargs = {"features": _csv_string_features(files), "keep_default_na": False}
+        with _readers_quiet():
+            return datasets.load_dataset(builder, data_files={"train": files}, split=split, **kwargs)
     except FinetuneHelperError:
         raise
     except Exception as exc:  # noqa: BLE001 - report any reader failure as a data problem
-        raise FinetuneHelperError("data.path", f"could not read {path} as {builder}: {_first_line(exc)}") from None
+        raise FinetuneHelperError("data.path", _read_failure(path, builder, exc)) from None
 
 
 def _load_hub(dataset_id: str, split: str, config: str | None) -> "datasets.Dataset":

@@ -361,3 +361,69 @@ def test_linked_run_files_are_not_shown_and_a_forged_process_is_not_signalled(cl
     finally:
         victim.kill()
         victim.wait()
+
+
+@pytest.mark.parametrize("form, field", [
+    (FORM[:2] + ("two",) + FORM[3:], "gpus"),  # a string through the API: Gradio's number field refused it first
+    (FORM[:2] + (0,) + FORM[3:], "gpus"),  # under the field's minimum: Gradio's own message named no field
+    (FORM[:4] + ("long",) + FORM[5:], "seq-len"),
+], ids=["gpus-two", "gpus-0", "seq-len-long"])
+def test_a_value_the_number_fields_do_not_take_is_a_field_error(client, form, field):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict(*form, api_name="/recommend")
+    message = str(info.value)
+    assert message.startswith(f"{field}: ") and "\n" not in message, message
+
+
+def test_a_damaged_run_folder_is_a_field_error_and_the_other_runs_stay_listed(client, app_workspace):
+    """Run folders whose files were edited or damaged (a summary.json or process.json that is not an object, a
+    recipe.yaml that is not UTF-8): showing one is a one-line error naming the run and the file (it was Gradio's
+    generic "Error"), and the runs list still shows a sound run beside them."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from gradio_client.exceptions import AppError
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+
+    def run_folder(run_id: str, **files: str | bytes) -> None:
+        folder = app_workspace / "runs" / run_id
+        folder.mkdir(parents=True)
+        contents = {"process.json": json.dumps({"run_id": run_id, "pid": ended.pid, "started": time.time() - 60,
+                                                "args": [], "returncode": 0, "command": "run"}),
+                    "recipe.yaml": tiny_recipe(2),
+                    "summary.json": json.dumps({"status": "done", "train_loss_last": 1.5}),
+                    "metrics.jsonl": "".join(json.dumps({"step": s, "loss": 2.0 - s / 4, "max_steps": 2,
+                                                         "wall_time": time.time()}) + "\n" for s in (1, 2)), **files}
+        for name, content in contents.items():
+            (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    #: run id: (its damaged files, what the error says of them, the endpoints that read them)
+    damaged = {"damaged-summary": ({"summary.json": "[1, 2]"}, "summary.json holds an array, not a JSON object",
+                                   ("/run_details", "/run_status")),
+               "damaged-process": ({"process.json": '"ended"'}, "process.json holds a string, not a JSON object",
+                                   ("/run_details", "/run_status")),
+               "damaged-recipe": ({"recipe.yaml": b"\xff\xfe\x00"},
+                                  "recipe.yaml is not UTF-8 text (byte 0xff at offset 0)", ("/run_details",))}
+    try:
+        run_folder("sound-run")
+        for run_id, (files, _, _) in damaged.items():
+            run_folder(run_id, **files)
+        for run_id, (_, what, endpoints) in damaged.items():
+            for api in endpoints:
+                with pytest.raises(AppError) as info:
+                    client.predict(run_id, api_name=api)
+                assert str(info.value).startswith(f"run: {run_id}: {what}: its run folder was edited or damaged"), (
+                    api, str(info.value))
+                assert "\n" not in str(info.value)
+        table, _ = client.predict(api_name="/list_runs")
+        assert "sound-run" in [row[0] for row in table["data"]]
+        assert client.predict("sound-run", api_name="/run_details")[0].startswith("### sound-run: done")
+    finally:
+        for run_id in ("sound-run", *damaged):
+            shutil.rmtree(app_workspace / "runs" / run_id, ignore_errors=True)

@@ -75,7 +75,7 @@ def test_recommend_shows_table_charts_and_code(page):
     assert "Fits" in verdict and "RTX 4090" in verdict
     plot_drawn(page, "memory-plot")
     plot_drawn(page, "lr-plot")
-    page.locator("#export-code").get_by_text("TrainingArguments(").first.wait_for()
+    page.locator("#export-code").get_by_text("SFTConfig(").first.wait_for()  # the default trainer: TRL
     page.locator("#downloads [aria-label=\"training_args.yaml\"]").wait_for()
     shot(page, "recommend")
     assert page.get_by_text("no run selected").count() == 0  # no error the user did not cause (page load)

@@ -288,6 +288,61 @@ def test_load_data_path_errors(tmp_path):
     assert len(dio.load_data(str(tmp_path / "a.jsonl"), split="train[:2]")[0]) == 2
 
 
+def _gzipped(path):
+    """Binary data with a data file's name: JSON Lines gzipped, the name left as it was."""
+    import gzip
+
+    path.write_bytes(gzip.compress(json.dumps(ALPACA[0]).encode() + b"\n"))
+
+
+def _utf16(path):
+    """Another encoding: the JSON Lines as Windows Notepad saves "Unicode" (UTF-16 with a byte-order mark)."""
+    path.write_bytes(json.dumps(ALPACA[0]).encode("utf-16"))
+
+
+def _in_folder(make):
+    def folder(path):
+        path.mkdir()
+        write(path / "part1.jsonl", ALPACA)
+        make(path / "part2.jsonl")
+    return folder
+
+
+@pytest.mark.parametrize("name, make, expected", [
+    ("empty.jsonl", lambda p: p.write_bytes(b""), "{path} is empty"),
+    ("empty.json", lambda p: p.write_bytes(b""), "{path} is empty"),
+    ("empty.csv", lambda p: p.write_bytes(b""), "{path} is empty"),
+    ("empty.parquet", lambda p: p.write_bytes(b""), "{path} is empty"),
+    ("blank.jsonl", lambda p: p.write_text("\n\n"), "{path} has no rows"),
+    ("gzipped.jsonl", _gzipped, "{path} is not UTF-8 text (byte 0x8b at offset 1)"),
+    ("gzipped.csv", _gzipped, "{path} is not UTF-8 text (byte 0x8b at offset 1)"),
+    ("utf16.json", _utf16, "{path} is not UTF-8 text (byte 0xff at offset 0)"),
+    ("broken.jsonl", lambda p: p.write_text(json.dumps(ALPACA[0]) + "\n{not json\n"),
+     "could not read {path} as json: JSON parse error: "),
+    ("random.parquet", lambda p: p.write_bytes(bytes(range(256)) * 4),
+     "could not read {path} as parquet: Parquet magic bytes not found in footer"),
+    ("folder", _in_folder(_gzipped), "{path}/part2.jsonl is not UTF-8 text (byte 0x8b at offset 1)"),
+    ("folder", _in_folder(lambda p: p.write_bytes(b"")), None),  # an empty part among others is no data
+    ("folder", _in_folder(lambda p: write(p, PROMPT_COMPLETION)),
+     "the files in {path} do not all have the same columns: "),
+])
+def test_unreadable_data_files_are_one_line_field_errors(tmp_path, capfd, name, make, expected):
+    """Empty, binary, mis-encoded or broken data files, and folders of them: a field error naming the file and what
+    is wrong, in one line, instead of what ``datasets`` raises (StopIteration, DatasetGenerationError, a
+    UnicodeDecodeError traceback) and the error line its reader logs first."""
+    path = tmp_path / name
+    make(path)
+    if expected is None:
+        assert len(dio.load_data(str(path))[0]) == len(ALPACA)
+        return
+    with pytest.raises(FinetuneHelperError) as excinfo:
+        dio.load_data(str(path))
+    e = err(excinfo)
+    assert e.field == "data.path" and e.message.startswith(expected.format(path=path)), e.message
+    assert "\n" not in str(e) and "Error" not in e.message and "StopIteration" not in e.message
+    assert "Failed to" not in capfd.readouterr().err  # datasets' readers log "Failed to load JSON from file ..."
+
+
 def test_load_data_hub_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FinetuneHelperError) as excinfo:

@@ -25,12 +25,20 @@ def test_recipes_are_shipped():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_every_recipe_validates_with_a_run_header(path):
+def test_every_recipe_validates_with_a_run_header(path, capsys):
+    from finetune_helper.train.setup import local_device
+
     recipe = load_recipe(path)
     assert recipe.model.name and recipe.data.path
     header = path.read_text().splitlines()[0:12]
     assert any("finetune-helper run recipes/" + path.name in line for line in header), "header says how to run it"
-    assert cli.main(["validate", str(path)]) == 0
+    if recipe.hardware.strategy in ("zero2", "zero3") and local_device() == "cpu":
+        with pytest.raises(SystemExit) as exit_info:  # run refuses DeepSpeed without CUDA; validate says so, last
+            cli.main(["validate", str(path)])
+        assert exit_info.value.code == 2
+        assert f"hardware.strategy: {recipe.hardware.strategy}: DeepSpeed runs on CUDA GPUs" in capsys.readouterr().err
+    else:
+        assert cli.main(["validate", str(path)]) == 0
 
 
 @pytest.fixture(scope="module")
