@@ -93,10 +93,10 @@ _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a num
                type(None): "null"}
 
 
-def _damaged_file(run_dir: Path) -> str | None:
+def _damaged_file(run_dir: Path, *, lines: bool = True) -> str | None:
     """What is wrong with the first file of ``run_dir`` that is not as a run writes it (text that is not UTF-8, JSON
-    that is not an object, a metrics line without a whole-number step), or None.  Links are not read (the
-    manager's rule); JSON cut short reads as a file being written, as the manager reads it."""
+    that is not an object, with ``lines`` a metrics line without a whole-number step), or None.  Links are not read
+    (the manager's rule); JSON cut short reads as a file being written, as the manager reads it."""
     for name in _RUN_FILES:
         path = run_dir / name
         if path.is_symlink() or not path.is_file():
@@ -107,13 +107,13 @@ def _damaged_file(run_dir: Path) -> str | None:
             return f"{name} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
         except OSError:
             continue
-        if name.endswith(".jsonl"):
-            lines = list(enumerate(text.splitlines(), 1))
+        if name.endswith(".jsonl") and lines:
+            records = list(enumerate(text.splitlines(), 1))
         elif name.endswith(".json"):
-            lines = [(0, text)]
+            records = [(0, text)]
         else:
             continue
-        for number, line in lines:
+        for number, line in records:
             try:
                 value = json.loads(line)
             except ValueError:
@@ -307,7 +307,13 @@ class App:
     @contextlib.contextmanager
     def _reading(self, run_id):
         """Showing a run: a folder that cannot be read (a file edited by hand, or damaged) is a one-line error
-        naming the run and the file (:func:`damaged_run`), like any core error, not Gradio's generic one."""
+        naming the run and the file (:func:`damaged_run`), like any core error, not Gradio's generic one.  The
+        manager reads such a file as absent (its list goes on); shown alone, the run names it.  Bad metrics lines
+        are not an error: the curve skips and counts them."""
+        run_dir = self.workspace.runs / str(run_id).strip()
+        if run_dir.name in self.run_ids() and (what := _damaged_file(run_dir, lines=False)):
+            raise FinetuneHelperError("run", f"{run_dir.name}: {what}: its run folder was edited or damaged (the "
+                                             "other runs are not affected)")
         try:
             yield
         except FinetuneHelperError:

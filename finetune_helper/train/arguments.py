@@ -22,7 +22,7 @@ def sft_kwargs_for(recipe: Recipe, plan, run_dir: Path, device: str, *, dry_run:
     checked by building an SFTConfig once, and the adaptations to this machine, each said in a line."""
     from ..export.training_args import training_kwargs
 
-    overrides = dict(recipe.training)
+    overrides = check_training_values(dict(recipe.training))  # typed at once: max_steps=abc is a field error
     adaptations: list[str] = []
     kwargs = training_kwargs(plan, str(run_dir), sft=True, **{"seed": recipe.seed, **overrides})
     kwargs.pop("model_init_kwargs", None)  # the runner loads the model itself (train/load.py), as the setup says
