@@ -327,6 +327,11 @@ class App:
 
     def stop_run(self, run_id) -> str:
         st = self.runs.stop(run_id)
+        if st.get("kind") == "lr-find":
+            return (f"Stopping **{st['run_id']}**: the range test ends after the current step and keeps its curve so "
+                    "far (a sweep saves no checkpoint: nothing to resume).")
+        if st.get("kind") == "probe":
+            return f"Stopping **{st['run_id']}**: the probe ends (nothing to resume)."
         return f"Stopping **{st['run_id']}**: it saves a checkpoint at the end of the current step, then exits."
 
     def resume_run(self, run_id) -> str:
@@ -557,20 +562,22 @@ def probe_markdown(probe: dict[str, Any]) -> str:
 
 
 def lr_find_markdown(curve: dict[str, Any]) -> str:
-    """The range test so far, or its suggestions when it is done."""
+    """The range test so far, or its suggestion (or why there is none) when it is done."""
+    lrs = curve.get("lrs") or []
     if not curve.get("done"):
-        lrs = curve.get("lrs") or []
         return f"LR range test: {len(lrs)} steps so far" + (f", LR {lrs[-1]:.2g}" if lrs else "")
-    steep, clamped, valley, rule = (curve.get(k) for k in ("suggested_lr", "suggested_lr_clamped", "valley_lr",
-                                                             "rule_lr"))
+    suggested, clamped, steep, valley, rule = (curve.get(k) for k in (
+        "suggested_lr", "suggested_lr_clamped", "steepest_lr", "valley_lr", "rule_lr"))
     lo, hi = curve.get("bounds") or (None, None)
-    parts = [f"LR range test: steepest descent **{steep:.3g}**" + (f" (within the bounds [{lo:g}, {hi:g}]: "
-                                                                  f"{clamped:.3g})" if clamped else "")
-             if steep else "LR range test: the loss never fell"]
-    if valley:
-        parts.append(f"valley {valley:.3g}")
-    parts.append(f"rule-based plan {rule:.3g} (the range test often points 10-100x high on pretrained models: "
-                 "prefer the rule unless the two agree)")
+    head = (f"interrupted by {curve['interrupted']} after {len(lrs)} steps: " if curve.get("interrupted") else "")
+    if suggested:
+        parts = [f"LR range test: {head}suggested **{suggested:.3g}** ({curve.get('suggestion')})"
+                 + (f", within the bounds [{lo:g}, {hi:g}]: {clamped:.3g}" if clamped else "")]
+        parts += [f"{name} {lr:.3g}" for name, lr in (("steepest", steep), ("valley", valley)) if lr]
+    else:
+        parts = [f"LR range test: {head}no suggestion ({curve.get('no_suggestion') or 'the loss never fell'})"]
+    if rule:
+        parts.append(f"rule-based plan {rule:.3g}")
     return "; ".join(parts)
 
 

@@ -117,6 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fail(f"{_flag(exc.field)}: {exc.message}")
         except BrokenPipeError:  # `finetune-helper models | head`
             return 0
+        except KeyboardInterrupt:  # Ctrl-C where no command handles it (the runner and lr-find do): no traceback
+            if after:
+                after(args, 130)
+            print(f"{PROG}: interrupted (Ctrl-C)", file=sys.stderr)
+            return 130
     if after:
         after(args, code)
     return code

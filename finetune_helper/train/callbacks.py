@@ -89,11 +89,33 @@ def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str,
                 control.should_training_stop = True
 
         def on_step_end(self, args, st, control, **kw):
-            if state.get("signal"):
+            name = signal_anywhere(state.get("signal"), args.device)
+            if name:
+                state["signal"] = name  # a rank the signal missed ends as the others do (interrupted, no final eval)
                 control.should_save = True
                 control.should_training_stop = True
 
     return [Progress(), Guard()]
+
+
+def signal_anywhere(name: str | None, device) -> str | None:
+    """The SIGINT / SIGTERM any process of the run got (``name``: this one's, if any), agreed on by all of them at
+    the same step.
+
+    torchrun signals every worker, but each sees it at its own moment: one may take it just before its step's end and
+    stop there while another starts the next step, whose gradient all-reduce then waits for the rank that is saving;
+    and a rank the signal missed would finish as a completed run (a final evaluation the others never join).  One
+    all-reduce (MAX of the signal number) at every step's end makes it one decision; on one process it is ``name``."""
+    import signal
+
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return name
+    number = torch.tensor([int(signal.Signals[name]) if name else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(number, op=dist.ReduceOp.MAX)
+    return signal.Signals(int(number.item())).name if number.item() else None
 
 
 def start_record(start_loss: float, vocab_size: int | None) -> dict[str, Any]:

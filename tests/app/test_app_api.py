@@ -327,6 +327,29 @@ def test_lr_find_from_the_train_tab_runs_the_range_test_and_returns_its_curve(cl
     assert lo <= curve["suggested_lr_clamped"] <= hi
 
 
+def test_stop_on_find_lr_keeps_the_curve_so_far_and_leaves_no_scratch_folder(client):
+    """Stop on a range test: the message says what a sweep does (its curve kept, no checkpoint), the sweep ends
+    after its step with the curve so far (interrupted by SIGTERM), and its scratch folder is removed."""
+    import glob
+    import tempfile
+
+    pattern = str(Path(tempfile.gettempdir()) / "finetune-helper-lr-find-*")
+    before = set(glob.glob(pattern))
+    raw = yaml.safe_load(tiny_recipe(10))
+    raw["data"]["max_examples"] = 300
+    run_id, _ = client.predict(yaml.safe_dump(raw), None, "", False, "lr stop", api_name="/start_lr_find")
+    wait_for(lambda: len((client.predict(run_id, api_name="/run_status").get("lr_find") or {}).get("lrs") or [])
+             >= 3, 240, "the sweep's first steps")
+    message = client.predict(run_id, api_name="/stop_run")
+    assert "range test ends" in message and "checkpoint at the end" not in message
+    st = wait_for(lambda: (s := client.predict(run_id, api_name="/run_status"))["state"] not in ("running", "stopping")
+                  and s, 120, "the range test to stop")
+    curve = st["lr_find"]
+    assert st["state"] == "stopped" and curve["done"] and curve["interrupted"] == "SIGTERM", st
+    assert 3 <= len(curve["lrs"]) < 100
+    assert set(glob.glob(pattern)) <= before
+
+
 def test_linked_run_files_are_not_shown_and_a_forged_process_is_not_signalled(client, app_workspace, tmp_path):
     """A run folder whose files link outside the workspace, and whose process.json names a process the app never
     started (its command line even says finetune_helper): nothing is read through the links, nothing is killed."""

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_smoke_runs_the_grid_code_and_writes_the_table(tmp_path):
     results = tmp_path / "RESULTS.md"
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--results",
-                          str(results)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--search", "1",
+                          "--results", str(results)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in results.read_text().splitlines() if line.startswith("| tiny-base")]
     assert len(rows) == 2, results.read_text()

@@ -4,6 +4,7 @@ recipe; the slow save is the real one, delayed in the workers by a ``sitecustomi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -214,6 +215,45 @@ def test_killing_the_command_stops_torchrun_and_its_workers_with_a_checkpoint(tm
     assert ckpt is not None and checkpoint_problem(ckpt) is None  # the workers stopped with a checkpoint
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     assert json.loads((out / "summary.json").read_text())["global_step"] < 2000
+
+
+def worker_of_rank(out: Path, rank: int) -> int:
+    """The pid of the worker process of ``rank`` (torchrun sets LOCAL_RANK in its environment)."""
+    for pid in map(int, left_running(str(out))):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_signal_that_reaches_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The ranks of a run see a signal each at its own moment; the one that saw it must not stop alone while the
+    other starts a step whose all-reduce would wait forever.  SIGTERM to rank 1 only: both ranks stop after the same
+    step with one complete checkpoint, exit 130, nothing left running."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    proc = finetune_helper(log, "run", str(TINY), "--gpus", "2", "--output-dir", str(out), "training.max_steps=2000",
+                           "training.save_steps=1000", "training.logging_steps=1", "data.max_examples=300",
+                           start_new_session=True)
+    try:
+        wait_for_training(out, proc, log)
+        os.kill(worker_of_rank(out, 1), signal.SIGTERM)
+        assert proc.wait(timeout=240) == 130, log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in left_running(str(out)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    ckpt = last_checkpoint(out)
+    assert ckpt is not None and checkpoint_problem(ckpt) is None, log.read_text()[-3000:]
+    assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["global_step"] == int(ckpt.name.split("-")[1]) < 2000
 
 
 @pytest.mark.integration
