@@ -28,12 +28,12 @@ from typing import Any, Callable
 
 from .outcome import EXIT_INTERRUPTED, RunStopped
 
-#: the rule behind the suggested LR (reported with it).  The two fastai readings bracket the useful range from both
-#: sides: the steepest descent is where the loss falls fastest, with the blow-up just above it, and fastai's docs call
-#: the valley the conservative choice; the sweep is laid out on log10(LR), so their middle is the geometric mean.
-#: Measured on the tiny demo (benchmarks/lr_grid.py, seeds 0-4 x batch 16/32/64 on 2 threads, grid 1e-4..1e-2 at
-#: equal compute): within 3x of the grid's best LR in 11 of 15 (worst 5.1x); steepest 5 of 15 (worst 15.5x), valley
-#: 8 of 15 (worst 12.1x)
+#: the rule behind the suggested LR (reported with it).  fastai made the valley its default suggestion (fastai PR
+#: #3377, "New and Improved LR Suggestion Paradigm"); on the tiny demo's curves the two readings bracket the grid's
+#: best LR, the steepest descent mostly above it (2.3e-3 to 4.6e-3), the valley mostly below (2.2e-4 to 7.6e-4), so the
+#: suggestion is their middle on the log10(LR) axis the sweep is laid out on: the geometric mean.  Measured
+#: (benchmarks/lr_grid.py, seeds 0-4 x batch 16/32/64 on 2 threads, grid 1e-4..1e-2 at equal compute): within 3x of
+#: the grid's best LR in 11 of 15 (worst 5.1x); steepest 5 of 15 (worst 15.5x), valley 8 of 15 (worst 12.1x)
 SUGGESTION = "geometric mean of steepest descent and valley"
 #: fastai ``lr_find`` defaults: the smoothing of the loss and when the sweep stops
 SMOOTHING, STOP_FACTOR = 0.98, 4.0
