@@ -101,13 +101,15 @@ def _damaged_file(run_dir: Path, *, lines: bool = True) -> str | None:
         path = run_dir / name
         if path.is_symlink() or not path.is_file():
             continue
+        if name.endswith(".jsonl") and not lines:
+            continue  # its bad lines are skipped and counted where it is read: not read here
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             return f"{name} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
         except OSError:
             continue
-        if name.endswith(".jsonl") and lines:
+        if name.endswith(".jsonl"):
             records = list(enumerate(text.splitlines(), 1))
         elif name.endswith(".json"):
             records = [(0, text)]

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
 def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, output_dir: str | None, dry_run: bool,
              resume: bool) -> int:
     """One process, or (several GPUs or nodes, not a dry run, not already a launcher's worker) the launcher."""
-    from ..recommender.zero import ZERO_STAGES
     from ..train.launch import Launch, checkpoint_bytes, die_with_parent, in_launcher, launch, world_size
+    from ..train.preflight import deepspeed_field
     from ..train.recipe import load_recipe
     from ..train.run_folder import LOCK, FolderLock
     from ..train.runner import absolute_paths, check_deepspeed, check_resume, check_run_folder, default_run_dir
@@ -63,10 +63,9 @@ def dispatch(args: argparse.Namespace, recipe: str, overrides: list[str], *, out
                   main_port=args.main_port)
     world = world_size() if in_launcher() else spec.world  # a worker plans for the world it is part of
     # DeepSpeed starts from a launcher's environment even in one process (ZeRO-Offload on one GPU)
-    deepspeed = loaded.hardware.strategy in ZERO_STAGES or "deepspeed" in loaded.training
+    deepspeed = deepspeed_field(loaded)
     if deepspeed and not in_launcher():
-        check_deepspeed(loaded.hardware.strategy if loaded.hardware.strategy in ZERO_STAGES else "training.deepspeed",
-                        dry_run=dry_run)
+        check_deepspeed(deepspeed, dry_run=dry_run)
     if dry_run or in_launcher() or (world == 1 and not deepspeed):
         if world != loaded.hardware.gpus:
             overrides = [*overrides, f"hardware.gpus={world}"]

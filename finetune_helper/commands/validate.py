@@ -44,9 +44,7 @@ def check_machine(recipe) -> None:
     any process starts): DeepSpeed without CUDA GPUs, with the same one-line error.  Checked after everything
     else, so that a recipe for a GPU node validated on a laptop has passed every other check when it is refused
     here (``run --dry-run`` still plans it)."""
-    from ..recommender.zero import ZERO_STAGES
-    from ..train.preflight import check_deepspeed
+    from ..train.preflight import check_deepspeed, deepspeed_field
 
-    strategy = recipe.hardware.strategy
-    if strategy in ZERO_STAGES or "deepspeed" in recipe.training:
-        check_deepspeed(strategy if strategy in ZERO_STAGES else "training.deepspeed")
+    if field := deepspeed_field(recipe):
+        check_deepspeed(field)

@@ -50,6 +50,17 @@ def _check_writable(run_dir: Path) -> None:
 #: recipe settings a resumed run may change: only how long it trains
 
 
+def deepspeed_field(recipe: Recipe) -> str | None:
+    """What makes ``recipe`` a DeepSpeed run, as :func:`check_deepspeed` names it (``hardware.strategy``'s ZeRO stage,
+    or ``training.deepspeed``), or None when it is none."""
+    from ..recommender.zero import ZERO_STAGES
+
+    strategy = recipe.hardware.strategy
+    if strategy in ZERO_STAGES:
+        return strategy
+    return "training.deepspeed" if "deepspeed" in recipe.training else None
+
+
 def check_deepspeed(strategy: str, device: str | None = None, *, dry_run: bool = False) -> None:
     """A ZeRO run needs DeepSpeed installed, and CUDA GPUs (the Trainer's DeepSpeed path, through accelerate, does
     not run on the CPU); refused at once, before any process starts or anything loads."""
