@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
 import sys
-from typing import Any, Sequence
+import textwrap
+from typing import Any, Sequence, TextIO
 
 from .. import defaults
 from ..units import fmt_count, fmt_gib
@@ -115,6 +119,80 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+#: the width when stdout is not a terminal and COLUMNS is not set (a pipe, a file, a test's captured output)
+DEFAULT_WIDTH = 100
+#: the narrowest width wrapped output is laid out for (a setting and its value still fit on one line)
+MIN_WIDTH = 60
+
+
+def terminal_width(stream: TextIO | None = None) -> int:
+    """The columns to lay text out in: COLUMNS when set, else the terminal's width when ``stream`` (stdout) is one
+    (``shutil.get_terminal_size``), else :data:`DEFAULT_WIDTH`; never below :data:`MIN_WIDTH`."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "") or 0)
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        stream = stream or sys.stdout
+        try:
+            tty = stream.isatty()
+        except (AttributeError, ValueError, OSError):
+            tty = False
+        columns = shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns if tty else DEFAULT_WIDTH
+    return max(MIN_WIDTH, columns)
+
+
+#: a figure and its unit (``62.96 GiB``): wrapped lines keep them together
+_FIGURE_UNIT = re.compile(r"(?<=\d) (?=(?:GiB|GB|MiB)\b)")
+
+
+def wrap_lines(text: str, width: int, indent: str = "", hanging: str = "") -> list[str]:
+    """``text`` as lines of at most ``width`` columns (``textwrap``): the first after ``indent``, the others after
+    ``hanging``.  Flags keep their hyphens (``--lr-max`` is never split at a hyphen) and a figure its unit."""
+    glued = _FIGURE_UNIT.sub("\u00a0", text)  # textwrap breaks at ASCII whitespace only
+    return [line.replace("\u00a0", " ") for line in textwrap.wrap(
+        glued, width, initial_indent=indent, subsequent_indent=hanging, break_on_hyphens=False)]
+
+
+def wrap(text: str, width: int, indent: str = "", hanging: str = "    ") -> str:
+    """:func:`wrap_lines` joined: one paragraph with a hanging indent (4 spaces unless told)."""
+    return "\n".join(wrap_lines(text, width, indent, hanging)) or indent.rstrip()
+
+
+def wrapped_table(rows: Sequence[Sequence[Any]], header: Sequence[str], width: int, *, min_wrap: int = 40,
+                  indent: int = 4) -> str:
+    """:func:`table` whose last column (a reason, a note) wraps so that no line is wider than ``width``.
+
+    The other columns keep their text on one line, padded as :func:`table` pads them.  When the last column would
+    still get ``min_wrap`` columns or more it stays a column and its continuation lines are indented to it;
+    otherwise each row is its other cells on one line and its last cell on its own lines under them, indented by
+    ``indent`` (the header says so: the last column's name is on its own indented line)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    fixed = len(header) - 1
+    widths = [max(len(r[i]) for r in cells) for i in range(fixed)]
+    lead = sum(widths) + 2 * fixed
+
+    def left(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(row[:fixed], widths)) + "  "
+
+    room = width - lead
+    if room >= min_wrap:
+        last = min(room, max(len(r[fixed]) for r in cells))
+        lines = [(left(cells[0]) + cells[0][fixed]).rstrip(), "  ".join("-" * w for w in [*widths, last])]
+        for row in cells[1:]:
+            wrapped = wrap_lines(row[fixed], room) or [""]
+            lines.append((left(row) + wrapped[0]).rstrip())
+            lines += [" " * lead + more for more in wrapped[1:]]
+        return "\n".join(lines)
+    pad = " " * indent
+    lines = [left(cells[0]).rstrip(), pad + cells[0][fixed], "  ".join("-" * w for w in widths)]
+    for row in cells[1:]:
+        lines.append(left(row).rstrip())
+        if row[fixed]:
+            lines.append(wrap(row[fixed], width, pad, pad))
     return "\n".join(lines)
 
 

@@ -66,9 +66,20 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
             "seq_len": seq, "dtype": args.dtype, "optim": setup.optim, "sharding": sharding, "offload": args.offload,
             "trainer": args.trainer, "loss": setup.loss,
             "gradient_checkpointing": args.gradient_checkpointing, **est.to_dict()}
+    data["time"] = time_block(spec, setup, args.accumulation)
     if args.gpus > 1:
         data["strategies"] = by_strategy(spec, setup, args.gpus, args.accumulation, args.nodes)
     return data
+
+
+def time_block(spec, setup, accumulation: int) -> dict[str, Any]:
+    """What one token costs in the step that runs (executed FLOPs) and in MFU's convention (model FLOPs)."""
+    from ..recommender.flops import estimate_flops
+
+    flops = estimate_flops(spec, setup)
+    return {"flops_per_token": flops.flops_per_token(setup.tokens * accumulation),
+            "model_flops_per_token": flops.model_flops_per_token,
+            "flops_per_micro_step": flops.executed, "attention_fraction": flops.attention_fraction}
 
 
 #: the ways several GPUs can hold the model, as ``estimate`` compares them: (name, sharding, offload)
@@ -112,6 +123,9 @@ def run(args: argparse.Namespace) -> None:
     head = {k.split(".", 1)[1]: v for k, v in data["details"].items() if k.startswith("fused_head.")}
     if head:
         print("TRL's fused LM head: " + ", ".join(f"{k} {fmt_gib(v)}" for k, v in head.items()))
+    t = data["time"]
+    print(f"compute: {t['flops_per_token'] / 1e9:.3g} GFLOP per token executed ({t['model_flops_per_token'] / 1e9:.3g} "
+          f"in MFU's 6N + 12LHQT convention), {t['flops_per_micro_step'] / 1e12:.3g} TFLOP per micro-step")
     print(f"peak at the {data['peak_phase']}; predicted torch.cuda.max_memory_allocated: "
           f"{fmt_gib(data['allocated_peak_bytes'])} (total less CUDA context, fragmentation and paged states)")
     if data["host_bytes"]:

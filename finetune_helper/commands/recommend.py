@@ -1,4 +1,9 @@
-"""``finetune-helper recommend``: batch, accumulation, LR, warmup, precision, optimizer, each with its reason."""
+"""``finetune-helper recommend``: batch, accumulation, LR, warmup, precision, optimizer, each with its reason.
+
+The table fits the terminal (``common.terminal_width``): each reason is the decision and its key figure in one line
+(``Plan.short_reasons``), wrapped under its setting; ``--explain`` prints the full reasons (derivations, sources),
+wrapped the same way, and ``--json`` has them as they are.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,41 @@ import argparse
 import json
 
 from ..units import fmt_gib
-from .common import add_plan_args, breakdown_table, emit, gather_plan, model_line, table
+from .common import add_plan_args, breakdown_table, emit, gather_plan, model_line, terminal_width, wrap, wrapped_table
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("recommend", help="batch, accumulation, LR, warmup, precision, optimizer, with reasons")
     add_plan_args(p)
+    p.add_argument("--explain", action="store_true", help="each reason in full: the derivation and its sources "
+                   "(the table's reasons are one line each; --json has the full ones too)")
     p.set_defaults(func=run)
 
 
-def print_plan(plan) -> None:
+def print_plan(plan, explain: bool = False, width: int | None = None) -> None:
+    """The plan as text of at most ``width`` columns (default: the terminal's): one-line reasons, or with
+    ``explain`` the full ones."""
+    width = width or terminal_width()
     d = plan.to_dict()
     r = plan.request
-    print(f"{model_line(r.model.name, r.model.model_type, d['parameters'], d['trainable_parameters'])} on "
-          f"{r.gpus} x {r.gpu.describe()}, {r.method}, seq {d['seq_len']}")
+    print(wrap(f"{model_line(r.model.name, r.model.model_type, d['parameters'], d['trainable_parameters'])} on "
+               f"{r.gpus} x {r.gpu.describe()}, {r.method}, seq {d['seq_len']}", width))
     print()
-    print(table(plan.settings_rows(), ["setting", "value", "reason"]))
+    print(wrapped_table(plan.settings_rows(short=not explain), ["setting", "value", "reason"], width))
     print()
     print(breakdown_table(d["breakdown"], d["peak_memory_bytes"]))
     print()
-    print(f"{'FITS' if plan.fits else 'DOES NOT FIT'}: {plan.reasons['fits']}")
+    verdict = plan.reasons["fits"] if explain else plan.short_reason("fits")
+    print(wrap(f"{'FITS' if plan.fits else 'DOES NOT FIT'}: {verdict}", width))
     if r.trainer != "transformers":
-        print(other_trainer_line(plan.under_trainer("transformers"), plan.per_device_train_batch_size))
+        print(wrap(other_trainer_line(plan.under_trainer("transformers"), plan.per_device_train_batch_size), width))
     if plan.lr_note:
-        print(plan.lr_note[0].upper() + plan.lr_note[1:])
+        print(wrap(plan.lr_note[0].upper() + plan.lr_note[1:], width))
     for step in plan.escalation:
-        print(f"  tried {step.change}: {fmt_gib(step.peak_memory_bytes)} -> {'fits' if step.fits else 'does not fit'}")
+        print(wrap(f"tried {step.change}: {fmt_gib(step.peak_memory_bytes)} -> "
+                   f"{'fits' if step.fits else 'does not fit'}", width, "  ", "      "))
+    if not explain:
+        print(wrap("--explain: the reasons in full, with their derivations and sources", width))
 
 
 def other_trainer_line(other: dict, batch: int) -> str:
@@ -49,4 +63,4 @@ def run(args: argparse.Namespace) -> None:
             data["under_transformers_trainer"] = plan.under_trainer("transformers")
         emit(args, json.dumps(data, indent=2))
     else:
-        print_plan(plan)
+        print_plan(plan, explain=args.explain, width=terminal_width(getattr(args, "stdout", None)))

@@ -36,6 +36,8 @@ class StepPeak:
     cuda_reserved: int | None = None
     #: the step's micro-batches: the token shape the collator produced (batch, sequence) and whether it padded a row
     batches: list[tuple[tuple[int, ...], bool]] = field(default_factory=list)
+    #: FLOPs of the step as ``FlopCounterMode`` counts them (``.flops.flop_counter``), when counted
+    flops: int | None = None
 
     @property
     def largest_batch(self) -> tuple[tuple[int, ...], bool]:
@@ -74,15 +76,18 @@ class Measurement:
         return max(values) if values else None
 
 
-def _phase_callback(mode, steps: list[StepPeak], cuda: bool, batches: list[tuple[tuple[int, ...], bool]]):
+def _phase_callback(mode, steps: list[StepPeak], cuda: bool, batches: list[tuple[tuple[int, ...], bool]],
+                    counter=None):
     import torch
     from transformers import TrainerCallback
 
     first = [0]  # index in ``batches`` of the step's first micro-batch
+    counted = [0]  # the counter's total at the step's beginning
 
     class Phases(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             first[0] = len(batches)
+            counted[0] = counter.get_total_flops() if counter is not None else 0
             mode.reset_peak()
             mode.phase("forward")
             if cuda:
@@ -98,19 +103,22 @@ def _phase_callback(mode, steps: list[StepPeak], cuda: bool, batches: list[tuple
             steps.append(StepPeak(
                 step=state.global_step, tracked_bytes=mode.peak, peak_op=mode.peak_op, by_phase=mode.peak_by_label,
                 cuda_allocated=torch.cuda.max_memory_allocated() if cuda else None,
-                cuda_reserved=torch.cuda.max_memory_reserved() if cuda else None, batches=batches[first[0]:]))
+                cuda_reserved=torch.cuda.max_memory_reserved() if cuda else None, batches=batches[first[0]:],
+                flops=counter.get_total_flops() - counted[0] if counter is not None else None))
 
     return Phases()
 
 
 def measure_recipe(recipe, *, steps: int = 3, run_dir: str | Path, log: Callable[[str], None] = lambda _: None,
-                   track: bool = True) -> Measurement:
+                   track: bool = True, flops: bool = False) -> Measurement:
     """Train ``steps`` optimizer steps of ``recipe`` through the runner's path and measure each step's peak.
 
     ``recipe`` is a ``train.recipe.Recipe``; its ``training`` section is used as the runner uses it, with
     ``max_steps=steps`` and no saving, evaluation or logging output added.  ``track=False`` skips the tracker
-    (CUDA statistics only: the tracker slows large models down)."""
+    (CUDA statistics only: the tracker slows large models down); ``flops`` counts each step's FLOPs as well
+    (:func:`.flops.flop_counter`)."""
     import dataclasses
+    from contextlib import ExitStack
 
     import torch
 
@@ -127,7 +135,12 @@ def measure_recipe(recipe, *, steps: int = 3, run_dir: str | Path, log: Callable
     mode = live_bytes_mode()
     peaks: list[StepPeak] = []
     batches: list[tuple[tuple[int, ...], bool]] = []
-    trainer.add_callback(_phase_callback(mode, peaks, cuda, batches))
+    counter = None
+    if flops:
+        from .flops import flop_counter
+
+        counter = flop_counter()
+    trainer.add_callback(_phase_callback(mode, peaks, cuda, batches, counter))
     compute_loss = trainer.compute_loss
 
     def labelled_compute_loss(model, inputs, *args, **kwargs):
@@ -141,10 +154,11 @@ def measure_recipe(recipe, *, steps: int = 3, run_dir: str | Path, log: Callable
     trainer.compute_loss = labelled_compute_loss
     mode.register(model_tensors(trainer.model), "weights")
     t0 = time.time()
-    if track:
-        with mode:
-            trainer.train()
-    else:
+    with ExitStack() as stack:
+        if counter is not None:
+            stack.enter_context(counter)
+        if track:
+            stack.enter_context(mode)
         trainer.train()
     return Measurement(steps=peaks, sft_kwargs=dict(prep.sft_kwargs), plan=prep.plan,
                        device="cuda" if cuda else "cpu", seconds=round(time.time() - t0, 2), batches=batches,

@@ -217,7 +217,9 @@ class Escalation:
 
 @dataclass(frozen=True)
 class Plan:
-    """The recommendation. ``reasons`` maps each setting to its one-line justification."""
+    """The recommendation. ``reasons`` maps each setting to its justification, with the derivation and the sources
+    (what ``--json``, the exports and the app show); ``short_reasons`` maps the same keys to the decision and its key
+    figure in one line (what ``recommend`` prints in a terminal without ``--explain``)."""
 
     request: PlanRequest
     per_device_train_batch_size: int
@@ -239,6 +241,8 @@ class Plan:
     weights_dtype: str | None = None
     reasons: dict[str, str] = field(default_factory=dict)
     escalation: tuple[Escalation, ...] = ()
+    #: the reasons in one line each, without the sources (``reasons`` keeps the full text; see :meth:`short_reason`)
+    short_reasons: dict[str, str] = field(default_factory=dict)
     #: the verdict's line when the rule asked for an LR more than 2x outside the bounds (None otherwise)
     lr_note: str | None = None
 
@@ -310,9 +314,14 @@ class Plan:
                if self.distributed in ZERO_STAGES else {}),
         }
 
-    def settings_rows(self) -> list[tuple[str, str, str]]:
-        """(setting, value, reason) for every recommended value, in the order the CLI and the app show them."""
-        r = self.reasons
+    def short_reason(self, key: str) -> str:
+        """The one-line reason of ``key`` (``short_reasons``), or its full reason where no short one was made."""
+        return self.short_reasons.get(key) or self.reasons[key]
+
+    def settings_rows(self, short: bool = False) -> list[tuple[str, str, str]]:
+        """(setting, value, reason) for every recommended value, in the order the CLI and the app show them: the full
+        reasons, or with ``short`` the one-line ones (:attr:`short_reasons`)."""
+        r = {key: self.short_reason(key) for key in self.reasons} if short else self.reasons
         rows = [
             ("per_device_train_batch_size", str(self.per_device_train_batch_size), r["per_device_train_batch_size"]),
             ("gradient_accumulation_steps", str(self.gradient_accumulation_steps), r["gradient_accumulation_steps"]),
@@ -383,6 +392,11 @@ TRAINER_REASONS = {
            "vocabulary-wide logits; --trainer transformers plans for transformers.Trainer",
     "transformers": "transformers.Trainer with the model's own loss: the full logits, upcast to fp32, and their "
                     "gradient are part of the peak",
+}
+#: the same in one line for the terminal
+TRAINER_SHORT_REASONS = {
+    "trl": "TRL's SFTTrainer, as run executes: no full logits",
+    "transformers": "transformers.Trainer: full fp32 logits in the peak",
 }
 
 #: how the reasons name each way of sharding
@@ -586,132 +600,170 @@ def _evened(per_gpu: int, largest: int) -> int:
     return math.ceil(per_gpu / math.ceil(per_gpu / largest))
 
 
-def _fits_reason(req: PlanRequest, fit: _Fit, escalation: tuple[Escalation, ...]) -> str:
+def _fits_reason(req: PlanRequest, fit: _Fit, escalation: tuple[Escalation, ...]) -> tuple[str, str]:
+    """The verdict's reason, full and short."""
     budget = req.budget_bytes
+    calibrated = (f"; {req.calibration.describe()}" if req.calibration else "",
+                  f"; calibrated {req.calibration.ratio - 1:+.0%}" if req.calibration else "")
     if fit.fits:
         host = fit.estimate.host_bytes
-        return (f"peak {fmt_gib(fit.estimate.total_bytes)} <= budget {fmt_gib(budget)} "
-                f"({1 - req.safety_margin:.0%} of {fmt_gib(req.gpu.memory_bytes)})"
-                + (f"; the offloaded states need {fmt_gib(host)} of host memory per node" if host else ""))
+        peak = f"peak {fmt_gib(fit.estimate.total_bytes)} <= budget {fmt_gib(budget)}"
+        return (peak + f" ({1 - req.safety_margin:.0%} of {fmt_gib(req.gpu.memory_bytes)})"
+                + (f"; the offloaded states need {fmt_gib(host)} of host memory per node" if host else "")
+                + calibrated[0],
+                peak + (f"; host memory {fmt_gib(host)} per node" if host else "") + calibrated[1])
     first = next((e for e in escalation if e.fits), None)
     tried = ", ".join(x for x in ("gradient checkpointing" if fit.gc else "", fit.optim,
                                   STRATEGY_LABELS.get(fit.shard, "") if fit.shard != "ddp" else "") if x)
-    return (f"even batch 1 needs {fmt_gib(fit.estimate.total_bytes)} > {fmt_gib(budget)} budget with {tried}; "
-            "smallest change that fits: "
-            + (first.change + f" ({fmt_gib(first.peak_memory_bytes)})" if first else
-               f"none up to {MAX_GPUS} GPUs: shorten --seq-len (logits and activations grow with it)"))
+    needs = f"batch 1 needs {fmt_gib(fit.estimate.total_bytes)} > {fmt_gib(budget)} budget"
+    change = first.change + f" ({fmt_gib(first.peak_memory_bytes)})" if first else ""
+    return (f"even {needs} with {tried}; smallest change that fits: "
+            + (change or f"none up to {MAX_GPUS} GPUs: shorten --seq-len (logits and activations grow with it)")
+            + calibrated[0],
+            f"{needs}; " + (f"smallest change that fits: {change}" if first else
+                            f"nothing up to {MAX_GPUS} GPUs fits: shorten --seq-len") + calibrated[1])
 
 
-def _batch_reason(req: PlanRequest, fit: _Fit, cap: int, target: int) -> str:
+def _batch_reason(req: PlanRequest, fit: _Fit, cap: int, target: int) -> tuple[str, str]:
+    """The micro-batch's reason, full and short."""
     budget, est = req.budget_bytes, fit.estimate
     if not fit.fits:
-        return "1: nothing larger can fit (see fits)"
+        return "1: nothing larger can fit (see fits)", "even batch 1 does not fit"
     changes = fit.changes()
+    using = f" with {' and '.join(changes)}" if changes else ""
     needs = (f"batch {fit.micro} needs {fmt_gib(est.total_bytes)} of {fmt_gib(budget)} ({req.safety_margin:.0%} "
-             "safety margin)" + (f" with {' and '.join(changes)}" if changes else ""))
+             "safety margin)" + using)
+    brief = f"{fmt_gib(est.total_bytes)} of {fmt_gib(budget)}"  # the fallbacks used have their own rows
     if fit.micro < fit.largest:
         steps = math.ceil(math.ceil(target / req.gpus) / fit.micro)
         return (f"{needs}; {steps} micro-steps of {fit.micro} reach the target {target} as {steps} of the largest "
-                f"that fits ({fit.largest}) would, with less memory")
+                f"that fits ({fit.largest}) would, with less memory",
+                f"{steps} micro-steps of {fit.micro} reach the target {target} ({fit.largest} would fit); {brief}")
     if fit.micro < cap:
         bigger = fit.option.estimate(req, fit.micro + 1).total_bytes
         limit = f"batch {fit.micro + 1} would need {fmt_gib(bigger)}"
+        short_limit = f"batch {fit.micro + 1} needs {fmt_gib(bigger)}"
     elif cap < MAX_MICRO_BATCH:
         limit = f"capped at ceil(target {target} / {req.gpus} GPU{'s' if req.gpus > 1 else ''}) = {cap}"
+        short_limit = f"the target {target} per GPU"
     else:
-        limit = f"capped at {MAX_MICRO_BATCH}"
-    return f"largest that fits: {needs}; {limit}"
+        limit = short_limit = f"capped at {MAX_MICRO_BATCH}"
+    return f"largest that fits: {needs}; {limit}", f"largest that fits: {brief}; {short_limit}"
 
 
-def _checkpointing_reason(req: PlanRequest, fit: _Fit) -> str:
+def _checkpointing_reason(req: PlanRequest, fit: _Fit) -> tuple[str, str]:
+    """Gradient checkpointing's reason, full and short."""
     if req.gradient_checkpointing is not None:
         why = f"{'on' if fit.gc else 'off'}: set by --gradient-checkpointing"
+        brief = "set by --gradient-checkpointing"
     elif not fit.fits:
         why = "on: tried, and even with it batch 1 does not fit" if fit.gc else "off"
+        brief = "even with it batch 1 does not fit" if fit.gc else "off"
     elif not fit.gc:
         why = f"off: batch {fit.micro} fits without it"
+        brief = f"batch {fit.micro} fits without it"
     elif not fit.base_fit:
-        why = "on: required to fit batch 1"
+        why, brief = "on: required to fit batch 1", "required to fit batch 1"
     else:
         why = (f"on: raises the micro-batch from {fit.base_fit}, the most that fit without it (TRL's SFTConfig turns "
                f"it on by default); --no-gradient-checkpointing runs {fit.base_fit} with more accumulation")
-    return why + (" (recomputes each layer in backward, ~30% more compute)" if fit.gc else "")
+        brief = f"micro-batch {fit.largest} instead of {fit.base_fit}"
+    return (why + (" (recomputes each layer in backward, ~30% more compute)" if fit.gc else ""),
+            brief + ("; ~30% more compute" if fit.gc else ""))
 
 
-def _optim_reason(req: PlanRequest, fit: _Fit) -> str:
+def _optim_reason(req: PlanRequest, fit: _Fit) -> tuple[str, str]:
+    """The optimizer's reason, full and short."""
     if req.optim:
-        return f"{fit.optim}: set by --optim"
+        return f"{fit.optim}: set by --optim", "set by --optim"
     if is_eight_bit(fit.optim):
         others = [x for x in ("gradient checkpointing" if fit.gc else "", STRATEGY_LABELS.get(fit.shard, "")) if x]
         return (f"{fit.optim}: 32-bit AdamW states do not fit even at batch 1"
                 + (f" with {' and '.join(others)}" if others else "")
-                + "; 8-bit paged states take ~2 bytes per trainable parameter instead of 8 (Dettmers et al. 2022)")
-    return f"{fit.optim}: transformers' default fused AdamW; its fp32 states fit"
+                + "; 8-bit paged states take ~2 bytes per trainable parameter instead of 8 (Dettmers et al. 2022)",
+                "32-bit AdamW states do not fit at batch 1; 8-bit states take 2 bytes per parameter, not 8")
+    return (f"{fit.optim}: transformers' default fused AdamW; its fp32 states fit",
+            "default fused AdamW; its fp32 states fit")
 
 
-def _distributed(req: PlanRequest, fit: _Fit) -> tuple[str, str | None]:
-    """The data-parallel mode and its reason (None on one GPU without DeepSpeed)."""
+def _distributed(req: PlanRequest, fit: _Fit) -> tuple[str, tuple[str, str] | None]:
+    """The data-parallel mode and its reason, full and short (None on one GPU without DeepSpeed)."""
     if fit.shard in ZERO_STAGES:
         return fit.shard, _zero_reason(req, fit)
     if req.gpus == 1:
         return "single GPU", None
     if fit.shard == "fsdp":
+        ddp = fit.largest_without("ddp")
         return "fsdp", (f"FSDP full sharding over {req.gpus} GPUs: weights, gradients and optimizer states split 1/N"
-                        + (("; replicated (DDP) even batch 1 does not fit" if not fit.largest_without("ddp") else
-                            f"; replicated (DDP) the largest micro-batch is {fit.largest_without('ddp')}, sharded "
-                            f"{fit.micro}") if fit.first.shard == "ddp" else ""))
-    return "ddp", "DDP: the replicated model fits on each GPU" if fit.fits else "DDP: nothing fits; see fits"
+                        + (("; replicated (DDP) even batch 1 does not fit" if not ddp else
+                            f"; replicated (DDP) the largest micro-batch is {ddp}, sharded "
+                            f"{fit.micro}") if fit.first.shard == "ddp" else ""),
+                        f"sharded over {req.gpus} GPUs"
+                        + ((": replicated, batch 1 does not fit" if not ddp else
+                            f": micro-batch {fit.micro}, {ddp} replicated") if fit.first.shard == "ddp" else ""))
+    return "ddp", (("DDP: the replicated model fits on each GPU", "the replicated model fits on each GPU") if fit.fits
+                   else ("DDP: nothing fits; see fits", "nothing fits"))
 
 
-def _zero_reason(req: PlanRequest, fit: _Fit) -> str:
+def _zero_reason(req: PlanRequest, fit: _Fit) -> tuple[str, str]:
     stage = ZERO_STAGES[fit.shard]
     split = ("optimizer states and gradients split 1/N, 16-bit weights whole on each GPU" if stage == 2 else
              "16-bit weights, gradients and optimizer states split 1/N, the largest module gathered")
     offload = {"none": "", "optimizer": "; fp32 master weights, Adam states and 32-bit gradients offloaded to the "
                "host (DeepSpeed's CPU Adam steps there)", "all": "; parameters and optimizer offloaded to the host"}
+    short_offload = {"none": "", "optimizer": ", optimizer offloaded", "all": ", parameters and optimizer offloaded"}
     host = fit.estimate.host_bytes
-    return (f"DeepSpeed ZeRO-{stage} over {req.gpus} GPU{'s' if req.gpus > 1 else ''} (set by --strategy): {split}"
+    over = f"DeepSpeed ZeRO-{stage} over {req.gpus} GPU{'s' if req.gpus > 1 else ''}"
+    return (f"{over} (set by --strategy): {split}"
             + offload[req.offload] + (f"; host memory per node {fmt_gib(host)} (DeepSpeed's estimator, 1.5x buffer)"
-                                      if host else ""))
+                                      if host else ""),
+            f"{over}{short_offload[req.offload]}" + (f"; host memory {fmt_gib(host)} per node" if host else ""))
 
 
 def recommend_plan(req: PlanRequest) -> Plan:
-    """The plan for ``req``: the rules of the module docstring, applied in order, each with its reason."""
+    """The plan for ``req``: the rules of the module docstring, applied in order, each with its reason (full, and
+    in one line in ``short``)."""
     reasons: dict[str, str] = {}
+    short: dict[str, str] = {}
     reasons["precision"] = (f"bf16: {req.gpu.name} supports bfloat16 (same range as fp32, no loss scaling)"
                             if req.dtype == "bf16" else
                             f"fp16 mixed precision: {req.gpu.name} has no bfloat16 (pre-Ampere); fp32 master weights "
                             "and loss scaling")
+    short["precision"] = (f"{req.gpu.name} supports bfloat16" if req.dtype == "bf16" else
+                          f"{req.gpu.name} has no bfloat16: fp16 with loss scaling")
     dataset = req.dataset_size or defaults.ASSUMED_DATASET_SIZE
     target = req.target_batch
     cap = max(1, min(MAX_MICRO_BATCH, math.ceil(target / req.gpus)))
     fit = _fit(req, cap)
     escalation = () if fit.fits else _escalate(req)
-    reasons["per_device_train_batch_size"] = _batch_reason(req, fit, cap, target)
-    reasons["fits"] = _fits_reason(req, fit, escalation) + (f"; {req.calibration.describe()}"
-                                                            if req.calibration else "")
+    reasons["per_device_train_batch_size"], short["per_device_train_batch_size"] = _batch_reason(req, fit, cap, target)
+    reasons["fits"], short["fits"] = _fits_reason(req, fit, escalation)
     steps_target = target < min(req.target_effective_batch, dataset)  # lowered for enough optimizer steps
     micro = fit.micro
     accum = req.accumulation(micro)
     eff = micro * accum * req.gpus
     unit = f"packed rows of {req.resolved_seq_len} tokens" if req.packing else "examples"
-    lowered = ""
+    lowered = short_lowered = ""
     if target < req.target_effective_batch:
         lowered = (f"; target lowered from {req.target_effective_batch} to {target} so that {dataset} {unit} x "
                    f"{req.epochs:g} epochs make about {MIN_STEPS} optimizer steps (never below "
                    f"{MIN_EFFECTIVE_BATCH} sequences)" if steps_target else
                    f"; target lowered from {req.target_effective_batch} to the {dataset} training {unit}")
-    reasons["gradient_accumulation_steps"] = (f"smallest with {micro} x accumulation x {req.gpus} GPU"
-                                              f"{'s' if req.gpus > 1 else ''} >= target {target}: {accum} "
-                                              f"(effective batch {eff}){lowered}")
+        short_lowered = (f"; lowered from {req.target_effective_batch} for about {MIN_STEPS} steps" if steps_target
+                         else f"; lowered from {req.target_effective_batch} to the data's size")
+    gpus = f"{req.gpus} GPU{'s' if req.gpus > 1 else ''}"
+    reasons["gradient_accumulation_steps"] = (f"smallest with {micro} x accumulation x {gpus} >= target {target}: "
+                                              f"{accum} (effective batch {eff}){lowered}")
+    short["gradient_accumulation_steps"] = f"{micro} x {accum} x {gpus} = {eff} >= target {target}{short_lowered}"
     if fit.option.weights == "bf16":
         reasons["precision"] += (
             "; pure bf16 (weights, gradients and AdamW states in bf16) because fp32 master weights do not fit"
             + (" even with gradient checkpointing" if fit.gc else "")
             + ": updates smaller than 2^-8 of a weight are rounded away (a 2e-5 step on a weight of 0.01), so it "
             "trains less than mixed precision at small learning rates")
-    reasons["gradient_checkpointing"] = _checkpointing_reason(req, fit)
-    reasons["optim"] = _optim_reason(req, fit)
+        short["precision"] += "; pure bf16 weights: fp32 masters do not fit (small updates round away)"
+    reasons["gradient_checkpointing"], short["gradient_checkpointing"] = _checkpointing_reason(req, fit)
+    reasons["optim"], short["optim"] = _optim_reason(req, fit)
 
     steps = max(1, math.ceil(math.ceil(dataset / eff) * req.epochs))
     reasons["total_steps"] = (f"ceil({dataset} {unit} / {eff}) x {req.epochs:g} epochs = {steps}"
@@ -723,30 +775,41 @@ def recommend_plan(req: PlanRequest) -> Plan:
                               + (f"; fewer than {MIN_STEPS} optimizer steps even at the smallest effective batch "
                                  f"({MIN_EFFECTIVE_BATCH}): more data or epochs would train the model further"
                                  if steps < MIN_STEPS else ""))
-    lr, reasons["learning_rate"], raw_lr = scaled_learning_rate(
-        method=req.method, optim=fit.optim, effective_batch=eff, hidden_size=req.model.hidden_size,
-        lora_r=req.lora_r, lora_alpha=req.lora_alpha, lr_min=req.lr_min, lr_max=req.lr_max)
+    short["total_steps"] = (f"{dataset} {'packed rows' if req.packing else 'examples'}"
+                            + ("" if req.dataset_size else " (assumed)") + f" / {eff} x {req.epochs:g} epochs"
+                            + (f"; under {MIN_STEPS}: more data or epochs would train further"
+                               if steps < MIN_STEPS else ""))
+    lr_args = dict(method=req.method, optim=fit.optim, effective_batch=eff, hidden_size=req.model.hidden_size,
+                   lora_r=req.lora_r, lora_alpha=req.lora_alpha, lr_min=req.lr_min, lr_max=req.lr_max)
+    lr, reasons["learning_rate"], raw_lr = scaled_learning_rate(**lr_args)
+    short["learning_rate"] = scaled_learning_rate(**lr_args, short=True)[1]
     ref_lr = lr_reference_rate(req.method, fit.optim)
-    warm, reasons["warmup_ratio"] = warmup_ratio(steps, eff, reference_batch(req.method, fit.optim),
-                                                 lr_scale=lr / ref_lr)
+    warm_args = (steps, eff, reference_batch(req.method, fit.optim))
+    warm, reasons["warmup_ratio"] = warmup_ratio(*warm_args, lr_scale=lr / ref_lr)
+    short["warmup_ratio"] = warmup_ratio(*warm_args, lr_scale=lr / ref_lr, short=True)[1]
     if req.scheduler == "one_cycle":  # its rise is the warmup
         warm = ONE_CYCLE_RISE
         reasons["warmup_ratio"] = (f"{ONE_CYCLE_RISE:.0%}: one-cycle's rise from peak/25 (OneCycleLR's pct_start) "
                                    f"-> {math.ceil(warm * steps)} steps")
+        short["warmup_ratio"] = f"one-cycle's rise from peak/25 = {math.ceil(warm * steps)} steps"
     reasons["lr_scheduler_type"] = schedule_reason(req.method, fit.optim, req.scheduler)
+    short["lr_scheduler_type"] = schedule_reason(req.method, fit.optim, req.scheduler, short=True)
     clip, clip_source = reference_clipping(req.method, fit.optim)
     reasons["max_grad_norm"] = f"{clip}: clip the global gradient norm as the LR reference was tuned ({clip_source})"
+    short["max_grad_norm"] = "the clipping the LR reference was tuned with"
     reasons["weight_decay"] = (f"{WEIGHT_DECAY[req.method]}: " + ("AdamW decoupled decay as in Llama 2 SFT"
                                if req.method == "full" else "none on LoRA adapters (QLoRA paper)"))
+    short["weight_decay"] = "AdamW decoupled decay" if req.method == "full" else "none on LoRA adapters"
     distributed, why = _distributed(req, fit)
     if why:
-        reasons["distributed"] = why
+        reasons["distributed"], short["distributed"] = why
     reasons["trainer"] = TRAINER_REASONS[req.trainer]
+    short["trainer"] = TRAINER_SHORT_REASONS[req.trainer]
     return Plan(
         request=req, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, learning_rate=lr,
         warmup_ratio=warm, gradient_checkpointing=fit.gc, optim=fit.optim, bf16=req.dtype == "bf16",
         fp16=req.dtype == "fp16", fits=fit.fits, estimate=fit.estimate, total_steps=steps, distributed=distributed,
-        weight_decay=WEIGHT_DECAY[req.method], reasons=reasons, escalation=escalation,
+        weight_decay=WEIGHT_DECAY[req.method], reasons=reasons, short_reasons=short, escalation=escalation,
         weights_dtype=fit.option.weights, max_grad_norm=clip, lr_note=lr_bounds_note(lr, raw_lr),
         lr_scheduler_type=req.scheduler,
     )

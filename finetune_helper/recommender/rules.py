@@ -63,6 +63,17 @@ _SCHEDULE_WHY = {
                    + " and ".join(f"{m:.0%}" for m in STEP_DECAY_MILESTONES) + " of the steps (He et al. 2016 sec. "
                    "4.2); a LambdaLR finetune-helper run gives the Trainer (no TrainingArguments type)"),
 }
+#: the same, in a few words for the terminal (``recommend`` without ``--explain``)
+_SCHEDULE_SHORT = {
+    "cosine": "cosine decay to 0 after warmup",
+    "linear": "linear decay to 0 after warmup",
+    "constant_with_warmup": "the peak LR from warmup to the end",
+    "cosine_with_min_lr": f"cosine decay to {MIN_LR_RATE:.0%} of the peak",
+    "warmup_stable_decay": f"the peak held, then a cosine decay over the last {WSD_DECAY_SHARE:.0%} of the steps",
+    "one_cycle": f"one-cycle: {ONE_CYCLE_RISE:.0%} of the steps rising from peak/25, then a cosine down",
+    "step_decay": ("the peak divided by 10 at " + " and ".join(f"{m:.0%}" for m in STEP_DECAY_MILESTONES)
+                   + " of the steps"),
+}
 #: Enough optimizer steps: on small data the effective batch is lowered (never below ``MIN_EFFECTIVE_BATCH``
 #: sequences) so that the run has at least ``MIN_STEPS`` updates: a warmup of 10 steps and a decay of several tens
 #: (a heuristic of this product, not a published figure).
@@ -74,22 +85,30 @@ DEFAULT_OPTIM = "adamw_torch_fused"
 
 
 def scaled_learning_rate(*, method: str, optim: str, effective_batch: int, hidden_size: int, lora_r: int,
-                         lora_alpha: float, lr_min: float, lr_max: float) -> tuple[float, str, float]:
+                         lora_alpha: float, lr_min: float, lr_max: float, short: bool = False
+                         ) -> tuple[float, str, float]:
     """The reference LR for ``method`` and ``optim``'s family, scaled to ``effective_batch`` (and the width and
-    adapter scale where they apply) and clamped to [lr_min, lr_max], with its reason and the unclamped value."""
+    adapter scale where they apply) and clamped to [lr_min, lr_max], with its reason and the unclamped value.
+    ``short``: the reason in one line for the terminal (the rule, the reference's rate and batch, the factors and
+    the clamp), without the derivation's numbers and the sources."""
     family = OPTIMIZERS[optim].family
     ref = catalog.lr_reference(method, family)
     ratio = effective_batch / ref["effective_batch"]
     if family == "sgd":
         raw, rule = ref["learning_rate"] * ratio, f"linear rule (SGD): {ref['learning_rate']:.1e} x {ratio:.3g}"
+        brief = "linear rule (SGD)"
     else:
         raw = ref["learning_rate"] * math.sqrt(ratio)
-        rule = f"square-root rule (Adam family): {ref['learning_rate']:.1e} x sqrt({effective_batch}/{ref['effective_batch']})"
+        rule = (f"square-root rule (Adam family): {ref['learning_rate']:.1e} x "
+                f"sqrt({effective_batch}/{ref['effective_batch']})")
+        brief = "square-root rule (Adam family)"
+    brief += f" from {ref['learning_rate']:.0e} at batch {ref['effective_batch']}"
     if family == "adam" and method == "full" and "hidden_sizes" in ref:
         factor, note = width_factor(hidden_size, *ref["hidden_sizes"])
         if factor != 1:
             raw *= factor
             rule += f" x {note}"
+            brief += f", x {factor:.3g} for width {hidden_size} (a heuristic)"
     if method != "full" and "lora_alpha" in ref and ref["lora_alpha"] != lora_alpha:
         # LoRA scales its update by alpha/r. Hu et al. 2021, sec. 4.1: with Adam, "tuning alpha is roughly the same
         # as tuning the learning rate", and the alpha/r scaling "helps to reduce the need to retune hyperparameters
@@ -98,21 +117,26 @@ def scaled_learning_rate(*, method: str, optim: str, effective_batch: int, hidde
         raw *= factor
         rule += (f" x alpha {ref['lora_alpha']} of the reference / {lora_alpha} here = {factor:.3g} (Hu et al. "
                  "2021 sec. 4.1: alpha acts as the LR, the rank does not; a heuristic)")
+        brief += f", x {factor:.3g} for alpha {lora_alpha:g}"
     lr = min(max(raw, lr_min), lr_max)
-    reason = f"{rule} = {raw:.2e}; reference {ref['learning_rate']:.0e} at batch {ref['effective_batch']} ({ref['source']})"
+    reason = (f"{rule} = {raw:.2e}; reference {ref['learning_rate']:.0e} at batch {ref['effective_batch']} "
+              f"({ref['source']})")
     if lr != raw:
         bound = "--lr-max" if raw > lr_max else "--lr-min"
         reason += f"; clamped to {bound} {lr:.1e}"
+        brief += f", clamped to {bound} {lr:.1e}"
         if raw > 2 * lr or raw < lr / 2:
             reason += f" (the rule asks for {raw:.1e}: widen the bounds to use it)"
-    return lr, reason, raw
+            brief += f" (rule: {raw:.1e})"
+    return lr, brief if short else reason, raw
 
 
 def lr_bounds_note(lr: float, raw: float) -> str | None:
     """The verdict's line when the rule asks for an LR more than 2x outside the bounds, else None."""
     if raw > 2 * lr:
         return (f"learning rate: the rule asks for {raw:.1e}, {raw / lr:.1f}x the --lr-max bound {lr:.1e} it was "
-                f"clamped to; widen it (--lr-max {raw:.0e}, or recommend.lr_max in a recipe) to train at the rule's rate")
+                f"clamped to; widen it (--lr-max {raw:.0e}, or recommend.lr_max in a recipe) to train at the rule's "
+                "rate")
     if raw < lr / 2:
         return (f"learning rate: the rule asks for {raw:.1e}, {lr / raw:.1f}x below the --lr-min bound {lr:.1e} it "
                 f"was clamped to; lower it (--lr-min {raw:.0e}, or recommend.lr_min) to train at the rule's rate")
@@ -140,15 +164,17 @@ def scheduler_kwargs(scheduler: str, total_steps: int, warmup_steps: int) -> dic
     return {}
 
 
-def schedule_reason(method: str, optim: str, scheduler: str = SCHEDULER) -> str:
-    """Why this schedule, and what the LR reference was tuned with when that differs."""
+def schedule_reason(method: str, optim: str, scheduler: str = SCHEDULER, *, short: bool = False) -> str:
+    """Why this schedule, and what the LR reference was tuned with when that differs (``short``: in a few words,
+    without the sources)."""
     ref = catalog.lr_reference(method, OPTIMIZERS[optim].family)
-    why = _SCHEDULE_WHY[scheduler]
+    why = (_SCHEDULE_SHORT if short else _SCHEDULE_WHY)[scheduler]
     if scheduler in ("one_cycle", "step_decay"):  # chosen for itself: the reference's schedule is not the point
         return why
     tuned = {"constant": "constant_with_warmup"}.get(ref.get("schedule", ""), ref.get("schedule", scheduler))
     if tuned != scheduler:
-        why += (f"; the LR reference was tuned with a {ref['schedule']} schedule (--scheduler {tuned}, "
+        why += (f"; the LR reference's: --scheduler {tuned}" if short else
+                f"; the LR reference was tuned with a {ref['schedule']} schedule (--scheduler {tuned}, "
                 "recommend.scheduler in a recipe, reproduces it)")
     return why
 
@@ -180,11 +206,13 @@ def _ratio_for(steps: int, total_steps: int) -> float:
     return ratio if math.ceil(ratio * total_steps) == steps else (steps - 0.5) / total_steps
 
 
-def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int, *, lr_scale: float = 1.0
-                 ) -> tuple[float, str]:
+def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int, *, lr_scale: float = 1.0,
+                 short: bool = False) -> tuple[float, str]:
     """The warmup share of ``total_steps`` and its reason (see :data:`WARMUP_BASE`); ``lr_scale``: the planned LR
-    over the reference's."""
+    over the reference's; ``short``: the reason in one line for the terminal (the share, what raised or capped it,
+    the steps), without the sources."""
     ratio, why = WARMUP_BASE, [f"{WARMUP_BASE:.0%} of {total_steps} steps (5-10% of steps)"]
+    brief = f"{WARMUP_BASE:.0%} of {total_steps} steps"
     batch_scale = effective_batch / reference_batch
     scale = max(batch_scale, lr_scale)
     if scale >= 2:
@@ -193,6 +221,8 @@ def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int, *
         what = (f"an effective batch {batch_scale:.3g}x" if batch_scale >= lr_scale else f"a learning rate "
                 f"{lr_scale:.3g}x")
         why.append(f"+{extra:.2%} for {what} the reference's (Goyal et al. 2017 sec. 2.2: longer warmup)")
+        brief += (f", +{extra:.2%} for a batch {batch_scale:.3g}x" if batch_scale >= lr_scale else
+                  f", +{extra:.2%} for an LR {lr_scale:.3g}x") + " the reference's"
     if ratio * total_steps < WARMUP_MIN_STEPS:
         # the floor, but never the whole run: at most half of it (a run of 10 steps or fewer would otherwise only warm
         # up, and a ratio of 1.0 is no warmup ratio transformers takes)
@@ -203,12 +233,16 @@ def warmup_ratio(total_steps: int, effective_batch: int, reference_batch: int, *
                     + (f" (the {WARMUP_MIN_STEPS}-step floor capped at half of its {total_steps} steps)"
                        if floor < WARMUP_MIN_STEPS else ""))
                    + (f" ({ratio:.0%}, above the 10% ceiling)" if ratio > WARMUP_MAX else ""))
+        brief += ", no warmup on one step" if floor == 0 else f", raised to {floor} steps on a short run"
     elif ratio * total_steps > WARMUP_MAX_STEPS:
         # half a step under the cap, so that the Trainer's ceil(ratio x steps) is the cap whatever the float rounding
         ratio = (WARMUP_MAX_STEPS - 0.5) / total_steps
         why.append(f"capped at {WARMUP_MAX_STEPS} steps on a long run (Llama 2's warmup, Touvron et al. 2023 "
                    "sec. 2.2)")
+        brief += f", capped at {WARMUP_MAX_STEPS} steps on a long run"
     else:
         ratio = round(ratio, 4)
     n = math.ceil(ratio * total_steps)
+    if short:
+        return ratio, brief + f" = {n} step{'s' if n != 1 else ''}"
     return ratio, "; ".join(why) + f" -> {ratio:.2%} = {n} step{'s' if n != 1 else ''}"
