@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import textwrap
 from typing import Any, Sequence, TextIO
 
 from .. import defaults
+from ..errors import FinetuneHelperError
 from ..units import fmt_count, fmt_gib
 
 
@@ -45,6 +47,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    "amount such as 24GB (10^9 bytes) or 80GiB (2^30 bytes), or auto")
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: 1, or all local GPUs with "
                    "--gpu auto)")
+    p.add_argument("--price-per-hour", type=float, default=None, help="price of one GPU-hour: adds the run's "
+                   "predicted cost (time x GPUs x price)")
     p.add_argument("--dataset-size", type=int, default=None,
                    help=f"training examples; with --packing, the packed rows of --seq-len tokens they make (TRL packs "
                    f"before training) (default: {defaults.ASSUMED_DATASET_SIZE} assumed)")
@@ -93,6 +97,9 @@ def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
     from ..recommender.model import resolve_model
     from ..recommender.plan import PlanRequest, recommend_plan
 
+    price = getattr(args, "price_per_hour", None)
+    if price is not None and not (math.isfinite(price) and price > 0):
+        raise FinetuneHelperError("price-per-hour", f"must be a positive number, got {price!r}")
     spec = resolve_model(args.model)
     gpu = resolve_gpu(args.gpu)
     gpus = args.gpus

@@ -35,6 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--loss", default=None, choices=("fused", "logits"), help="the loss path, when not the trainer's: "
                    "fused (TRL's chunked LM head) or logits (the model's own loss; TRL too with label smoothing or a "
                    "custom loss function) (default: the --trainer's)")
+    p.add_argument("--gpu", default=None, help="a catalog GPU (see `gpus`): adds the predicted tokens/s per GPU, "
+                   "seconds per micro-step and MFU for the runner's stack (recommender/throughput.py)")
     p.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps: above 1 the gradients "
                    "live through every micro-step (default: %(default)s)")
     p.set_defaults(func=run)
@@ -46,6 +48,7 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
     from ..recommender.rules import DEFAULT_OPTIM
     from ..recommender.training_setup import TRAINER_LOSS, TrainingSetup, step_shape
 
+    gpu = speed_gpu(args.gpu) if args.gpu else None  # refused at once, before the model is resolved
     spec = resolve_model(args.model)
     rows, seq, padded = step_shape(args.batch, spec.sequence_length(args.seq_len), packing=args.packing)
     setup = TrainingSetup(method=args.method, micro_batch_size=rows, seq_len=seq, dtype=args.dtype,
@@ -67,9 +70,33 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
             "trainer": args.trainer, "loss": setup.loss,
             "gradient_checkpointing": args.gradient_checkpointing, **est.to_dict()}
     data["time"] = time_block(spec, setup, args.accumulation)
+    if args.gpu:
+        data["time"].update(speed_block(spec, setup, gpu, gpus=args.gpus, sharding=sharding,
+                                        accumulation=args.accumulation, offload=args.offload))
     if args.gpus > 1:
         data["strategies"] = by_strategy(spec, setup, args.gpus, args.accumulation, args.nodes)
     return data
+
+
+def speed_gpu(name: str):
+    """``--gpu`` for a time estimate: a GPU whose peak TFLOP/s and memory bandwidth the catalog has."""
+    from ..recommender.gpu import resolve_gpu
+
+    gpu = resolve_gpu(name)
+    if not (gpu.peak_tflops and gpu.memory_bandwidth_gbps):
+        raise FinetuneHelperError("gpu", f"{gpu.name} has no peak TFLOP/s or memory bandwidth in the catalog; name "
+                                  "a catalog GPU (see `finetune-helper gpus`) for a time estimate")
+    return gpu
+
+
+def speed_block(spec, setup, gpu, **kwargs) -> dict[str, Any]:
+    """The predicted speed of the step on ``gpu`` (the catalog's peak and bandwidth)."""
+    from ..recommender.throughput import step_time
+
+    t = step_time(spec, setup, gpu, **kwargs)
+    return {"gpu": gpu.name, "tokens_per_second_per_gpu": t.tokens_per_second_per_gpu,
+            "seconds_per_micro_step": t.micro_step, "seconds_per_step": t.seconds_per_step, "mfu": t.mfu,
+            "bound": t.bound}
 
 
 def time_block(spec, setup, accumulation: int) -> dict[str, Any]:
@@ -126,6 +153,9 @@ def run(args: argparse.Namespace) -> None:
     t = data["time"]
     print(f"compute: {t['flops_per_token'] / 1e9:.3g} GFLOP per token executed ({t['model_flops_per_token'] / 1e9:.3g} "
           f"in MFU's 6N + 12LHQT convention), {t['flops_per_micro_step'] / 1e12:.3g} TFLOP per micro-step")
+    if "tokens_per_second_per_gpu" in t:
+        print(f"speed on {t['gpu']} (HF Trainer / TRL, eager): {t['tokens_per_second_per_gpu']:,.0f} tokens/s per GPU, "
+              f"{t['seconds_per_micro_step']:.3g} s per micro-step, MFU {t['mfu']:.0%} ({t['bound']}-bound)")
     print(f"peak at the {data['peak_phase']}; predicted torch.cuda.max_memory_allocated: "
           f"{fmt_gib(data['allocated_peak_bytes'])} (total less CUDA context, fragmentation and paged states)")
     if data["host_bytes"]:

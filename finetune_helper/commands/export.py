@@ -33,6 +33,11 @@ def run(args: argparse.Namespace) -> None:
     if args.format in PLAIN_FORMATS:  # no comments in JSON or a flag line: what the others say in theirs
         for line in header(plan, args.transformers_version):
             print(f"# {line}", file=sys.stderr)
+    if args.price_per_hour is not None:
+        cost = plan.time(args.price_per_hour).get("cost")
+        print(f"# predicted cost: about {cost['total']:,.2f} at {args.price_per_hour:g} per GPU-hour x {cost['gpus']} "
+              "GPU(s)" if cost else "# predicted cost: unknown (the catalog has no peak or bandwidth for this GPU)",
+              file=sys.stderr)
     if not plan.fits:
         print(f"finetune-helper: warning: this plan does not fit in GPU memory: {plan.reasons.get('fits', '')}",
               file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..recommender.throughput import describe
 from ..units import fmt_gib
 from .common import add_plan_args, breakdown_table, emit, gather_plan, model_line, terminal_width, wrap, wrapped_table
 
@@ -22,7 +23,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def print_plan(plan, explain: bool = False, width: int | None = None) -> None:
+def print_plan(plan, explain: bool = False, width: int | None = None, price_per_hour: float | None = None) -> None:
     """The plan as text of at most ``width`` columns (default: the terminal's): one-line reasons, or with
     ``explain`` the full ones."""
     width = width or terminal_width()
@@ -37,6 +38,9 @@ def print_plan(plan, explain: bool = False, width: int | None = None) -> None:
     print()
     verdict = plan.reasons["fits"] if explain else plan.short_reason("fits")
     print(wrap(f"{'FITS' if plan.fits else 'DOES NOT FIT'}: {verdict}", width))
+    speed = describe(plan.time(price_per_hour), r.gpu.name, plan.total_steps)
+    if speed:
+        print(wrap(speed[0].upper() + speed[1:], width))
     if r.trainer != "transformers":
         print(wrap(other_trainer_line(plan.under_trainer("transformers"), plan.per_device_train_batch_size), width))
     if plan.lr_note:
@@ -59,8 +63,10 @@ def run(args: argparse.Namespace) -> None:
     plan = gather_plan(args)
     if args.json:
         data = plan.to_dict()
+        data["time"] = plan.time(args.price_per_hour)
         if plan.request.trainer != "transformers":
             data["under_transformers_trainer"] = plan.under_trainer("transformers")
         emit(args, json.dumps(data, indent=2))
     else:
-        print_plan(plan, explain=args.explain, width=terminal_width(getattr(args, "stdout", None)))
+        print_plan(plan, explain=args.explain, width=terminal_width(getattr(args, "stdout", None)),
+                   price_per_hour=args.price_per_hour)

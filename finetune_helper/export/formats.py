@@ -13,6 +13,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FinetuneHelperError
+from ..recommender.throughput import describe
 from ..recommender.training_setup import TORCH_DTYPE_NAMES
 from ..recommender.zero import ZERO_STAGES
 from ..units import fmt_gib
@@ -107,6 +108,9 @@ def header(plan: Plan, version: str | None = None) -> list[str]:
     lines.append(f"effective batch {plan.effective_batch_size}, about {plan.total_steps} optimizer steps; "
                  f"max_length {r.resolved_seq_len} tokens per sequence"
                  + (", packed padding-free" if r.packing else ""))
+    speed = describe(plan.time(), r.gpu.name, plan.total_steps)
+    if speed:
+        lines.append(speed)
     lines.append(_load_line(plan))
     lora = _lora_line(plan)
     if lora:

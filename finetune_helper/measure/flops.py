@@ -5,7 +5,8 @@ kernels).  torch 2.13 has no formula for the CPU's fused attention (``_scaled_do
 and its backward), so on the CPU SDPA would count as zero: :func:`flop_counter` adds them with torch's own SDPA
 formulas (``sdpa_flop_count`` / ``sdpa_backward_flop_count``: the full ``s x s`` square, as for the CUDA kernels);
 nor for the in-place ``addmm_`` that TRL's fused LM head accumulates its two gradients with on the CPU
-(``trl/kernels/chunked_logprob.py``, ``_addmm_fp32``): added with torch's ``mm`` formula.
+(``trl/kernels/chunked_logprob.py``, ``_addmm_fp32``): added with torch's ``mm`` formula; nor for bitsandbytes'
+4-bit matmul (QLoRA's frozen base, ``bitsandbytes::gemm_4bit``): ``2 * tokens * N * K`` for its ``shapeB = [N, K]``.
 Elementwise ops (norms, activations, the optimizer's update) are not counted, by FlopCounterMode's design.
 
 The estimator (``recommender.flops``) is checked against these counts: over the runner's own steps
@@ -15,6 +16,7 @@ The estimator (``recommender.flops``) is checked against these counts: over the 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 
@@ -36,17 +38,26 @@ def _addmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs
     return mm_flop(a_shape, b_shape)
 
 
+def _gemm_4bit(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
+    import math
+
+    return 2 * math.prod(a_shape[:-1]) * shape_b[0] * shape_b[1]
+
+
 def flop_counter():
     """A ``FlopCounterMode`` (no display) that also counts the CPU's SDPA kernels."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
-        aten.addmm_: _addmm_inplace,
-    })
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
+               aten.addmm_: _addmm_inplace}
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes  # noqa: F401 - defines torch.ops.bitsandbytes
+
+        mapping[torch.ops.bitsandbytes.gemm_4bit] = _gemm_4bit
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def count_replica_step(config: dict[str, Any], setup, *, accumulation: int = 1, fake: bool = True) -> int:

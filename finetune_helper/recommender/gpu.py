@@ -25,6 +25,10 @@ class GPUSpec:
     bf16: bool = True
     #: dense peak bf16 (or fp16 where bf16 is missing) tensor TFLOP/s, for throughput estimates; None if unknown.
     peak_tflops: float | None = None
+    #: peak memory bandwidth in GB/s (10**9 bytes), for the memory-bound parts of a step; None if unknown.
+    memory_bandwidth_gbps: float | None = None
+    #: ``datacenter``, ``workstation`` or ``consumer`` (the catalog's class), None if unknown.
+    kind: str | None = None
     #: where the figures come from.
     source: str = ""
 
@@ -39,6 +43,7 @@ class GPUSpec:
             memory_bytes=int(entry["memory_mib"]) * MiB,
             bf16=bool(entry.get("bf16", False)),
             peak_tflops=entry.get("bf16_tflops") if entry.get("bf16") else entry.get("fp16_tflops"),
+            memory_bandwidth_gbps=entry.get("memory_bandwidth_gbps"), kind=entry.get("kind"),
             source=entry.get("source", ""),
         )
 
@@ -82,6 +87,7 @@ def detect_gpu() -> GPUSpec:
         memory_bytes=int(props.total_memory),
         bf16=bool(torch.cuda.is_bf16_supported(including_emulation=False)),  # T4/V100 only emulate bf16
         peak_tflops=(entry or {}).get("bf16_tflops"),
+        memory_bandwidth_gbps=(entry or {}).get("memory_bandwidth_gbps"), kind=(entry or {}).get("kind"),
         source="detected with torch.cuda.get_device_properties(0)",
     )
 

@@ -270,6 +270,31 @@ class Plan:
         shard = {"single GPU": "none"}.get(self.distributed, self.distributed)
         return _Option(self.gradient_checkpointing, self.optim, shard, self.weights_dtype)
 
+    def time(self, price_per_hour: float | None = None) -> dict[str, Any]:
+        """FLOPs per token of the planned step and, where the catalog has the GPU's peak and bandwidth, its predicted
+        speed (``throughput.step_time``) and the run's length; with ``price_per_hour`` (per GPU) its cost."""
+        from .flops import estimate_flops
+        from .throughput import step_time
+
+        r, setup = self.request, self.setup
+        flops = estimate_flops(r.model, setup)
+        accumulation = self.gradient_accumulation_steps
+        out: dict[str, Any] = {"flops_per_token": flops.flops_per_token(setup.tokens * accumulation),
+                               "model_flops_per_token": flops.model_flops_per_token}
+        shard = self.option.shard
+        t = step_time(r.model, setup, r.gpu, gpus=r.gpus, sharding=shard, accumulation=accumulation,
+                      offload=r.offload if shard in ZERO_STAGES else "none")
+        if t is None:
+            return out
+        total = t.seconds_per_step * self.total_steps
+        out.update({"tokens_per_second_per_gpu": t.tokens_per_second_per_gpu,
+                    "seconds_per_micro_step": t.micro_step, "seconds_per_step": t.seconds_per_step,
+                    "total_seconds": total, "mfu": t.mfu, "bound": t.bound})
+        if price_per_hour is not None:
+            out["cost"] = {"price_per_gpu_hour": price_per_hour, "gpus": r.gpus,
+                           "total": total / 3600 * r.gpus * price_per_hour}
+        return out
+
     def under_trainer(self, trainer: str) -> dict[str, Any]:
         """The same step under another trainer's loss path (``transformers``: full logits in fp32): the peak at this
         plan's micro-batch, whether it fits, and the micro-batch a plan for that trainer would choose."""
@@ -382,6 +407,7 @@ class Plan:
             "lr_note": self.lr_note,
             "escalation": [{"change": e.change, "fits": e.fits, "peak_memory_bytes": e.peak_memory_bytes}
                            for e in self.escalation],
+            "time": self.time(),
         }
 
 

@@ -1,0 +1,91 @@
+"""The time model's outputs as the CLI shows them, its refusals, and its constants as their stated derivation gives
+them.  Its accuracy is measured by ``benchmarks/time_vs_published.py`` against published rows (calibration and
+held-out HF-Trainer / TRL rows); the test here runs that benchmark and checks what it derives is what the data file
+says, not how close it lands."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune_helper import cli
+from finetune_helper.units import fmt_run_length
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert cli.main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_estimate_json_always_carries_flops_and_with_a_gpu_its_speed(capsys):
+    plain = run_json(capsys, "estimate", "--model", "Qwen/Qwen2.5-0.5B", "--json")
+    assert {"flops_per_token", "model_flops_per_token"} <= set(plain["time"])
+    assert "tokens_per_second_per_gpu" not in plain["time"]
+    fast = run_json(capsys, "estimate", "--model", "Qwen/Qwen2.5-0.5B", "--json", "--gpu", "H100 SXM 80GB")
+    slow = run_json(capsys, "estimate", "--model", "Qwen/Qwen2.5-0.5B", "--json", "--gpu", "T4")
+    for data in (fast, slow):
+        assert {"tokens_per_second_per_gpu", "seconds_per_micro_step", "mfu"} <= set(data["time"])
+        assert 0 < data["time"]["mfu"] < 1
+    assert fast["time"]["tokens_per_second_per_gpu"] > 5 * slow["time"]["tokens_per_second_per_gpu"]
+
+
+def test_recommend_json_has_the_runs_length_and_its_cost(capsys):
+    data = run_json(capsys, "recommend", "--model", "meta-llama/Llama-3.1-8B", "--gpu", "A100 80GB", "--method",
+                    "lora", "--json", "--price-per-hour", "2")
+    time = data["time"]
+    assert {"seconds_per_step", "total_seconds", "tokens_per_second_per_gpu", "mfu"} <= set(time)
+    assert time["cost"]["gpus"] == 1 and time["cost"]["total"] > 0
+    tokens = data["effective_batch_size"] * data["seq_len"] * data["total_steps"]
+    # the run's tokens at the predicted rate take the predicted total (the rate and the total from one model)
+    assert time["total_seconds"] == pytest.approx(tokens / time["tokens_per_second_per_gpu"], rel=1e-6)
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["recommend", "--model", "7B", "--gpu", "A100 80GB", "--price-per-hour", "-1"], "price-per-hour"),
+    (["recommend", "--model", "7B", "--gpu", "A100 80GB", "--price-per-hour", "nan"], "price-per-hour"),
+    (["estimate", "--model", "7B", "--gpu", "24GB"], "gpu"),
+])
+def test_bad_time_inputs_are_one_line_field_errors(capsys, argv, field):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--{field}" in err, err
+
+
+def test_the_printed_plan_gives_the_predicted_time(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    assert cli.main(["recommend", "--model", "meta-llama/Llama-3.1-8B", "--gpu", "RTX 4090", "--method", "qlora",
+                     "--price-per-hour", "0.4"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Predicted on RTX 4090 .* tokens/s per\s+GPU", out) and "at 0.4 per GPU-hour" in out
+
+
+def test_durations_read_at_a_plans_precision():
+    assert [fmt_run_length(s) for s in (42, 600, 3 * 3600 + 5 * 60, 50 * 3600)] == ["42 s", "10 min", "3 h 05 min",
+                                                                                  "2 d 2 h"]
+
+
+def test_the_stored_efficiency_is_what_the_calibration_rows_give(capsys):
+    """``data/throughput.yaml``'s efficiency per GPU class is the median that ``time_vs_published.py --calibrate``
+    derives from the published calibration rows (a data file that drifted from its derivation fails here)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import time_vs_published
+    finally:
+        sys.path.pop(0)
+    from finetune_helper.recommender.throughput import constants
+
+    assert time_vs_published.main(["--calibrate"]) == 0
+    out = capsys.readouterr().out
+    derived = {kind: float(value) for kind, value in re.findall(r"^  (\w+): ([\d.]+) \(", out, re.M)}
+    stored = constants()["efficiency"]
+    assert derived and all(stored[kind] == pytest.approx(value, abs=0.005) for kind, value in derived.items())
+    assert time_vs_published.main([]) == 0
+    assert re.search(r"\d+ held-out rows: median \|error\| \d+%", capsys.readouterr().out)
