@@ -1,6 +1,7 @@
 """The planner's rules over a grid of catalog models x GPUs x methods on small data: enough optimizer steps, warmup
-in 5-10% (or raised to 10 steps, said so), and how often the micro-batch is the largest that fits up to the target
-(issue 13 item 3).
+in 5-10% (or raised to 10 steps, said so), and the setting chosen by predicted time (issue 21 item 4): an
+independent search over every micro-batch that fits, with and without checkpointing, finds none predicted faster
+than the plan's, and checkpointing is on only where it makes the run faster or batch 1 needs it.
 
     .venv/bin/python benchmarks/plan_rules.py                # 300 examples x 3 epochs, about 30 s
     .venv/bin/python benchmarks/plan_rules.py --examples 5000 --epochs 1
@@ -21,12 +22,15 @@ def main() -> None:
     import finetune_helper as fh
     from finetune_helper.recommender.plan import MAX_MICRO_BATCH, _largest_batch, _Option
     from finetune_helper.recommender.rules import MIN_STEPS
+    from finetune_helper.recommender.throughput import constants
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=300)
     parser.add_argument("--epochs", type=float, default=3)
     args = parser.parse_args()
-    rows, enough, warm_ok, raised, largest, fitting, evened, for_batch = [], 0, 0, 0, 0, 0, 0, 0
+    rows, enough, warm_ok, raised, largest, fitting = [], 0, 0, 0, 0, 0
+    gc_needed = gc_faster = gc_wrong = 0
+    min_tokens = constants()["min_tokens_per_micro_step"]
     for model in MODELS:
         for gpu in GPUS:
             for method in METHODS:
@@ -36,21 +40,32 @@ def main() -> None:
                     continue
                 fitting += 1
                 req = plan.request
-                # an independent search: the largest batch under the plan's numerics, with or without checkpointing
+                # an independent search: every micro-batch that fits under the plan's numerics and sharding, with and
+                # without checkpointing, timed by the same model over the same run (examples at the micro-step's
+                # rate, optimizer steps at the target batch)
                 cap = max(1, min(math.ceil(req.target_batch / req.gpus), MAX_MICRO_BATCH))
-                most = max(_largest_batch(req, _Option(gc, plan.optim, "none", plan.weights_dtype), cap)
+                shard = plan.option.shard
+                alternatives = {}
+                for gc in (False, True):
+                    fit = _largest_batch(req, _Option(gc, plan.optim, shard, plan.weights_dtype), cap)
+                    micros = [m for m in range(1, fit + 1) if m * req.resolved_seq_len >= min_tokens] or \
+                        ([fit] if fit else [])
+                    alternatives[gc] = [(run_seconds(req, gc, plan, m), m) for m in micros]
+                best = {gc: min(times) if times else None for gc, times in alternatives.items()}
+                fastest = min(t for t in best.values() if t)
+                most = max(_largest_batch(req, _Option(gc, plan.optim, shard, plan.weights_dtype), cap)
                            for gc in (False, True))
                 micro = plan.per_device_train_batch_size
-                per_gpu = math.ceil(req.target_batch / req.gpus)
-                even = math.ceil(per_gpu / math.ceil(per_gpu / most))  # same micro-steps, less overshoot
-                largest += micro == most
-                evened += micro == even < most
-                for_batch += plan.reasons["gradient_checkpointing"].startswith("on: raises the micro-batch")
+                largest += plan.run_seconds <= fastest[0] * (1 + 5e-3)  # the planner's 3 significant digits
+                gc_needed += plan.gradient_checkpointing and best[False] is None
+                gc_faster += plan.gradient_checkpointing and best[False] is not None
+                gc_wrong += plan.gradient_checkpointing and best[False] is not None and best[False][0] < best[True][0] \
+                    * (1 - 5e-3)
                 enough += plan.total_steps >= 0.9 * MIN_STEPS or "fewer than" in plan.reasons["total_steps"]
                 in_range = 0.05 <= plan.warmup_ratio <= 0.10
                 warm_ok += in_range or "raised to 10 warmup steps" in plan.reasons["warmup_ratio"]
                 raised += not in_range
-                rows.append((model, gpu, method, str(micro), str(most),
+                rows.append((model, gpu, method, str(micro) + ("+gc" if plan.gradient_checkpointing else ""), str(most),
                              str(plan.effective_batch_size), str(plan.total_steps), f"{plan.warmup_ratio:.1%}"))
     print(f"{'model':34s} {'gpu':10s} {'method':6s} {'micro':>5s} {'fits':>5s} {'eff':>4s} {'steps':>5s} warmup")
     for r in rows:
@@ -58,11 +73,25 @@ def main() -> None:
     print(f"\n{len(rows)} plans for {args.examples} examples x {args.epochs:g} epochs, {fitting} fit:")
     print(f"  at least ~{MIN_STEPS} optimizer steps, or the shortfall said: {enough} of {fitting}")
     print(f"  warmup in [5%, 10%], or raised to 10 steps and said: {warm_ok} of {fitting} ({raised} raised)")
-    print(f"  micro-batch = the largest that fits (with checkpointing if it allows more) up to the target: "
-          f"{largest + evened} of {fitting} ({evened} of them as the fewest micro-steps of the largest allow, "
-          "each as small as that count allows: 2 x 32 for a target of 64 when 38 fit)")
-    print(f"  checkpointing on although batch 1 fits without it (it raises the micro-batch toward the target): "
-          f"{for_batch} of {fitting}")
+    print(f"  the plan's predicted run is the fastest of every fitting micro-batch with and without checkpointing "
+          f"(micro-steps of at least {min_tokens} tokens where one fits): {largest} of {fitting}")
+    print(f"  checkpointing on: {gc_needed + gc_faster} of {fitting} ({gc_needed} to fit batch 1, {gc_faster} for a "
+          f"faster run); on although off was predicted faster: {gc_wrong}")
+
+
+def run_seconds(req, gc: bool, plan, micro: int) -> float:
+    """The run's predicted seconds at ``micro`` as the planner counts them (see plan._timed)."""
+    import dataclasses
+
+    from finetune_helper import defaults
+    from finetune_helper.recommender.throughput import step_time
+
+    accum = req.accumulation(micro)
+    setup = dataclasses.replace(req.setup(micro, gc, plan.optim, weights_dtype=plan.weights_dtype), padded=False)
+    t = step_time(req.model, setup, req.gpu, gpus=req.gpus, sharding=plan.option.shard, accumulation=accum)
+    examples = (req.dataset_size or defaults.ASSUMED_DATASET_SIZE) * req.epochs
+    return (examples / (micro * accum * req.gpus) * accum * t.micro_step
+            + examples / req.target_batch * (t.seconds_per_step - accum * t.micro_step))
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from .. import defaults
 from ..errors import FinetuneHelperError
-from ..units import fmt_gib
+from ..units import fmt_gib, fmt_run_length
 from .calibration import Calibration
 from .gpu import GPUSpec
 from .memory import MemoryEstimate, estimate_memory
@@ -245,6 +245,9 @@ class Plan:
     short_reasons: dict[str, str] = field(default_factory=dict)
     #: the verdict's line when the rule asked for an LR more than 2x outside the bounds (None otherwise)
     lr_note: str | None = None
+    #: the run's predicted seconds as the planner compared the fitting settings (its examples at the chosen
+    #: micro-step's rate, the optimizer steps at the target batch); None without catalog rates for the GPU
+    run_seconds: float | None = None
 
     @property
     def effective_batch_size(self) -> int:
@@ -276,7 +279,8 @@ class Plan:
         from .flops import estimate_flops
         from .throughput import step_time
 
-        r, setup = self.request, self.setup
+        r = self.request
+        setup = dataclasses.replace(self.setup, padded=False)  # full rows, as the planner times them
         flops = estimate_flops(r.model, setup)
         accumulation = self.gradient_accumulation_steps
         out: dict[str, Any] = {"flops_per_token": flops.flops_per_token(setup.tokens * accumulation),
@@ -526,6 +530,21 @@ class _Option:
 
 
 @dataclass(frozen=True)
+class _Timed:
+    """One fitting way to run the plan and its predicted time: option, micro-batch, accumulation, the run's optimizer
+    steps and seconds (``throughput.step_time`` x steps)."""
+
+    option: _Option
+    micro: int
+    accumulation: int
+    steps: int
+    seconds: float
+
+    def describe(self) -> str:
+        return f"{self.micro} x {self.accumulation}, {fmt_run_length(self.seconds)}"
+
+
+@dataclass(frozen=True)
 class _Fit:
     """How the step fits: micro-batch, the option that made it fit, and the resulting estimate."""
 
@@ -538,6 +557,9 @@ class _Fit:
     #: the options with the chosen numerics (optimizer, weight storage), cheapest first, each with its largest
     #: micro-batch (0 when batch 1 does not fit it): what the speed fallbacks (checkpointing, FSDP) were weighed on
     candidates: tuple[tuple[_Option, int], ...]
+    #: the fastest fitting setting of each option of the chosen numerics, fastest first (empty when the GPU has no
+    #: catalog rates to predict time with): the choice and its alternatives
+    timed: tuple[_Timed, ...] = ()
 
     @property
     def largest(self) -> int:
@@ -611,11 +633,80 @@ def _fit(req: PlanRequest, cap: int) -> _Fit:
         largest = [_largest_batch(req, option, cap) for option in group]
         if not max(largest):
             continue
+        candidates = tuple(zip(group, largest))
+        timed = _timed(req, candidates)
+        if timed:
+            best = timed[0]
+            return _Fit(best.micro, best.option, True, best.option.estimate(req, best.micro), options[0], candidates,
+                        timed)
         micro = _evened(math.ceil(req.target_batch / req.gpus), max(largest))
         # the cheapest option that fits the micro-batch used (the evened one may need no fallback)
         option = group[next(i for i, n in enumerate(largest) if n >= micro)]
-        return _Fit(micro, option, True, option.estimate(req, micro), options[0], tuple(zip(group, largest)))
+        return _Fit(micro, option, True, option.estimate(req, micro), options[0], candidates)
     return _Fit(1, options[-1], False, options[-1].estimate(req, 1), options[0], ())
+
+
+def _min_tokens() -> int:
+    from .throughput import constants
+
+    return constants()["min_tokens_per_micro_step"]
+
+
+def _micro_batches(per_gpu: int, largest: int) -> list[int]:
+    """The micro-batches worth timing up to ``largest``: for each number of micro-steps, the evened micro-batch
+    (:func:`_evened`) -- a smaller one with the same number of micro-steps does the same work in more memory-light,
+    less efficient pieces."""
+    return sorted({_evened(per_gpu, k) for k in range(1, largest + 1)})
+
+
+def _timed(req: PlanRequest, candidates: tuple[tuple[_Option, int], ...]) -> tuple[_Timed, ...]:
+    """Each option's fastest fitting setting, fastest first: the run's predicted seconds (``throughput``: executed
+    FLOPs at the GPU class's efficiency, weight reads, communication, the optimizer) over the micro-batches that fit
+    it, each with the accumulation that reaches the target and the optimizer steps that makes, from the smallest
+    micro-batch of ``min_tokens_per_micro_step`` tokens (the model's calibrated range; the largest that fits when
+    none that large does).  Empty when the GPU has no catalog peak or bandwidth.  Ties go to the cheaper option
+    (fewer fallbacks), then the effective batch nearest the target, then the larger micro-batch."""
+    from .throughput import step_time
+
+    dataset = req.dataset_size or defaults.ASSUMED_DATASET_SIZE
+    per_gpu = math.ceil(req.target_batch / req.gpus)
+    row = req.setup(1, False).tokens  # tokens of one micro-batch row (packed: the row)
+    smallest = math.ceil(_min_tokens() / row)
+    best: list[tuple[float, int, int, _Timed]] = []
+    for rank, (option, largest) in enumerate(candidates):
+        timings = []
+        micros = _micro_batches(per_gpu, largest)
+        for micro in [m for m in micros if m >= smallest] or micros[-1:]:
+            accum = req.accumulation(micro)
+            # timed as full rows: how much padding a batch carries depends on the data (the memory estimate takes
+            # the worst case, a padded batch's explicit mask; for time that would favour batch 1 for no real reason)
+            setup = dataclasses.replace(req.setup(micro, option.gc, option.optim, weights_dtype=option.weights),
+                                        padded=False)
+            t = step_time(req.model, setup, req.gpu, gpus=req.gpus, sharding=option.shard, accumulation=accum,
+                          offload=req.offload if option.shard in ZERO_STAGES else "none")
+            if t is None:
+                return ()
+            # the run's length: its examples at this micro-step's rate, and the optimizer steps (with their
+            # communication) counted at the target batch -- an overshoot of the target would otherwise look faster
+            # for making fewer, larger steps, trading the batch the LR was scaled for for a fraction of a step
+            eff = micro * accum * req.gpus
+            examples = dataset * req.epochs
+            seconds = (examples / eff * accum * t.micro_step
+                       + examples / req.target_batch * (t.seconds_per_step - accum * t.micro_step))
+            timings.append(_Timed(option, micro, accum, max(1, math.ceil(math.ceil(dataset / eff) * req.epochs)),
+                                  seconds))
+        if timings:
+            fastest = min(timings, key=lambda x: (_resolution(x.seconds), x.micro * x.accumulation, -x.micro))
+            best.append((_resolution(fastest.seconds), rank, fastest.micro * fastest.accumulation, -fastest.micro,
+                         fastest))
+    return tuple(t for *_, t in sorted(best, key=lambda x: x[:4]))
+
+
+def _resolution(seconds: float) -> float:
+    """A predicted time to 3 significant digits: differences below that are noise of the model (its median error on
+    held-out rows is 13%, ``benchmarks/time_vs_published.py``), so a tie goes to the cheaper setting.  Rounding keeps
+    the choice monotone: more memory adds settings, and the rounded minimum never grows."""
+    return float(f"{seconds:.3g}")
 
 
 def _evened(per_gpu: int, largest: int) -> int:
@@ -660,6 +751,15 @@ def _batch_reason(req: PlanRequest, fit: _Fit, cap: int, target: int) -> tuple[s
     needs = (f"batch {fit.micro} needs {fmt_gib(est.total_bytes)} of {fmt_gib(budget)} ({req.safety_margin:.0%} "
              "safety margin)" + using)
     brief = f"{fmt_gib(est.total_bytes)} of {fmt_gib(budget)}"  # the fallbacks used have their own rows
+    if fit.timed:
+        chosen = fit.timed[0]
+        others = "; ".join(f"{t.describe()}{' with checkpointing' if t.option.gc else ''}"
+                           + (f" ({STRATEGY_LABELS[t.option.shard]})" if t.option.shard in STRATEGY_LABELS else "")
+                           for t in fit.timed[1:3])
+        return (f"the fastest fitting setting, predicted for {req.gpu.name}: {chosen.describe()} (micro-batches of "
+                f"at least {_min_tokens()} tokens timed, up to the largest that fits: {fit.largest}); {needs}"
+                + (f"; next: {others}" if others else ""),
+                f"fastest predicted: {chosen.describe()}; {brief}")
     if fit.micro < fit.largest:
         steps = math.ceil(math.ceil(target / req.gpus) / fit.micro)
         return (f"{needs}; {steps} micro-steps of {fit.micro} reach the target {target} as {steps} of the largest "
@@ -685,11 +785,20 @@ def _checkpointing_reason(req: PlanRequest, fit: _Fit) -> tuple[str, str]:
     elif not fit.fits:
         why = "on: tried, and even with it batch 1 does not fit" if fit.gc else "off"
         brief = "even with it batch 1 does not fit" if fit.gc else "off"
-    elif not fit.gc:
+    elif not fit.gc and all(t.micro <= fit.micro for t in fit.timed if t.option.gc):
         why = f"off: batch {fit.micro} fits without it"
         brief = f"batch {fit.micro} fits without it"
     elif not fit.base_fit:
         why, brief = "on: required to fit batch 1", "required to fit batch 1"
+    elif fit.timed:
+        chosen = fit.timed[0]
+        other = next(t for t in fit.timed if t.option.gc != fit.gc)
+        state, other_state = ("on", "off") if fit.gc else ("off", "on")
+        brief = f"{state}: {chosen.describe()}; {other_state}: {other.describe()} (predicted)"
+        why = (f"{state}: the faster run, {chosen.describe()} against {other.describe()} with it {other_state} "
+               f"(predicted for {req.gpu.name}: recommender/throughput.py; the fastest micro-batch of each, "
+               f"{chosen.steps} and {other.steps} optimizer steps)")
+        return (why + (" (recomputes each layer in backward, ~30% more compute)" if fit.gc else ""), brief)
     else:
         why = (f"on: raises the micro-batch from {fit.base_fit}, the most that fit without it (TRL's SFTConfig turns "
                f"it on by default); --no-gradient-checkpointing runs {fit.base_fit} with more accumulation")
@@ -837,5 +946,5 @@ def recommend_plan(req: PlanRequest) -> Plan:
         fp16=req.dtype == "fp16", fits=fit.fits, estimate=fit.estimate, total_steps=steps, distributed=distributed,
         weight_decay=WEIGHT_DECAY[req.method], reasons=reasons, short_reasons=short, escalation=escalation,
         weights_dtype=fit.option.weights, max_grad_norm=clip, lr_note=lr_bounds_note(lr, raw_lr),
-        lr_scheduler_type=req.scheduler,
+        lr_scheduler_type=req.scheduler, run_seconds=fit.timed[0].seconds if fit.timed else None,
     )

@@ -125,7 +125,7 @@ def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GPUSpec, *, gpus: int 
     flops = estimate_flops(spec, setup)
     compute = flops.executed / (peak * eff * speedup)
     passes = 2 + int(setup.gradient_checkpointing)
-    memory = passes * _weight_bytes(spec, setup) / (gpus if sharding in ("fsdp", "zero3") else 1) / bandwidth
+    memory = passes * _weight_bytes(spec, setup) / bandwidth  # sharded or not, each GPU's matmuls read whole layers
     micro, bound = max((compute, "compute"), (memory, "memory"))
     parts = {"compute": compute, "weight_reads": memory}
     link = interconnect_bytes_per_second(gpu) if gpus > 1 else 0.0
