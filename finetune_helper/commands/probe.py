@@ -71,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
     if cal is not None:
         print(f"calibration: measured / estimated = {cal.ratio:.3f} ({cal.describe()})"
               + (f"; stored in {stored}" if stored else ""))
+    if cal is not None and cal.speed_ratio is not None:
+        print(f"speed: measured {cal.tokens_per_second:,.0f} tokens/s, {cal.speed_ratio:.2f}x the prediction; later "
+              f"plans for {cal.device}, {cal.model}, {cal.method} use it" + ("" if stored else " (not stored)"))
+    elif cal is not None:
+        print("speed: no prediction to calibrate on " + ("the CPU (the time model is for GPUs)" if result.device ==
+                                                         "cpu" else f"{result.device} (no catalog peak or bandwidth)"))
     if result.largest_fitting:
         print(f"largest micro-batch that fit: {result.largest_fitting}")
     return 0

@@ -32,6 +32,10 @@ class ProbeRow:
     #: False: out of memory or over the budget; None: not judged (CPU)
     fits: bool | None = None
     note: str = ""
+    #: tokens per second over the steps after the first (the first pays for warm-up), and on a GPU with catalog
+    #: rates the time model's prediction for the same steps
+    tokens_per_second: float | None = None
+    predicted_tokens_per_second: float | None = None
 
     @property
     def error(self) -> float | None:
@@ -65,10 +69,13 @@ class ProbeResult:
         row = self.recommended
         if not row.measured_bytes or not row.estimated_bytes:
             return None
+        speed = (round(row.tokens_per_second / row.predicted_tokens_per_second, 4)
+                 if row.tokens_per_second and row.predicted_tokens_per_second else None)
         return Calibration(device=self.device, model=self.model, method=self.method,
                            ratio=round(row.measured_bytes / row.estimated_bytes, 4),
                            measured_bytes=row.measured_bytes, estimated_bytes=row.estimated_bytes,
-                           micro_batch=row.micro_batch, date=datetime.date.today().isoformat(), measure=self.measure)
+                           micro_batch=row.micro_batch, date=datetime.date.today().isoformat(), measure=self.measure,
+                           speed_ratio=speed, tokens_per_second=row.tokens_per_second)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "rows"},
@@ -87,7 +94,7 @@ def _device():
     return None
 
 
-def _measure_at(recipe, micro: int, *, steps: int, run_dir: Path, cuda: bool, budget: int | None,
+def _measure_at(recipe, micro: int, *, steps: int, run_dir: Path, gpu, budget: int | None,
                 log: Callable[[str], None]) -> ProbeRow:
     import torch
 
@@ -95,6 +102,7 @@ def _measure_at(recipe, micro: int, *, steps: int, run_dir: Path, cuda: bool, bu
     from ..train.setup import executed_setup
     from .runner_step import measure_recipe
 
+    cuda = gpu is not None
     accumulation = recipe.training.get("gradient_accumulation_steps")
     training = {**recipe.training, "per_device_train_batch_size": micro}
     if accumulation is None:
@@ -109,13 +117,22 @@ def _measure_at(recipe, micro: int, *, steps: int, run_dir: Path, cuda: bool, bu
     shape, padded = peak.largest_batch
     setup = executed_setup(probed, spec, m.sft_kwargs, device="cuda" if cuda else "cpu", batch_shape=shape,
                            padded=padded, weights_dtype=m.plan.weights_dtype)
-    estimated = estimate_memory(spec, setup, accumulation=int(m.sft_kwargs.get("gradient_accumulation_steps", 1)))
+    accumulation = int(m.sft_kwargs.get("gradient_accumulation_steps", 1))
+    estimated = estimate_memory(spec, setup, accumulation=accumulation)
+    timed = m.steps[1:] or m.steps
+    seconds = sum(s.seconds or 0 for s in timed)
+    rate = sum(s.tokens for s in timed) / seconds if seconds else None
     if cuda:
+        from ..recommender.throughput import step_time
+
+        predicted = step_time(spec, dataclasses.replace(setup, padded=False), gpu, accumulation=accumulation)
         measured, reserved = peak.cuda_allocated, peak.cuda_reserved
         return ProbeRow(micro, estimated.allocated_peak, measured, reserved,
-                        fits=reserved is not None and budget is not None and reserved <= budget)
+                        fits=reserved is not None and budget is not None and reserved <= budget,
+                        tokens_per_second=rate,
+                        predicted_tokens_per_second=predicted.tokens_per_second_per_gpu if predicted else None)
     return ProbeRow(micro, estimated.allocated_peak, peak.tracked_bytes, None, None,
-                    f"batch {shape[0]} x {shape[-1]}{', padded' if padded else ''}")
+                    f"batch {shape[0]} x {shape[-1]}{', padded' if padded else ''}", tokens_per_second=rate)
 
 
 def probe_recipe(recipe, *, run_dir: str | Path, steps: int = 2, search: bool = True,
@@ -144,7 +161,7 @@ def probe_recipe(recipe, *, run_dir: str | Path, steps: int = 2, search: bool = 
         if i and (batch > len(prep.train_dataset) or batch > 1024):
             break
         log(f"probe: micro-batch {batch} ({steps} steps)")
-        row = _measure_at(recipe, batch, steps=steps, run_dir=run_dir, cuda=cuda, budget=budget, log=log)
+        row = _measure_at(recipe, batch, steps=steps, run_dir=run_dir, gpu=gpu, budget=budget, log=log)
         result.rows.append(row)
         if row.fits is False:
             break
@@ -156,12 +173,15 @@ def format_table(result: ProbeResult) -> str:
 
     lines = [f"probe on {result.device} ({result.measure}); {result.model}, {result.method}"
              + (f"; allocator budget {fmt_gib(result.budget_bytes)} (usable memory less the CUDA context)" if result.budget_bytes else "")]
-    lines.append(f"{'micro-batch':>11}  {'estimated':>10}  {'measured':>10}  {'error':>7}  "
-                 + ("reserved    fits" if result.budget_bytes else "note"))
+    lines.append(f"{'micro-batch':>11}  {'estimated':>10}  {'measured':>10}  {'error':>7}  {'tokens/s':>9}  "
+                 + ("predicted  reserved    fits" if result.budget_bytes else "note"))
     for r in result.rows:
         measured = fmt_gib(r.measured_bytes) if r.measured_bytes else "-"
         err = f"{r.error:+.1%}" if r.error is not None and math.isfinite(r.error) else "-"
-        tail = (f"{fmt_gib(r.reserved_bytes) if r.reserved_bytes else '-':>10}  {'yes' if r.fits else 'no'}"
-                if result.budget_bytes else r.note)
-        lines.append(f"{r.micro_batch:>11}  {fmt_gib(r.estimated_bytes):>10}  {measured:>10}  {err:>7}  {tail}")
+        rate = f"{r.tokens_per_second:,.0f}" if r.tokens_per_second else "-"
+        predicted = f"{r.predicted_tokens_per_second:,.0f}" if r.predicted_tokens_per_second else "-"
+        tail = (f"{predicted:>9}  {fmt_gib(r.reserved_bytes) if r.reserved_bytes else '-':>10}  "
+                f"{'yes' if r.fits else 'no'}" if result.budget_bytes else r.note)
+        lines.append(f"{r.micro_batch:>11}  {fmt_gib(r.estimated_bytes):>10}  {measured:>10}  {err:>7}  {rate:>9}  "
+                     + tail)
     return "\n".join(lines)

@@ -38,6 +38,13 @@ class StepPeak:
     batches: list[tuple[tuple[int, ...], bool]] = field(default_factory=list)
     #: FLOPs of the step as ``FlopCounterMode`` counts them (``.flops.flop_counter``), when counted
     flops: int | None = None
+    #: wall seconds from the step's beginning to its end (CUDA synchronized first on a GPU)
+    seconds: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Token positions of the step's micro-batches (rows x length as the collator made them)."""
+        return sum(shape[0] * shape[-1] for shape, _ in self.batches)
 
     @property
     def largest_batch(self) -> tuple[tuple[int, ...], bool]:
@@ -83,6 +90,7 @@ def _phase_callback(mode, steps: list[StepPeak], cuda: bool, batches: list[tuple
 
     first = [0]  # index in ``batches`` of the step's first micro-batch
     counted = [0]  # the counter's total at the step's beginning
+    began = [0.0]  # the step's wall-clock start
 
     class Phases(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -91,7 +99,9 @@ def _phase_callback(mode, steps: list[StepPeak], cuda: bool, batches: list[tuple
             mode.reset_peak()
             mode.phase("forward")
             if cuda:
+                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            began[0] = time.perf_counter()
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
             mode.phase("optimizer")
@@ -100,7 +110,10 @@ def _phase_callback(mode, steps: list[StepPeak], cuda: bool, batches: list[tuple
             mode.phase("after-step")
 
         def on_step_end(self, args, state, control, **kw):
-            steps.append(StepPeak(
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - began[0]
+            steps.append(StepPeak(seconds=seconds,
                 step=state.global_step, tracked_bytes=mode.peak, peak_op=mode.peak_op, by_phase=mode.peak_by_label,
                 cuda_allocated=torch.cuda.max_memory_allocated() if cuda else None,
                 cuda_reserved=torch.cuda.max_memory_reserved() if cuda else None, batches=batches[first[0]:],

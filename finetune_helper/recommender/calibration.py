@@ -4,8 +4,9 @@ device, model and method ("calibrated on this GPU on DATE: +4%").
 A calibration is the ratio measured / estimated peak of the runner's own steps at the recommended micro-batch
 (``torch.cuda.max_memory_allocated`` on a GPU, tracked live tensor bytes on the CPU).  Plans multiply the allocated
 part of every estimate by it (the CUDA context and fragmentation stay as they are) and say so in the ``fits``
-reason.  The store is one JSON file (``FINETUNE_HELPER_CALIBRATION``, default
-``~/.cache/finetune_helper/calibration.json``), keyed by device name (the GPU's catalog name, or ``cpu``), model
+reason.  On a GPU it also holds the measured / predicted tokens per second of the same steps: plans for that GPU,
+model and method scale the time model's efficiency by it and say so in their time line.  The store is one JSON
+file (``FINETUNE_HELPER_CALIBRATION``, default ``~/.cache/finetune_helper/calibration.json``), keyed by device name (the GPU's catalog name, or ``cpu``), model
 and method.  Pure Python: the recommender reads it without torch.
 """
 
@@ -18,6 +19,10 @@ from pathlib import Path
 
 #: a calibration outside this range is more likely a broken measurement than a property of the device: refused
 PLAUSIBLE = (0.5, 2.0)
+#: the same for a speed calibration: the time model's worst held-out row is 2.4x off
+#: (``benchmarks/time_vs_published.py``); a ratio beyond 4x is more likely a broken measurement (a first step with
+#: compilation, a shared GPU) and is not applied
+PLAUSIBLE_SPEED = (0.25, 4.0)
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,21 @@ class Calibration:
     date: str
     #: what was measured: ``cuda max_memory_allocated`` or ``tracked live tensor bytes``
     measure: str = ""
+    #: on a GPU: measured / predicted tokens per second of the same steps (``recommender.throughput``), and the
+    #: measured rate; None where no prediction exists (the CPU, a GPU without catalog rates)
+    speed_ratio: float | None = None
+    tokens_per_second: float | None = None
 
     def describe(self) -> str:
         return f"calibrated on {self.device} on {self.date}: {self.ratio - 1:+.0%} (finetune-helper probe)"
+
+    def describe_speed(self) -> str:
+        return (f"speed calibrated on {self.device} on {self.date}: measured {self.speed_ratio:.2f}x the prediction "
+                f"(finetune-helper probe)")
+
+    @property
+    def plausible_speed(self) -> bool:
+        return self.speed_ratio is not None and PLAUSIBLE_SPEED[0] <= self.speed_ratio <= PLAUSIBLE_SPEED[1]
 
 
 def store_path() -> Path:

@@ -286,10 +286,16 @@ class Plan:
         out: dict[str, Any] = {"flops_per_token": flops.flops_per_token(setup.tokens * accumulation),
                                "model_flops_per_token": flops.model_flops_per_token}
         shard = self.option.shard
-        t = step_time(r.model, setup, r.gpu, gpus=r.gpus, sharding=shard, accumulation=accumulation,
-                      offload=r.offload if shard in ZERO_STAGES else "none")
-        if t is None:
+        cal = r.calibration if r.calibration is not None and r.calibration.plausible_speed else None
+        base = step_time(r.model, setup, r.gpu, gpus=r.gpus, sharding=shard, accumulation=accumulation,
+                         offload=r.offload if shard in ZERO_STAGES else "none")
+        if base is None:
             return out
+        t = base if cal is None else step_time(r.model, setup, r.gpu, gpus=r.gpus, sharding=shard,
+                                               accumulation=accumulation, efficiency=base.efficiency * cal.speed_ratio,
+                                               offload=r.offload if shard in ZERO_STAGES else "none")
+        if cal is not None:
+            out["calibration"] = cal.describe_speed()
         total = t.seconds_per_step * self.total_steps
         out.update({"tokens_per_second_per_gpu": t.tokens_per_second_per_gpu,
                     "seconds_per_micro_step": t.micro_step, "seconds_per_step": t.seconds_per_step,

@@ -168,6 +168,8 @@ def describe(time: dict[str, Any], gpu: str, steps: int | None = None) -> str | 
     if steps and "total_seconds" in time:
         line += f", about {fmt_run_length(time['total_seconds'])} for {steps} steps"
     line += f" (MFU {time['mfu']:.0%}, {time['bound']}-bound)"
+    if "calibration" in time:
+        line += f"; {time['calibration']}"
     if "cost" in time:
         line += f"; about {time['cost']['total']:,.2f} at {time['cost']['price_per_gpu_hour']:g} per GPU-hour"
     return line

@@ -21,7 +21,7 @@ from .load import build_trainer
 from .outcome import EXIT_OOM, RunStopped
 from .prepare import Prepared
 from .run_folder import last_checkpoint
-from .setup import checkpointing, run_estimate
+from .setup import checkpointing, run_estimate, run_speed
 
 
 def _back_off(sft_kwargs: dict[str, Any], run_dir: Path, log: Callable[[str], None], *,
@@ -96,6 +96,7 @@ def train_with_backoff(prep: Prepared, tokenizer, callbacks: list, resume_from: 
             before = exact_match_of(prep, trainer.model, tokenizer)
         state["phase"] = "training"
         state["estimated_peak_memory_bytes"] = run_estimate(prep, sft_kwargs).allocated_peak
+        state["predicted_speed"] = run_speed(prep, sft_kwargs)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # each attempt's peak is its own
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..units import fmt_duration
-from . import run_folder
+from . import launch, run_folder
 from .divergence import PATIENCE, DivergenceGuard, uniform_loss
 
 
@@ -30,6 +30,7 @@ def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str,
             self.t0 = time.time()
             self.start_step = st.global_step
             self.tokens0 = state["tokens_at_start"] = st.num_input_tokens_seen or 0
+            state["step_at_start"] = st.global_step
             self.wrote_start = False
             if st.global_step and st.is_world_process_zero:
                 # resumed from a checkpoint: what an abandoned attempt logged past it is no longer the run's curve
@@ -50,6 +51,9 @@ def runner_callbacks(run_dir: Path, log: Callable[[str], None], state: dict[str,
                       "wall_time": round(time.time(), 3), **logs,
                       "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
                       "eta_seconds": round(eta, 1) if math.isfinite(eta) else None}
+            predicted = (state.get("predicted_speed") or {}).get("tokens_per_second_per_gpu")
+            if predicted and state.get("cuda"):  # the prediction is for the plan's GPU: next to a GPU's rate only
+                record["predicted_tokens_per_second"] = predicted * launch.world_size()
             if state.get("cuda"):  # measured vs estimated, live in the app
                 import torch
 

@@ -30,10 +30,29 @@ def training_summary(prep: Prepared, trainer, output, state: dict[str, Any]) -> 
         "train_loss_mean": metrics.get("train_loss"),
         "tokens_per_second": round(tokens / runtime, 1) if runtime else None}
     summary["estimated_peak_memory_bytes"] = state.get("estimated_peak_memory_bytes")
+    summary.update(measured_speed(trainer, runtime, tokens, state))
     if torch.cuda.is_available():
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         summary["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
     return summary
+
+
+def measured_speed(trainer, runtime: float, tokens: int, state: dict[str, Any]) -> dict[str, Any]:
+    """This session's measured rate next to the prediction for the plan's GPU: tokens/s per GPU and seconds per
+    optimizer step over ``train()``'s wall time (evaluations during training included), MFU on a GPU with a catalog
+    peak.  The prediction is shown only on a GPU: on the CPU it describes another machine."""
+    import torch
+
+    steps = trainer.state.global_step - state.get("step_at_start", 0)
+    out: dict[str, Any] = {
+        "tokens_per_second_per_gpu": round(tokens / runtime / launch.world_size(), 1) if runtime else None,
+        "seconds_per_step": round(runtime / steps, 3) if runtime and steps > 0 else None}
+    predicted = state.get("predicted_speed") or {}
+    if torch.cuda.is_available() and "tokens_per_second_per_gpu" in predicted:
+        out["predicted"] = {k: predicted[k] for k in ("gpu", "tokens_per_second_per_gpu", "seconds_per_step", "mfu")}
+        if out["tokens_per_second_per_gpu"]:
+            out["mfu"] = predicted["model_flops_per_token"] * out["tokens_per_second_per_gpu"] / predicted["peak_flops"]
+    return out
 
 
 def stop_early(run_dir: Path, summary: dict[str, Any], state: dict[str, Any]) -> None:
@@ -97,6 +116,16 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"in {summary.get('wall_seconds')} s -> {summary.get('run_dir')}",
              f"train loss: first {f(summary.get('train_loss_first'))}, last {f(summary.get('train_loss_last'))}; "
              f"eval loss: {f(summary.get('eval_loss'))}; tokens/s: {f(summary.get('tokens_per_second'), '{:,.0f}')}"]
+    if summary.get("tokens_per_second_per_gpu"):
+        line = (f"throughput: {summary['tokens_per_second_per_gpu']:,.0f} tokens/s per GPU, "
+                f"{f(summary.get('seconds_per_step'), '{:.3g}')} s per optimizer step")
+        if summary.get("mfu") is not None:
+            line += f", MFU {summary['mfu']:.0%}"
+        predicted = summary.get("predicted")
+        if predicted:
+            line += (f"; predicted for {predicted['gpu']}: {predicted['tokens_per_second_per_gpu']:,.0f} tokens/s, "
+                     f"{predicted['seconds_per_step']:.3g} s per step, MFU {predicted['mfu']:.0%}")
+        lines.append(line)
     if "exact_match_after" in summary:
         lines.append(f"exact match on held-out problems: before {f(summary.get('exact_match_before'), '{:.1%}')}, "
                      f"after {f(summary.get('exact_match_after'), '{:.1%}')}")

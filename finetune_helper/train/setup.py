@@ -80,13 +80,38 @@ def run_estimate(prep, sft_kwargs: dict[str, Any] | None = None):  # -> MemoryEs
     from ..recommender.memory import estimate_memory
 
     kwargs = sft_kwargs if sft_kwargs is not None else prep.sft_kwargs
-    setup = run_setup(prep, kwargs)
-    gpus = prep.plan.request.gpus  # the processes of the run: FSDP / ZeRO shard over them, DDP replicates
-    sharding = "fsdp" if kwargs.get("fsdp") and gpus > 1 else "ddp" if gpus > 1 else "none"
-    zero = zero_strategy(kwargs)
+    return estimate_memory(prep.plan.request.model, run_setup(prep, kwargs), **_distribution(prep, kwargs))
+
+
+def _distribution(prep, sft_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """How the run spreads over its processes: GPUs (FSDP / ZeRO shard over them, DDP replicates), sharding,
+    accumulation and offload, as the estimates take them."""
+    gpus = prep.plan.request.gpus
+    sharding = "fsdp" if sft_kwargs.get("fsdp") and gpus > 1 else "ddp" if gpus > 1 else "none"
+    zero = zero_strategy(sft_kwargs)
     sharding, offload = zero if zero else (sharding, "none")
-    return estimate_memory(prep.plan.request.model, setup, gpus=gpus, sharding=sharding,
-                           accumulation=int(kwargs.get("gradient_accumulation_steps", 1)), offload=offload)
+    return {"gpus": gpus, "sharding": sharding, "offload": offload,
+            "accumulation": int(sft_kwargs.get("gradient_accumulation_steps", 1))}
+
+
+def run_speed(prep, sft_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The predicted speed of the step these arguments run, on the plan's GPU (``recommender.throughput``, full
+    rows): tokens/s per GPU, seconds per optimizer step and MFU; only the FLOPs per token when the catalog has no
+    rates for the GPU."""
+    import dataclasses
+
+    from ..recommender.flops import estimate_flops
+    from ..recommender.throughput import step_time
+
+    kwargs = sft_kwargs if sft_kwargs is not None else prep.sft_kwargs
+    spec, gpu = prep.plan.request.model, prep.plan.request.gpu
+    setup = dataclasses.replace(run_setup(prep, kwargs), padded=False)
+    out: dict[str, Any] = {"gpu": gpu.name, "model_flops_per_token": estimate_flops(spec, setup).model_flops_per_token}
+    t = step_time(spec, setup, gpu, **_distribution(prep, kwargs))
+    if t is not None:
+        out.update(tokens_per_second_per_gpu=t.tokens_per_second_per_gpu, seconds_per_step=t.seconds_per_step,
+                   mfu=t.mfu, peak_flops=t.peak_flops)
+    return out
 
 
 def zero_strategy(sft_kwargs: dict[str, Any]) -> tuple[str, str] | None:

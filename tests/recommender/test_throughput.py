@@ -89,3 +89,38 @@ def test_the_stored_efficiency_is_what_the_calibration_rows_give(capsys):
     assert derived and all(stored[kind] == pytest.approx(value, abs=0.005) for kind, value in derived.items())
     assert time_vs_published.main([]) == 0
     assert re.search(r"\d+ held-out rows: median \|error\| \d+%", capsys.readouterr().out)
+
+
+def test_the_run_summary_shows_the_measured_rate_next_to_the_prediction():
+    from finetune_helper.train.finish import format_summary
+
+    summary = {"status": "done", "global_step": 10, "max_steps": 10, "tokens_per_second_per_gpu": 2900.0,
+               "seconds_per_step": 22.6, "mfu": 0.44, "predicted": {"gpu": "A100 80GB SXM",
+               "tokens_per_second_per_gpu": 3170.0, "seconds_per_step": 20.7, "mfu": 0.49}}
+    line = next(x for x in format_summary(summary).splitlines() if x.startswith("throughput"))
+    assert line == ("throughput: 2,900 tokens/s per GPU, 22.6 s per optimizer step, MFU 44%; predicted for A100 80GB "
+                    "SXM: 3,170 tokens/s, 20.7 s per step, MFU 49%")
+
+
+def test_a_probed_speed_calibration_scales_later_plans_and_says_so(tmp_path, monkeypatch):
+    """What ``probe`` stores on a GPU (measured / predicted tokens per second) is read back by later plans for the
+    same GPU, model and method: the predicted rate scales by it and the time line names it; an implausible ratio
+    is not applied, and a calibration stored before speeds were (no speed fields) still reads."""
+    import finetune_helper as fh
+    from finetune_helper.recommender.calibration import Calibration, lookup, save
+
+    monkeypatch.setenv("FINETUNE_HELPER_CALIBRATION", str(tmp_path / "cal.json"))
+    plain = fh.recommend("meta-llama/Llama-3.1-8B", gpu="A100 80GB", method="lora")
+    base = dict(device="A100 80GB SXM", model="meta-llama/Llama-3.1-8B", method="lora", ratio=1.02,
+                measured_bytes=100, estimated_bytes=98, micro_batch=2, date="2026-12-07", measure="cuda")
+    save(Calibration(**base, speed_ratio=0.8, tokens_per_second=3800.0))
+    cal = lookup("A100 80GB SXM", "meta-llama/Llama-3.1-8B", "lora")
+    slower = fh.recommend("meta-llama/Llama-3.1-8B", gpu="A100 80GB", method="lora", calibration=cal)
+    ratio = slower.time()["tokens_per_second_per_gpu"] / plain.time()["tokens_per_second_per_gpu"]
+    assert 0.75 < ratio < 0.85 and "speed calibrated on A100 80GB SXM" in slower.time()["calibration"]
+    save(Calibration(**base, speed_ratio=9.0, tokens_per_second=40000.0))
+    wild = fh.recommend("meta-llama/Llama-3.1-8B", gpu="A100 80GB", method="lora",
+                        calibration=lookup("A100 80GB SXM", "meta-llama/Llama-3.1-8B", "lora"))
+    assert "calibration" not in wild.time()
+    save(Calibration(**base))
+    assert lookup("A100 80GB SXM", "meta-llama/Llama-3.1-8B", "lora").speed_ratio is None

@@ -42,6 +42,12 @@ def test_full_run_writes_a_complete_run_folder(tmp_path):
     assert [x["step"] for x in lines if "loss" in x][:3] == [1, 2, 3]
     assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
     assert s["tokens_per_second"] > 0 and s["train_loss_last"] < s["train_loss_first"]
+    # the measured rate per GPU and per step agree with the callback's own clock (metrics.jsonl's elapsed time at
+    # the last step: train() also evaluates and saves, so its wall time per step is no shorter)
+    last = [x for x in lines if x.get("step") == 12 and "time" in x][-1]
+    assert s["tokens_per_second_per_gpu"] == s["tokens_per_second"]  # one process
+    assert 0.5 * last["time"] / 12 <= s["seconds_per_step"] <= 3 * last["time"] / 12
+    assert "predicted" not in s  # on the CPU: the prediction describes the plan's GPU, not this machine
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "final")  # the saved model reloads
