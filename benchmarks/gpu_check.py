@@ -75,6 +75,8 @@ class Trial:
     est_reserved: int = 0
     tokens_per_s: float = 0.0
     error: str = ""
+    #: the time model's tokens/s for the same step on this GPU (recommender/throughput.py; 0: no catalog rates)
+    predicted_tps: float = 0.0
 
 
 @dataclasses.dataclass
@@ -150,6 +152,14 @@ def estimate_of(spec, setup) -> tuple[int, int]:
     est = estimate_memory(spec, setup)
     frag = est.details.get("fragmentation", 0)
     return est.allocated_peak, est.allocated_peak + frag
+
+
+def predicted_tps(spec, setup, gpu) -> float:
+    """The time model's tokens/s per GPU for ``setup`` on ``gpu`` (0 without catalog rates: --smoke's amount)."""
+    from finetune_helper.recommender.throughput import step_time
+
+    t = step_time(spec, dataclasses.replace(setup, padded=False), gpu)
+    return t.tokens_per_second_per_gpu if t else 0.0
 
 
 def executed(plan, batch: int, kind: str):
@@ -249,6 +259,7 @@ def check_replica(entry, device: Device, gpu, args, deadline: float) -> Row:
     step = ReplicaStep(dict(config), recommended, device)
     try:
         first = trial(step, spec, recommended, row.recommended, device, steps=2)
+        first.predicted_tps = predicted_tps(spec, recommended, gpu)
         row.trials.append(first)
         if first.ok:
             def run_at(b: int) -> bool:
@@ -330,7 +341,8 @@ def check_runner(method: str, seq: int, gc: bool, checkpoint: Path, data: Path, 
         last = m.steps[-1]
         alloc = last.cuda_allocated if last.cuda_allocated is not None else last.tracked_bytes
         row.trials.append(Trial(row.recommended, True, alloc, last.cuda_reserved or 0, est_alloc, est_res,
-                                shape[0] * shape[-1] * 2 / m.seconds if m.seconds else 0.0))
+                                last.tokens / last.seconds if last.seconds else 0.0,
+                                predicted_tps=predicted_tps(spec, setup, gpu)))
     except Exception as exc:
         if not device.is_oom(exc):
             raise
@@ -370,7 +382,7 @@ def _err(est: int, measured: int) -> str:
 
 def table(rows: list[Row], device: str) -> list[str]:
     lines = ["| configuration | path | option | batch | allocated est / measured GiB | err | "
-             "reserved est / measured GiB | err | tokens/s | largest that ran | rec / largest |",
+             "reserved est / measured GiB | err | tokens/s measured / predicted | largest that ran | rec / largest |",
              "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if r.skipped:
@@ -387,7 +399,8 @@ def table(rows: list[Row], device: str) -> list[str]:
         ratio = "-" if not r.largest else f"{r.recommended / r.largest:.2f}"
         lines.append(f"| {r.name} | {r.path} | {r.option} | {r.recommended} | {t.est_allocated / GIB:.2f} / "
                      f"{t.allocated / GIB:.2f} | {_err(t.est_allocated, t.allocated)} | {res[0]} | {res[1]} | "
-                     f"{t.tokens_per_s:,.0f} | {largest} | {ratio} |")
+                     f"{t.tokens_per_s:,.0f} / {f'{t.predicted_tps:,.0f}' if t.predicted_tps else '-'} | {largest} | "
+                     f"{ratio} |")
     return lines
 
 
@@ -402,6 +415,10 @@ def summary(rows: list[Row], device: str) -> list[str]:
         if device == "cuda":
             worst = max(ran, key=lambda t: abs(t.est_reserved - t.reserved) / max(t.reserved, 1))
             out.append(f"- reserved: worst error {_err(worst.est_reserved, worst.reserved)}")
+    speed = sorted(t.tokens_per_s / t.predicted_tps for t in ran if t.predicted_tps and t.tokens_per_s)
+    if speed:
+        out.append(f"- tokens/s measured / predicted (recommender/throughput.py): median {speed[len(speed) // 2]:.2f}, "
+                   f"range {speed[0]:.2f} to {speed[-1]:.2f} over {len(speed)} configurations")
     ratios = [r.recommended / r.largest for r in rows if r.largest]
     if ratios:
         out.append(f"- recommended / largest batch that ran: min {min(ratios):.2f}")
