@@ -538,7 +538,7 @@ class _Option:
 @dataclass(frozen=True)
 class _Timed:
     """One fitting way to run the plan and its predicted time: option, micro-batch, accumulation, the run's optimizer
-    steps and seconds (``throughput.step_time`` x steps)."""
+    steps and predicted seconds (see :func:`_timed`)."""
 
     option: _Option
     micro: int
@@ -709,9 +709,10 @@ def _timed(req: PlanRequest, candidates: tuple[tuple[_Option, int], ...]) -> tup
 
 
 def _resolution(seconds: float) -> float:
-    """A predicted time to 3 significant digits: differences below that are noise of the model (its median error on
-    held-out rows is 13%, ``benchmarks/time_vs_published.py``), so a tie goes to the cheaper setting.  Rounding keeps
-    the choice monotone: more memory adds settings, and the rounded minimum never grows."""
+    """A predicted time to 3 significant digits: settings closer than that (the optimizer step amortised a little
+    differently, a few layers' weight reads) differ by less than the model can claim (its median error on held-out
+    rows is 13%, ``benchmarks/time_vs_published.py``), so they tie and the cheaper setting wins.  Rounding keeps the
+    choice monotone: more memory adds settings, and the rounded minimum never grows."""
     return float(f"{seconds:.3g}")
 
 
