@@ -496,6 +496,8 @@ class RunManager:
             "eta_seconds": now[-1].get("eta_seconds") if alive and now else None,
             "loss": last.get("loss"), "learning_rate": last.get("learning_rate"),
             "tokens_per_second": now[-1].get("tokens_per_second") if now else None,
+            # on a GPU: the time model's rate for the plan's GPU, all processes together (metrics.jsonl's records)
+            "predicted_tokens_per_second": now[-1].get("predicted_tokens_per_second") if now else None,
             "eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),
             "peak_memory_bytes": (summary or {}).get("peak_memory_bytes") or last.get("peak_memory_bytes"),
             "estimated_peak_memory_bytes": ((summary or {}).get("estimated_peak_memory_bytes")
