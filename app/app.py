@@ -179,6 +179,7 @@ class App:
         self.detected_gpu = detected_gpu
         self.exports = workspace.root / "exports"
         self.exports.mkdir(exist_ok=True)
+        self._profiles: dict[tuple, Any] = {}  # dataset profiles, see profile()
 
     # --------------------------------------------------------------------------------- recommendation
     def _model_spec(self, model: str):
@@ -194,6 +195,15 @@ class App:
     def plan(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
              scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
              trainer=defaults.TRAINER):
+        return self.plan_and_data(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
+                                  lr_max, scheduler, strategy, offload, trainer)[0]
+
+    def plan_and_data(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
+                      scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
+                      trainer=defaults.TRAINER, data=None, data_split=None, data_config=None):
+        """The plan, and with a dataset its profile (``finetune_helper.train.data_profile``): the examples the
+        trainer keeps as the dataset size (the Training examples field is then not used), the max_length covering
+        the data's p99 as the sequence length unless one is given."""
         from finetune_helper.recommender.gpu import resolve_gpu
         from finetune_helper.recommender.plan import PlanRequest, recommend_plan
 
@@ -202,36 +212,95 @@ class App:
         n_gpus = _gpus(gpus)
         from finetune_helper.recommender.calibration import lookup
 
+        source = str(data or "").strip()
         req = PlanRequest(model=spec, gpu=gpu_spec, gpus=n_gpus, method=str(method), seq_len=_seq_len(seq_len),
-                          dataset_size=_opt_int(dataset_size, "dataset-size"), epochs=_number(epochs, "epochs"),
+                          dataset_size=None if source else _opt_int(dataset_size, "dataset-size"),
+                          epochs=_number(epochs, "epochs"),
                           target_effective_batch=_opt_int(target_batch, "target-batch") or 0,
                           lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"),
                           scheduler=str(scheduler or defaults.SCHEDULER),
                           strategy=str(strategy or defaults.STRATEGY), offload=str(offload or defaults.OFFLOAD),
                           trainer=str(trainer or defaults.TRAINER),
                           calibration=lookup(gpu_spec.name, spec.name, str(method)))
-        return recommend_plan(req)
+        if not source:
+            return recommend_plan(req), None
+        from finetune_helper.train.data_profile import plan_with_data
+
+        return plan_with_data(req, self.profile(source, data_split, data_config, model, spec))
+
+    #: the dataset fields as the form names them
+    _DATA_FIELDS = {"data.path": "dataset", "data.split": "dataset split", "data.config": "dataset config",
+                    "data.format": "dataset", "data.columns": "dataset"}
+
+    def profile(self, data, split, config, model, spec):
+        """The dataset's profile for the model (:func:`~finetune_helper.train.data_profile.profile_data`), kept for
+        the same file (same size and modification time), split, configuration and model: reading and tokenizing
+        takes seconds, changing the batch or the GPU does not need it again."""
+        from finetune_helper.train.data_profile import profile_data
+
+        source = self.workspace.data_source(data, field="dataset")
+        split = str(split or "").strip() or "train"
+        config = str(config or "").strip() or None
+        try:
+            stat = Path(source).stat()
+            stamp = (stat.st_size, stat.st_mtime_ns)
+        except OSError:  # a Hub id or builtin:arithmetic
+            stamp = None
+        key = (source, split, config, spec.name, stamp)
+        if key not in self._profiles:
+            tokenizer = None
+            if str(model).strip() == BUILTIN_MODEL:
+                from finetune_helper.train.tiny import base_model_dir
+
+                tokenizer = str(base_model_dir())
+            try:
+                found = profile_data(source, model=spec, split=split, config=config, tokenizer=tokenizer)
+            except FinetuneHelperError as exc:
+                raise FinetuneHelperError(self._DATA_FIELDS.get(exc.field, exc.field), exc.message) from None
+            while len(self._profiles) >= 8:
+                self._profiles.pop(next(iter(self._profiles)))
+            self._profiles[key] = found
+        return self._profiles[key]
 
     def recommend(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
                   scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
-                  trainer=defaults.TRAINER):
-        plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                         scheduler, strategy, offload, trainer)
+                  trainer=defaults.TRAINER, data=None, data_split=None, data_config=None):
+        """Verdict, settings, memory chart, LR schedule and the plan as JSON (with a dataset: its profile under
+        ``data``)."""
+        return self.recommend_view(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
+                                   lr_max, scheduler, strategy, offload, trainer, data, data_split, data_config)[:5]
+
+    def recommend_view(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
+                       scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
+                       trainer=defaults.TRAINER, data=None, data_split=None, data_config=None):
+        """:meth:`recommend` and the dataset's figures and length histogram (hidden without a dataset)."""
+        plan, profile = self.plan_and_data(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
+                                           lr_min, lr_max, scheduler, strategy, offload, trainer, data, data_split,
+                                           data_config)
         settings = pd.DataFrame(plan.settings_rows(), columns=["setting", "value", "reason"])
-        return (verdict_markdown(plan), settings, memory_frame(plan), schedule_frame(plan), plan.to_dict())
+        plan_json = plan.to_dict()
+        if profile is not None:
+            plan_json["data"] = profile.to_dict()
+        frame = histogram_frame(profile) if profile is not None else None
+        return (verdict_markdown(plan), settings, memory_frame(plan), schedule_frame(plan), plan_json,
+                data_markdown(profile, packing=plan.request.packing) if profile is not None else "",
+                gr.BarPlot(value=frame, sort=list(frame["tokens"]), visible=True) if frame is not None
+                else gr.BarPlot(value=None, visible=False))
 
     def export(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
                scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
-               trainer=defaults.TRAINER, fmt="python"):
+               trainer=defaults.TRAINER, fmt="python", data=None, data_split=None, data_config=None):
         from finetune_helper.export.formats import render
 
         if fmt not in EXPORT_FORMATS:
             raise FinetuneHelperError("format", f"{fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
-        plan = self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
-                         scheduler, strategy, offload, trainer)
+        plan, profile = self.plan_and_data(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
+                                           lr_min, lr_max, scheduler, strategy, offload, trainer, data, data_split,
+                                           data_config)
         output_dir = f"outputs/{plan.request.model.name.rstrip('/').split('/')[-1]}"
         texts = {"recipe": self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
-                                            lr_min, lr_max, scheduler, strategy, offload, trainer, checked=True)}
+                                            lr_min, lr_max, scheduler, strategy, offload, trainer, checked=True,
+                                            profile=profile, data_split=data_split, data_config=data_config)}
         names = {"python": "train_args.py", "json": "training_args.json", "yaml": "training_args.yaml",
                  "recipe": "recipe.yaml"}
         try:
@@ -251,11 +320,16 @@ class App:
 
     def recipe_text(self, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
                     scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY, offload=defaults.OFFLOAD,
-                    trainer=defaults.TRAINER, data_path: str = PLACEHOLDER_DATA, checked: bool = False) -> str:
-        """The form as a recipe; ``checked``: the caller has already planned these values (so they are valid)."""
+                    trainer=defaults.TRAINER, data_path: str = PLACEHOLDER_DATA, checked: bool = False,
+                    profile=None, data_split=None, data_config=None) -> str:
+        """The form as a recipe; ``checked``: the caller has already planned these values (so they are valid); with
+        a dataset's ``profile`` the recipe reads that data at the max_length planned from it (and counts its
+        examples when it runs)."""
         if not checked:
             self.plan(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min, lr_max,
                       scheduler, strategy, offload, trainer)
+        if profile is not None:
+            data_path, seq_len, dataset_size = profile.source, profile.max_length, None
         recipe = recipe_from_settings(
             model=str(model).strip(), gpu=str(gpu).strip(), gpus=_gpus(gpus), method=str(method),
             seq_len=_seq_len(seq_len), dataset_size=_opt_int(dataset_size, "dataset-size"),
@@ -263,18 +337,30 @@ class App:
             lr_min=_number(lr_min, "lr-min"), lr_max=_number(lr_max, "lr-max"), data_path=data_path,
             scheduler=str(scheduler or defaults.SCHEDULER), strategy=str(strategy or defaults.STRATEGY),
             offload=str(offload or defaults.OFFLOAD), trainer=str(trainer or defaults.TRAINER))
-        header = ("# Made by the finetune-helper app from its recommendation.\n"
-                  f"# data.path: replace {PLACEHOLDER_DATA} with your dataset (or upload one in the Train tab).\n"
-                  "# Run: finetune-helper run recipe.yaml\n")
+        if profile is not None:
+            recipe.data.split, recipe.data.config = profile.split, profile.config
+            header = ("# Made by the finetune-helper app from its recommendation for this dataset (max_length from "
+                      "its token lengths).\n# Run: finetune-helper run recipe.yaml\n")
+        else:
+            header = ("# Made by the finetune-helper app from its recommendation.\n"
+                      f"# data.path: replace {PLACEHOLDER_DATA} with your dataset (or upload one in the Train tab).\n"
+                      "# Run: finetune-helper run recipe.yaml\n")
         return header + recipe.to_yaml()
 
     # --------------------------------------------------------------------------------- train
     def load_recipe(self, choice, model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
                     lr_max, scheduler=defaults.SCHEDULER, strategy=defaults.STRATEGY,
-                    offload=defaults.OFFLOAD, trainer=defaults.TRAINER) -> str:
+                    offload=defaults.OFFLOAD, trainer=defaults.TRAINER, data=None, data_split=None,
+                    data_config=None) -> str:
         if choice == FROM_RECOMMENDATION:
+            profile = None
+            if str(data or "").strip():
+                profile = self.plan_and_data(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch,
+                                             lr_min, lr_max, scheduler, strategy, offload, trainer, data, data_split,
+                                             data_config)[1]
             return self.recipe_text(model, gpu, gpus, method, seq_len, dataset_size, epochs, target_batch, lr_min,
-                                    lr_max, scheduler, strategy, offload, trainer)
+                                    lr_max, scheduler, strategy, offload, trainer, checked=profile is not None,
+                                    profile=profile)
         names = {p.name: p for p in shipped_recipes()}
         if choice not in names:
             raise FinetuneHelperError("recipe", f"{choice!r} is not a shipped recipe; choose from "
@@ -451,6 +537,32 @@ def verdict_markdown(plan) -> str:
         lines.append(f"- tried {step.change}: {fmt_gib(step.peak_memory_bytes)}: "
                      f"{'fits' if step.fits else 'does not fit'}")
     return "\n\n".join(lines)
+
+
+def data_markdown(profile, packing: bool = False) -> str:
+    """The dataset's figures (what ``recommend --data`` prints): what was read, the length distribution,
+    max_length and truncation, padding, packing, and the sampling error."""
+    from finetune_helper.commands.recommend import data_lines
+
+    lines = data_lines(profile)
+    counted = (f"The plan counts the **{profile.packed_rows:,}** packed rows" if packing else
+               f"The plan counts the **{profile.trained_examples:,}** examples SFTTrainer trains on")
+    return "\n\n".join([f"**{lines[0][0].upper() + lines[0][1:]}**", *(f"- {line}" for line in lines[1:]),
+                         counted + f" and uses max_length **{profile.max_length}** as the sequence length."])
+
+
+#: the histogram's colours: bars within max_length, and bars with examples longer than it
+DATA_COLORS = {"within max_length": "#2563eb", "longer than max_length": "#ea580c"}
+
+
+def histogram_frame(profile) -> pd.DataFrame:
+    """One bar per histogram bin of the token lengths (the share of the examples, in %), coloured by whether its
+    examples fit max_length; the last bar holds those above p99."""
+    rows = [{"tokens": f"{bar['low']}-{bar['high']}" if bar["high"] > bar["low"] else str(bar["low"]),
+             "examples (%)": round(100 * bar["share"], 3),
+             "part": "within max_length" if bar["high"] <= profile.max_length else "longer than max_length"}
+            for bar in profile.histogram]
+    return pd.DataFrame(rows, columns=["tokens", "examples (%)", "part"])
 
 
 #: the memory chart's names for MemoryEstimate.breakdown (estimate.py documents each part)
@@ -652,12 +764,25 @@ def _recommend_tab(app: App) -> SimpleNamespace:
         t.trainer = gr.Dropdown(list(defaults.TRAINERS), value=defaults.TRAINER, label="Trainer",
                                 info="trl: SFTTrainer (what Train runs); transformers: Trainer, full logits",
                                 elem_id="trainer")
+    with gr.Row():
+        t.data = gr.Textbox(label="Dataset (optional)", elem_id="data-path", scale=3,
+                            placeholder="a .json/.jsonl/.csv/.parquet file in the workspace, a Hub dataset id, or "
+                            "builtin:arithmetic",
+                            info="tokenized with the model's tokenizer: the examples replace Training examples, a "
+                            "max_length covering its p99 the sequence length (unless one is given)")
+        t.data_split = gr.Textbox("train", label="Split", elem_id="data-split")
+        t.data_config = gr.Textbox(label="Config (Hub datasets)", elem_id="data-config")
     t.button = gr.Button("Recommend", variant="primary", elem_id="recommend-btn")
     t.error = gr.Markdown(elem_id="recommend-error")
     #: the named endpoints /recommend and /export (errors raised to the API client); the page's own button keeps
     #: the last good recommendation on screen instead
     t.api_button = gr.Button(visible=False)
     t.verdict = gr.Markdown(elem_id="verdict")
+    t.data_md = gr.Markdown(elem_id="data-profile")
+    t.data_plot = gr.BarPlot(x="tokens", y="examples (%)", color="part", label="Token lengths of the dataset "
+                             "(share of the examples per range of tokens)", elem_id="data-plot", height=320,
+                             color_map=DATA_COLORS, x_title="tokens per example", y_title="examples (%)",
+                             x_label_angle=-35, visible=False)
     t.settings = gr.Dataframe(headers=["setting", "value", "reason"], label="Recommended settings",
                               interactive=False, wrap=True, elem_id="settings-table",
                               column_widths=["18%", "12%", "70%"], max_height=900)
@@ -678,6 +803,8 @@ def _recommend_tab(app: App) -> SimpleNamespace:
     t.form = [t.model, t.gpu, t.n_gpus, t.method, t.seq_len, t.dataset_size, t.epochs, t.target_batch, t.lr_min,
               t.lr_max, t.scheduler, t.strategy, t.offload, t.trainer]
     t.outputs = [t.verdict, t.settings, t.memory_plot, t.lr_plot, t.plan_json]
+    t.data_inputs = [t.data, t.data_split, t.data_config]
+    t.data_outputs = [t.data_md, t.data_plot]
     return t
 
 
@@ -746,17 +873,20 @@ def _runs_tab() -> SimpleNamespace:
 
 def _wire(app: App, demo: gr.Blocks, rec: SimpleNamespace, train: SimpleNamespace, runs: SimpleNamespace) -> None:
     """The events: the named endpoints (``api_name``) and the private updates (page load, timer, format change)."""
-    export_io = ([*rec.form, rec.export_format], [rec.code, rec.downloads])
-    shown_recommend = _kept_on_error(app.recommend, len(rec.outputs), message=True)
+    # the dataset fields come last: the endpoints' earlier parameters keep their places
+    form = [*rec.form, *rec.data_inputs]
+    export_io = ([*rec.form, rec.export_format, *rec.data_inputs], [rec.code, rec.downloads])
+    page_outputs = [*rec.outputs, *rec.data_outputs]
+    shown_recommend = _kept_on_error(app.recommend_view, len(page_outputs), message=True)
     shown_export = _kept_on_error(app.export, len(export_io[1]), message=False)
-    rec.api_button.click(_errors_shown(app.recommend), rec.form, rec.outputs, api_name="recommend").then(
+    rec.api_button.click(_errors_shown(app.recommend), form, rec.outputs, api_name="recommend").then(
         _errors_shown(app.export), *export_io, api_name="export")
-    rec.button.click(shown_recommend, rec.form, [*rec.outputs, rec.error], api_visibility="private").then(
+    rec.button.click(shown_recommend, form, [*page_outputs, rec.error], api_visibility="private").then(
         shown_export, *export_io, api_visibility="private")
     rec.export_format.change(lambda fmt: gr.Code(language=EXPORT_FORMATS.get(fmt, "python")), rec.export_format,
                              rec.code, api_visibility="private").then(shown_export, *export_io,
                                                                       api_visibility="private")
-    train.load_btn.click(_errors_shown(app.load_recipe), [train.recipe_choice, *rec.form], train.recipe_yaml,
+    train.load_btn.click(_errors_shown(app.load_recipe), [train.recipe_choice, *form], train.recipe_yaml,
                          api_name="load_recipe")
     start_inputs = [train.recipe_yaml, train.data_file, train.data_path, train.trust, train.run_name]
     for button, fn, name in ((train.start_btn, app.start_run, "start_run"),
@@ -780,9 +910,9 @@ def _wire(app: App, demo: gr.Blocks, rec: SimpleNamespace, train: SimpleNamespac
     demo.load(_errors_shown(app.list_runs), None, [runs.table, runs.run], api_visibility="private")
     demo.load(app.current_runs, None, train.run_id, api_visibility="private")
     # open on a worked example: the default form's recommendation
-    demo.load(shown_recommend, rec.form, [*rec.outputs, rec.error], api_visibility="private").then(
+    demo.load(shown_recommend, form, [*page_outputs, rec.error], api_visibility="private").then(
         shown_export, *export_io, api_visibility="private")
-    demo.load(_errors_shown(app.load_recipe), [train.recipe_choice, *rec.form], train.recipe_yaml,
+    demo.load(_errors_shown(app.load_recipe), [train.recipe_choice, *form], train.recipe_yaml,
               api_visibility="private")
 
 

@@ -77,6 +77,22 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where the step runs: cuda, or cpu to "
                    "plan a CPU run's memory (no CUDA context, the CPU kernels; exports add use_cpu) "
                    "(default: %(default)s)")
+    add_data_args(p)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """``--data`` and its options: plan from the data itself (its example count, a max_length covering its p99)."""
+    from ..train.data_profile import DEFAULT_SAMPLE
+
+    p.add_argument("--data", default=None, metavar="PATH|HUB_ID",
+                   help="your training data (.json/.jsonl/.csv/.parquet file or folder, or a Hub dataset id): "
+                   "tokenized with the model's tokenizer, it gives the example count (--packing: the packed rows), "
+                   "a max_length covering its p99 (unless --seq-len), truncation, padding waste and packing figures")
+    p.add_argument("--data-split", default="train", help="the split of --data (default: %(default)s)")
+    p.add_argument("--data-config", default=None, help="the configuration of a Hub dataset given to --data")
+    p.add_argument("--data-sample", type=int, default=DEFAULT_SAMPLE,
+                   help="tokenize at most this many examples of --data, a fixed-seed sample, and state the sampling "
+                   "error (0: all) (default: %(default)s)")
 
 
 def add_trainer_arg(p: argparse.ArgumentParser) -> None:
@@ -92,7 +108,23 @@ def target_modules(text: str) -> str | tuple[str, ...]:
 
 
 def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
-    """The plan the flags of :func:`add_plan_args` ask for."""
+    """The plan the flags of :func:`add_plan_args` ask for.  With ``--data``, the data's profile
+    (:class:`~finetune_helper.train.data_profile.DataProfile`, padding waste at the plan's micro-batch) is left in
+    ``args.data_profile`` (None without ``--data``)."""
+    plan, profile = gather_plan_and_data(args)
+    args.data_profile = profile
+    return plan
+
+
+#: the data loader's fields (a recipe's) as the command-line flags that set them
+_DATA_FLAGS = {"data.path": "data", "data.split": "data-split", "data.config": "data-config", "data.format": "data",
+               "data.columns": "data"}
+
+
+def gather_plan_and_data(args: argparse.Namespace):  # -> (Plan, DataProfile | None)
+    """The plan, and with ``--data`` the data's profile planned with
+    (:func:`~finetune_helper.train.data_profile.plan_with_data`: the example count, or with ``--packing`` the packed
+    rows, as the dataset size; the recommended max_length as the sequence length unless ``--seq-len`` is given)."""
     from ..recommender.gpu import resolve_gpu
     from ..recommender.model import resolve_model
     from ..recommender.plan import PlanRequest, recommend_plan
@@ -100,6 +132,10 @@ def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
     price = getattr(args, "price_per_hour", None)
     if price is not None and not (math.isfinite(price) and price > 0):
         raise FinetuneHelperError("price-per-hour", f"must be a positive number, got {price!r}")
+    data = getattr(args, "data", None)
+    if data is not None and args.dataset_size is not None:
+        raise FinetuneHelperError("dataset-size", "cannot be given with --data: --data counts the examples (with "
+                                  "--packing the packed rows); leave out --dataset-size or --data")
     spec = resolve_model(args.model)
     gpu = resolve_gpu(args.gpu)
     gpus = args.gpus
@@ -118,7 +154,25 @@ def gather_plan(args: argparse.Namespace):  # -> recommend.plan.Plan
                       attn_implementation=args.attn_implementation, packing=args.packing, scheduler=args.scheduler,
                       strategy=args.strategy, offload=args.offload, trainer=args.trainer, device=args.device,
                       calibration=lookup(gpu.name, spec.name, args.method))
-    return recommend_plan(req)
+    if data is None:
+        return recommend_plan(req), None
+    from ..train.data_profile import plan_with_data
+
+    # the request is checked (every flag, --seq-len against the model) before the data is read
+    return plan_with_data(req, profile_for_plan(args, spec))
+
+
+def profile_for_plan(args: argparse.Namespace, spec):  # -> DataProfile
+    """``--data`` profiled for ``spec`` (at ``--seq-len`` when given); the loader's errors name the flags."""
+    from ..train.data_profile import profile_data
+
+    try:
+        return profile_data(args.data, model=spec, split=args.data_split, config=args.data_config,
+                            max_length=args.seq_len, sample=getattr(args, "data_sample", None))
+    except FinetuneHelperError as exc:
+        if exc.field in _DATA_FLAGS:
+            raise FinetuneHelperError(_DATA_FLAGS[exc.field], exc.message) from None
+        raise
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

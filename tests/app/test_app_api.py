@@ -450,3 +450,69 @@ def test_a_damaged_run_folder_is_a_field_error_and_the_other_runs_stay_listed(cl
     finally:
         for run_id in ("sound-run", *damaged):
             shutil.rmtree(app_workspace / "runs" / run_id, ignore_errors=True)
+
+
+TINY_FORM = ("builtin:tiny-llama", "16GiB", 1, "full", 0, 20000, 2, 64, 1e-5, 5e-5, "cosine", "auto", "none", "trl")
+
+
+def test_a_dataset_in_the_recommend_tab_plans_from_its_token_lengths(client, app_workspace):
+    """The dataset field: /recommend plans for the examples the trainer keeps and the max_length covering the data's
+    p99 (the Training examples field is not used), with the profile under "data"; /export and the recipe read that
+    data at that length; the same dataset without the field plans for the form's 20000 examples."""
+    import math
+
+    from finetune_helper.train.tiny import synthetic_dataset, write_dataset
+
+    write_dataset(app_workspace / "profile-me.jsonl", synthetic_dataset(700, fmt="messages", seed=4,
+                                                                        tasks=("add", "reverse")))
+    plan_json = client.predict(*TINY_FORM, "profile-me.jsonl", "train", "", api_name="/recommend")[4]
+    data = plan_json["data"]
+    assert data["examples"] == 700 and data["format"] == "messages" and data["tokenizer"]
+    assert plan_json["seq_len"] == data["max_length"] == data["tokens"]["p99"]
+    eff = plan_json["effective_batch_size"]
+    assert plan_json["total_steps"] == max(1, math.ceil(math.ceil(data["trained_examples"] / eff) * 2))
+    assert data["padding"]["batch"] == plan_json["per_device_train_batch_size"]
+    assert sum(bar["count"] for bar in data["histogram"]) == 700
+    assert "data" not in client.predict(*TINY_FORM, api_name="/recommend")[4]  # no dataset: as before
+    text, files = client.predict(*TINY_FORM, "json", "profile-me.jsonl", "train", "", api_name="/export")
+    assert json.loads(text)["max_length"] == data["max_length"]
+    recipe = yaml.safe_load(next(Path(f) for f in files if f.endswith("recipe.yaml")).read_text())
+    assert recipe["data"]["path"] == str(app_workspace / "profile-me.jsonl")
+    assert recipe["data"]["max_length"] == data["max_length"] and recipe["recommend"]["dataset_size"] is None
+
+
+@pytest.mark.parametrize("data, split, field", [("no-such.jsonl", "train", "dataset"),
+                                                ("profile-me.jsonl", "test", "dataset split"),
+                                                ("../outside.jsonl", "train", "dataset")])
+def test_a_bad_dataset_is_a_field_error(client, app_workspace, data, split, field):
+    from gradio_client.exceptions import AppError
+
+    from finetune_helper.train.tiny import synthetic_dataset, write_dataset
+
+    write_dataset(app_workspace / "profile-me.jsonl", synthetic_dataset(50, fmt="alpaca", seed=4))
+    with pytest.raises(AppError) as info:
+        client.predict(*TINY_FORM, data, split, "", api_name="/recommend")
+    message = str(info.value)
+    assert message.startswith(f"{field}: ") and "\n" not in message
+
+
+def test_the_dataset_view_shows_the_figures_and_the_length_histogram(tmp_path):
+    """The page's own view (what the Recommend button shows): the figures and the histogram of the token lengths,
+    bars past max_length coloured apart; hidden without a dataset."""
+    from finetune_helper.runs.workspace import Workspace
+    from finetune_helper.train.tiny import format_example
+    from finetune_helper_app import app as views
+
+    workspace = Workspace(tmp_path / "ws")
+    rows = [format_example("What is 1 + 2? " + "7" * n, "3") for n in range(0, 200, 2)]
+    (workspace.root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    app = views.App(workspace)
+    out = app.recommend_view(*TINY_FORM[:4], 64, *TINY_FORM[5:], "d.jsonl", "train", "")
+    assert len(out) == 7 and out[4]["data"]["max_length"] == 64 and out[4]["data"]["max_length_given"]
+    markdown, plot = out[5], out[6]
+    assert "100 examples" in markdown and "max_length 64 (--seq-len)" in markdown and "SFTTrainer drops" in markdown
+    frame = views.histogram_frame(app.profile("d.jsonl", "train", "", TINY_FORM[0], app._model_spec(TINY_FORM[0])))
+    assert frame["examples (%)"].sum() == pytest.approx(100)
+    assert set(frame["part"]) == {"within max_length", "longer than max_length"}
+    assert plot.visible is True and list(plot.sort) == list(frame["tokens"])
+    assert app.recommend_view(*TINY_FORM)[6].visible is False

@@ -134,3 +134,31 @@ def test_runs_tab_lists_the_stopped_run(page):
     plot_drawn(page, "past-loss-plot")  # the newest run is selected and its loss curve drawn
     page.get_by_text('"method": "full"').first.wait_for()  # its plan.json
     shot(page, "runs")
+
+
+def test_a_dataset_shows_its_length_histogram_and_figures(page, browser_server):
+    """The Recommend tab's dataset field: the figures and the histogram of the token lengths appear under the
+    verdict, the plan is for the data (its seq_len, p99), and the field emptied hides them again."""
+    import json as _json
+
+    from finetune_helper.train.tiny import format_example
+
+    rows = [format_example("What is 12 + 30? " + "7" * (n % 97), "42") for n in range(400)]
+    (browser_server.workspace / "lengths.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    page.get_by_role("tab", name="Recommend").click()
+    type_custom(page, "Model", "builtin:tiny-llama")
+    type_custom(page, "GPU", "16GiB")
+    page.get_by_label("Dataset (optional)").fill("lengths.jsonl")
+    page.get_by_role("button", name="Recommend", exact=True).click()
+    page.locator("#data-profile").get_by_text("400 examples").first.wait_for()
+    plot_drawn(page, "data-plot")
+    text = page.locator("#data-profile").inner_text()
+    assert "tokens per example" in text and "padding at micro-batch" in text and "packing" in text
+    seq = re.search(r"max_length (\d+) \(the plan's seq_len\)", text).group(1)
+    page.locator("#verdict").get_by_text(f"seq {seq}").first.wait_for()
+    page.locator("#data-plot").scroll_into_view_if_needed()
+    shot(page, "recommend-data")
+    page.get_by_label("Dataset (optional)").fill("")
+    page.get_by_role("button", name="Recommend", exact=True).click()
+    page.locator("#data-plot").wait_for(state="hidden")
+    assert page.locator("#data-profile").inner_text().strip() == ""
