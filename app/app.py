@@ -533,6 +533,12 @@ def verdict_markdown(plan) -> str:
                     f"({'fits' if other['fits'] else 'does not fit'}): Trainer *transformers* plans batch "
                     f"{other['per_device_train_batch_size']}")
     lines.append(trainer + ".")
+    from finetune_helper.recommender.throughput import describe
+
+    speed = describe(plan.time(), r.gpu.name, plan.total_steps)
+    lines.append(f"**{speed[0].upper() + speed[1:]}.**" if speed else
+                 f"No time prediction: {r.gpu.name} has no catalog peak TFLOP/s and memory bandwidth (name a catalog "
+                 "GPU for one).")
     for step in plan.escalation:
         lines.append(f"- tried {step.change}: {fmt_gib(step.peak_memory_bytes)}: "
                      f"{'fits' if step.fits else 'does not fit'}")
@@ -645,7 +651,9 @@ def progress_html(st: dict[str, Any]) -> str:
     if st.get("loss") is not None:
         parts.append(f"loss {st['loss']:.4f}")
     if st.get("tokens_per_second"):
-        parts.append(f"{st['tokens_per_second']:,.0f} tok/s")
+        parts.append(f"{st['tokens_per_second']:,.0f} tok/s"
+                     + (f" (predicted {st['predicted_tokens_per_second']:,.0f})"
+                        if st.get("predicted_tokens_per_second") else ""))
     text = " · ".join(parts)
     if st.get("message"):
         text += f"<br>{html.escape(st['message'])}"

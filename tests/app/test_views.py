@@ -32,6 +32,18 @@ def test_progress_shows_step_eta_loss_and_throughput(tmp_path):
     assert 'width:50.0%' in html and "step 50/100" in html and "ETA 0:01:15" in html and "loss 1.2500" in html
     assert "1,234 tok/s" in html or "1,235 tok/s" in html
     assert "&lt;b&gt;" in views.progress_html(status(tmp_path, [{"step": 1}], message="<b>x</b>"))  # escaped
+    # on a GPU the runner records the time model's rate for the plan's GPU: shown next to the measured one
+    gpu = views.progress_html(status(tmp_path, [{"step": 50}], predicted_tokens_per_second=1500.0))
+    assert "tok/s (predicted 1,500)" in gpu
+
+
+def test_the_verdict_gives_the_predicted_time_or_says_why_not():
+    import finetune_helper as fh
+
+    timed = views.verdict_markdown(fh.recommend("meta-llama/Llama-3.1-8B", gpu="A100 80GB", method="lora"))
+    assert "Predicted on A100 80GB SXM" in timed and "tokens/s per GPU" in timed
+    untimed = views.verdict_markdown(fh.recommend("meta-llama/Llama-3.1-8B", gpu="80GiB", method="lora"))
+    assert "No time prediction" in untimed
 
 
 def test_live_lr_overlays_the_schedule_and_tolerates_an_unknown_scheduler(tmp_path):
