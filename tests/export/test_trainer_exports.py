@@ -8,6 +8,7 @@ planned at (``--device cpu``): the plan describes the program that runs it."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,15 +56,18 @@ def test_each_format_trains_within_5_percent_of_its_planned_peak(tmp_path, train
 
 
 def test_the_trainers_plans_differ_where_the_logits_do():
-    """The issue's example: Qwen2.5-1.5B on an A100 80GB at seq 2048.  Planned for TRL, batch 64; the same batch
-    under transformers.Trainer needs its full logits (about 250-280 GiB), and a plan for it takes 11-17."""
-    req = dict(gpu="A100 80GB", method="full", seq_len=2048)
+    """The issue's example: Qwen2.5-1.5B on an A100 80GB at seq 2048, with checkpointing (as the example was planned
+    before plans were chosen by time).  Planned for TRL, batch 64; the same batch under transformers.Trainer needs
+    its full logits (about 250-280 GiB), and the largest that fits it is 11-17 (its plan takes the fastest of those,
+    8 x 8 reaching the target 64 exactly)."""
+    req = dict(gpu="A100 80GB", method="full", seq_len=2048, gradient_checkpointing=True)
     trl = fh.recommend("Qwen/Qwen2.5-1.5B", **req)
     hf = fh.recommend("Qwen/Qwen2.5-1.5B", trainer="transformers", **req)
     assert trl.per_device_train_batch_size == 64 and trl.fits
     other = trl.under_trainer("transformers")
     assert 250 * 2**30 <= other["peak_memory_bytes"] <= 280 * 2**30 and not other["fits"]
-    assert 11 <= hf.per_device_train_batch_size <= 17 and hf.fits
+    largest = int(re.search(r"up to the largest that fits: (\d+)", hf.reasons["per_device_train_batch_size"])[1])
+    assert 11 <= largest <= 17 and hf.fits and hf.per_device_train_batch_size <= largest
     assert other["per_device_train_batch_size"] == hf.per_device_train_batch_size
     assert any(f"would need {fmt_gib(other['peak_memory_bytes'])}" in line for line in formats.header(trl))
     assert not any("under transformers.Trainer" in line for line in formats.header(hf))
