@@ -24,7 +24,7 @@ tokens per example (:data:`APPROXIMATION`) and says so.  From the lengths:
 
 Larger data is sampled (``sample`` examples without replacement, fixed seed) and every estimate carries its
 sampling error (:data:`SAMPLING_NOTE`): 95% order-statistic bounds for the percentiles, standard errors for the
-shares and the packed rows.  Reading and profiling 100k examples takes about 10 s on 2 cores
+shares and the packed rows.  Reading and profiling 100k examples takes 14-17 s on 2 cores
 (``benchmarks/data_profile_speed.py``).
 
 Importing this module is free: ``datasets``, ``transformers`` and ``trl`` are imported by the functions that use them.
