@@ -197,16 +197,18 @@ def estimate_flops(spec: ModelSpec, setup: TrainingSetup) -> FlopEstimate:
     t = setup.tokens
     parts: dict[str, int] = {}
     # the first layer's input requires grad only for full fine-tuning or LoRA under checkpointing
-    grad = setup.method == "full" or setup.gradient_checkpointing
-    for _ in range(spec.num_hidden_layers):
-        layer, grad = _layer(spec, setup, t, input_grad=grad)
+    # the first layer's input requires grad for full fine-tuning or under checkpointing; from its output on every
+    # layer sees the same (a layer whose input requires grad passes that on), so two layers give all of them
+    first, grad = _layer(spec, setup, t, input_grad=setup.method == "full" or setup.gradient_checkpointing)
+    rest = _layer(spec, setup, t, input_grad=grad)[0]
+    skipped, not_recomputed = _not_recomputed(spec, setup, t) if setup.gradient_checkpointing else ("", 0)
+    for layer, count in ((first, 1), (rest, spec.num_hidden_layers - 1)):
         for key, value in layer.items():
-            parts[key] = parts.get(key, 0) + value
+            parts[key] = parts.get(key, 0) + count * value
         if setup.gradient_checkpointing:
-            skipped, flops = _not_recomputed(spec, setup, t)
             for key in ("linears", "lora", "attention"):
-                parts[f"recompute.{key}"] = (parts.get(f"recompute.{key}", 0) + layer[f"forward.{key}"]
-                                             - (flops if key == skipped else 0))
+                parts[f"recompute.{key}"] = (parts.get(f"recompute.{key}", 0) + count * (
+                    layer[f"forward.{key}"] - (not_recomputed if key == skipped else 0)))
     parts.update(_lm_head(spec, setup))
     optimizer = (OPTIMIZER_FLOPS[OPTIMIZERS[setup.optim].family] + CLIP_FLOPS) * trainable(spec, setup)[0]
     return FlopEstimate(tokens=t, parts={k: v for k, v in parts.items() if v}, optimizer=optimizer,
