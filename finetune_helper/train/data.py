@@ -525,16 +525,21 @@ def _read_failure(path: Path, builder: str, exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _readers_quiet():
-    """``datasets``' file readers log the error they then raise ("Failed to load JSON from file ..."); it is
-    reported once, as a field error, so their log line is held back while they read."""
-    logger = logging.getLogger("datasets.packaged_modules")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+def logger_at(name: str, level: int):
+    """The logger ``name`` at ``level`` for the duration (its own level restored after)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(before)
+
+
+def _readers_quiet():
+    """``datasets``' file readers log the error they then raise ("Failed to load JSON from file ..."); it is
+    reported once, as a field error, so their log line is held back while they read."""
+    return logger_at("datasets.packaged_modules", logging.CRITICAL)
 
 
 def _load_local(path: Path, split: str) -> "datasets.Dataset":

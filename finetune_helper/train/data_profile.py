@@ -386,15 +386,14 @@ def _quiet_datasets():
 
     from datasets.utils import logging as ds_logging
 
+    from .data import logger_at
+
     was_enabled = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
-    long_warning = logging.getLogger("transformers.tokenization_utils_base")
-    level = long_warning.level
-    long_warning.setLevel(logging.ERROR)
     try:
-        yield
+        with logger_at("transformers.tokenization_utils_base", logging.ERROR):
+            yield
     finally:
-        long_warning.setLevel(level)
         if was_enabled:
             ds_logging.enable_progress_bar()
 
