@@ -20,7 +20,7 @@ METHODS = ["full", "lora", "qlora"]
 
 def main() -> None:
     import finetune_helper as fh
-    from finetune_helper.recommender.plan import MAX_MICRO_BATCH, _largest_batch, _Option
+    from finetune_helper.recommender.plan import MAX_MICRO_BATCH, _largest_batch, _Option, time_setting
     from finetune_helper.recommender.rules import MIN_STEPS
     from finetune_helper.recommender.throughput import constants
 
@@ -41,8 +41,8 @@ def main() -> None:
                 fitting += 1
                 req = plan.request
                 # an independent search: every micro-batch that fits under the plan's numerics and sharding, with and
-                # without checkpointing, timed by the same model over the same run (examples at the micro-step's
-                # rate, optimizer steps at the target batch)
+                # without checkpointing (not only the evened ones the planner times), each timed by the planner's own
+                # time_setting
                 cap = max(1, min(math.ceil(req.target_batch / req.gpus), MAX_MICRO_BATCH))
                 shard = plan.option.shard
                 alternatives = {}
@@ -50,7 +50,8 @@ def main() -> None:
                     fit = _largest_batch(req, _Option(gc, plan.optim, shard, plan.weights_dtype), cap)
                     micros = [m for m in range(1, fit + 1) if m * req.resolved_seq_len >= min_tokens] or \
                         ([fit] if fit else [])
-                    alternatives[gc] = [(run_seconds(req, gc, plan, m), m) for m in micros]
+                    option = _Option(gc, plan.optim, shard, plan.weights_dtype)
+                    alternatives[gc] = [(time_setting(req, option, m).seconds, m) for m in micros]
                 best = {gc: min(times) if times else None for gc, times in alternatives.items()}
                 fastest = min(t for t in best.values() if t)
                 most = max(_largest_batch(req, _Option(gc, plan.optim, shard, plan.weights_dtype), cap)
@@ -79,19 +80,6 @@ def main() -> None:
           f"faster run); on although off was predicted faster: {gc_wrong}")
 
 
-def run_seconds(req, gc: bool, plan, micro: int) -> float:
-    """The run's predicted seconds at ``micro`` as the planner counts them (see plan._timed)."""
-    import dataclasses
-
-    from finetune_helper import defaults
-    from finetune_helper.recommender.throughput import step_time
-
-    accum = req.accumulation(micro)
-    setup = dataclasses.replace(req.setup(micro, gc, plan.optim, weights_dtype=plan.weights_dtype), padded=False)
-    t = step_time(req.model, setup, req.gpu, gpus=req.gpus, sharding=plan.option.shard, accumulation=accum)
-    examples = (req.dataset_size or defaults.ASSUMED_DATASET_SIZE) * req.epochs
-    return (examples / (micro * accum * req.gpus) * accum * t.micro_step
-            + examples / req.target_batch * (t.seconds_per_step - accum * t.micro_step))
 
 if __name__ == "__main__":
     main()

@@ -672,40 +672,43 @@ def _timed(req: PlanRequest, candidates: tuple[tuple[_Option, int], ...]) -> tup
     micro-batch of ``min_tokens_per_micro_step`` tokens (the model's calibrated range; the largest that fits when
     none that large does).  Empty when the GPU has no catalog peak or bandwidth.  Ties go to the cheaper option
     (fewer fallbacks), then the effective batch nearest the target, then the larger micro-batch."""
-    from .throughput import step_time
-
-    dataset = req.dataset_size or defaults.ASSUMED_DATASET_SIZE
     per_gpu = math.ceil(req.target_batch / req.gpus)
     row = req.setup(1, False).tokens  # tokens of one micro-batch row (packed: the row)
     smallest = math.ceil(_min_tokens() / row)
-    best: list[tuple[float, int, int, _Timed]] = []
+    best: list[tuple[float, int, int, int, _Timed]] = []
     for rank, (option, largest) in enumerate(candidates):
-        timings = []
         micros = _micro_batches(per_gpu, largest)
-        for micro in [m for m in micros if m >= smallest] or micros[-1:]:
-            accum = req.accumulation(micro)
-            # timed as full rows: how much padding a batch carries depends on the data (the memory estimate takes
-            # the worst case, a padded batch's explicit mask; for time that would favour batch 1 for no real reason)
-            setup = dataclasses.replace(req.setup(micro, option.gc, option.optim, weights_dtype=option.weights),
-                                        padded=False)
-            t = step_time(req.model, setup, req.gpu, gpus=req.gpus, sharding=option.shard, accumulation=accum,
-                          offload=req.offload if option.shard in ZERO_STAGES else "none")
-            if t is None:
-                return ()
-            # the run's length: its examples at this micro-step's rate, and the optimizer steps (with their
-            # communication) counted at the target batch -- an overshoot of the target would otherwise look faster
-            # for making fewer, larger steps, trading the batch the LR was scaled for for a fraction of a step
-            eff = micro * accum * req.gpus
-            examples = dataset * req.epochs
-            seconds = (examples / eff * accum * t.micro_step
-                       + examples / req.target_batch * (t.seconds_per_step - accum * t.micro_step))
-            timings.append(_Timed(option, micro, accum, max(1, math.ceil(math.ceil(dataset / eff) * req.epochs)),
-                                  seconds))
+        timings = [time_setting(req, option, micro) for micro in [m for m in micros if m >= smallest] or micros[-1:]]
+        if None in timings:
+            return ()
         if timings:
             fastest = min(timings, key=lambda x: (_resolution(x.seconds), x.micro * x.accumulation, -x.micro))
             best.append((_resolution(fastest.seconds), rank, fastest.micro * fastest.accumulation, -fastest.micro,
                          fastest))
     return tuple(t for *_, t in sorted(best, key=lambda x: x[:4]))
+
+
+def time_setting(req: PlanRequest, option: _Option, micro: int) -> _Timed | None:
+    """The run's predicted length at ``micro`` under ``option`` (None without catalog rates for the GPU): its
+    examples at the micro-step's rate, and the optimizer steps (with their communication) counted at the target
+    batch -- an overshoot of the target would otherwise look faster for making fewer, larger steps, trading the
+    batch the LR was scaled for for a fraction of a step.  Timed as full rows: how much padding a batch carries
+    depends on the data (the memory estimate takes the worst case, a padded batch's explicit mask; for time that
+    would favour batch 1 for no real reason)."""
+    from .throughput import step_time
+
+    accum = req.accumulation(micro)
+    setup = dataclasses.replace(req.setup(micro, option.gc, option.optim, weights_dtype=option.weights), padded=False)
+    t = step_time(req.model, setup, req.gpu, gpus=req.gpus, sharding=option.shard, accumulation=accum,
+                  offload=req.offload if option.shard in ZERO_STAGES else "none")
+    if t is None:
+        return None
+    dataset = req.dataset_size or defaults.ASSUMED_DATASET_SIZE
+    eff = micro * accum * req.gpus
+    examples = dataset * req.epochs
+    seconds = (examples / eff * accum * t.micro_step
+               + examples / req.target_batch * (t.seconds_per_step - accum * t.micro_step))
+    return _Timed(option, micro, accum, max(1, math.ceil(math.ceil(dataset / eff) * req.epochs)), seconds)
 
 
 def _resolution(seconds: float) -> float:
