@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> None:
     profile = getattr(args, "data_profile", None)
     if args.json:
         data = plan.to_dict()
-        data["time"] = plan.time(args.price_per_hour)
+        if args.price_per_hour is not None:  # to_dict's time block has no cost
+            data["time"] = plan.time(args.price_per_hour)
         if plan.request.trainer != "transformers":
             data["under_transformers_trainer"] = plan.under_trainer("transformers")
         if profile is not None:
