@@ -28,8 +28,8 @@ EPOCHS = 3.0
 SCHEDULER = "cosine"
 SCHEDULES = ("cosine", "linear", "constant_with_warmup", "cosine_with_min_lr", "warmup_stable_decay", "one_cycle",
              "step_decay")
-#: how several GPUs share the work: ``auto`` (DDP, or FSDP when it fits a larger micro-batch), or one forced:
-#: ``ddp``, ``fsdp`` (torch FULL_SHARD), ``zero2`` / ``zero3`` (DeepSpeed, when installed)
+#: how several GPUs share the work: ``auto`` (the fastest predicted of DDP, FSDP, ZeRO-2 and ZeRO-3 that fits), or
+#: one forced: ``ddp``, ``fsdp`` (torch FULL_SHARD), ``zero2`` / ``zero3`` (DeepSpeed, when installed)
 STRATEGY = "auto"
 STRATEGIES = ("auto", "ddp", "fsdp", "zero2", "zero3")
 #: DeepSpeed's offload to host memory: ``none``, ``optimizer`` (zero2 / zero3), ``all`` (zero3: parameters too)

@@ -69,8 +69,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    "examples are packed into rows of --seq-len tokens, a micro-batch of rows runs as one row, and "
                    "--dataset-size counts rows")
     p.add_argument("--strategy", default=defaults.STRATEGY, choices=defaults.STRATEGIES,
-                   help="several GPUs: auto (DDP, or FSDP when it fits a larger micro-batch), ddp, fsdp, or DeepSpeed "
-                   "zero2 / zero3 (default: %(default)s)")
+                   help="several GPUs: auto (the fastest predicted of DDP, FSDP, ZeRO-2 and ZeRO-3 that fits), ddp, "
+                   "fsdp, or DeepSpeed zero2 / zero3 (default: %(default)s)")
     p.add_argument("--offload", default=defaults.OFFLOAD, choices=defaults.OFFLOADS,
                    help="DeepSpeed's offload to host memory: optimizer (zero2 / zero3), all (zero3; parameters too)")
     add_trainer_arg(p)

@@ -51,8 +51,7 @@ class PlanRequest:
 
     model: ModelSpec
     gpu: GPUSpec
-    #: GPUs on the node(s); beyond 1 the run is data parallel (DDP, or FSDP when it fits a larger micro-batch or is
-    #: needed for batch 1).
+    #: GPUs on the node(s); beyond 1 the run is data parallel (:attr:`strategy`).
     gpus: int = 1
     method: str = defaults.METHOD
     #: tokens per sequence; None means min(2048, the model's max_position_embeddings).
@@ -88,9 +87,13 @@ class PlanRequest:
     device: str = "cuda"
     #: the learning-rate schedule after warmup, one of :data:`.rules.SCHEDULES`.
     scheduler: str = defaults.SCHEDULER
-    #: how several GPUs share the work (:data:`defaults.STRATEGIES`): ``auto`` replicates (DDP), or shards with FSDP
-    #: when that fits a larger micro-batch (or batch 1 at all); ``zero2`` / ``zero3`` run DeepSpeed ZeRO (:mod:`.zero`).
+    #: how several GPUs share the work (:data:`defaults.STRATEGIES`): ``auto`` takes the fastest predicted of DDP,
+    #: FSDP, DeepSpeed ZeRO-2 and ZeRO-3 that fits (without catalog rates: the first of them, in that order, that fits
+    #: the micro-batch); ``ddp`` / ``fsdp`` / ``zero2`` / ``zero3`` force one (ZeRO: :mod:`.zero`).
     strategy: str = defaults.STRATEGY
+    #: whether ``auto`` may choose DeepSpeed ZeRO (plans for anywhere may; the runner lets it only where DeepSpeed is
+    #: installed and CUDA runs, so that ``auto`` never asks for what the machine lacks).
+    deepspeed: bool = True
     #: DeepSpeed's offload to host memory: ``optimizer`` (zero2 / zero3) or ``all`` (zero3, parameters too).
     offload: str = defaults.OFFLOAD
     #: the trainer the plan is for (:data:`defaults.TRAINERS`): ``trl`` (``SFTTrainer``'s fused LM head, what
@@ -155,9 +158,11 @@ class PlanRequest:
 
     @property
     def sharded_strategies(self) -> list[str]:
-        """The data-parallel modes the planner may use, cheapest first (``none`` on one GPU without DeepSpeed)."""
+        """The data-parallel modes the planner may use, in the order ties go (``none`` on one GPU without
+        DeepSpeed): PyTorch's own before DeepSpeed's (no extra package), replicated before sharded (less
+        communication)."""
         if self.strategy == "auto":
-            return ["ddp", "fsdp"] if self.gpus > 1 else ["none"]
+            return ["ddp", "fsdp", *(ZERO_STAGES if self.deepspeed else ())] if self.gpus > 1 else ["none"]
         return [self.strategy]
 
     @property
@@ -599,7 +604,8 @@ class _Fit:
         return [c for c, on in (("gradient checkpointing", option.gc and not first.gc),
                                 ("pure-bf16 weights", option.weights != first.weights),
                                 (option.optim, option.optim != first.optim),
-                                ("FSDP sharding", option.shard != first.shard)) if on]
+                                ({"fsdp": "FSDP sharding"}.get(option.shard, STRATEGY_LABELS.get(option.shard)),
+                                 option.shard != first.shard)) if on]
 
 
 def _fit_options(req: PlanRequest) -> list[_Option]:
@@ -617,10 +623,14 @@ def _fit_options(req: PlanRequest) -> list[_Option]:
     options: list[_Option] = []
     for opt in optim_choices:
         for weights in (weight_choices if opt == optim else weight_choices[:1]):
+            # ZeRO keeps fp32 master weights and partitions 32-bit Adam states (PlanRequest's checks): under auto
+            # it is one of the ways only with those numerics
+            shards = [shard for shard in shard_choices
+                      if shard not in ZERO_STAGES or (weights is None and opt in ZERO_OPTIMIZERS)]
             if req.method == "full":
-                options += [_Option(gc, opt, shard, weights) for gc in gc_choices for shard in shard_choices]
+                options += [_Option(gc, opt, shard, weights) for gc in gc_choices for shard in shards]
             else:
-                options += [_Option(gc, opt, shard, weights) for shard in shard_choices for gc in gc_choices]
+                options += [_Option(gc, opt, shard, weights) for shard in shards for gc in gc_choices]
     return options
 
 
@@ -837,17 +847,39 @@ def _distributed(req: PlanRequest, fit: _Fit) -> tuple[str, tuple[str, str] | No
         return fit.shard, _zero_reason(req, fit)
     if req.gpus == 1:
         return "single GPU", None
+    timed = _by_strategy(req, fit)
     if fit.shard == "fsdp":
         ddp = fit.largest_without("ddp")
         return "fsdp", (f"FSDP full sharding over {req.gpus} GPUs: weights, gradients and optimizer states split 1/N"
                         + (("; replicated (DDP) even batch 1 does not fit" if not ddp else
                             f"; replicated (DDP) the largest micro-batch is {ddp}, sharded "
-                            f"{fit.micro}") if fit.first.shard == "ddp" else ""),
+                            f"{fit.micro}") if fit.first.shard == "ddp" else "") + timed[0],
                         f"sharded over {req.gpus} GPUs"
                         + ((": replicated, batch 1 does not fit" if not ddp else
-                            f": micro-batch {fit.micro}, {ddp} replicated") if fit.first.shard == "ddp" else ""))
-    return "ddp", (("DDP: the replicated model fits on each GPU", "the replicated model fits on each GPU") if fit.fits
+                            f": micro-batch {fit.micro}, {ddp} replicated") if fit.first.shard == "ddp" else "")
+                        + timed[1])
+    return "ddp", (("DDP: the replicated model fits on each GPU" + timed[0],
+                    "the replicated model fits on each GPU" + timed[1]) if fit.fits
                    else ("DDP: nothing fits; see fits", "nothing fits"))
+
+
+def _by_strategy(req: PlanRequest, fit: _Fit) -> tuple[str, str]:
+    """Under ``--strategy auto`` on several GPUs, the fastest predicted setting of each data-parallel mode that fits,
+    fastest first, as a clause of the reason (full, short); empty without predictions or with a forced strategy."""
+    if req.strategy != "auto" or req.gpus == 1 or not fit.timed:
+        return "", ""
+    fastest: dict[str, _Timed] = {}
+    for t in fit.timed:
+        fastest.setdefault(t.option.shard, t)
+    if len(fastest) < 2:
+        return "", ""
+    label = {"ddp": "DDP", "fsdp": "FSDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
+    full = ", ".join(f"{label[shard]} {t.describe()}{' with checkpointing' if t.option.gc else ''}"
+                     for shard, t in fastest.items())
+    short = ", ".join(f"{label[shard]} {fmt_run_length(t.seconds)}" for shard, t in fastest.items())
+    order = ", ".join(label[shard] for shard in req.sharded_strategies)
+    return (f"; the fastest predicted of each that fits (--strategy auto, ties to the earlier of {order}): {full}",
+            f"; predicted {short}")
 
 
 def _zero_reason(req: PlanRequest, fit: _Fit) -> tuple[str, str]:
@@ -859,10 +891,13 @@ def _zero_reason(req: PlanRequest, fit: _Fit) -> tuple[str, str]:
     short_offload = {"none": "", "optimizer": ", optimizer offloaded", "all": ", parameters and optimizer offloaded"}
     host = fit.estimate.host_bytes
     over = f"DeepSpeed ZeRO-{stage} over {req.gpus} GPU{'s' if req.gpus > 1 else ''}"
-    return (f"{over} (set by --strategy): {split}"
+    timed = _by_strategy(req, fit)
+    chosen = "set by --strategy" if req.strategy != "auto" else "the fastest predicted; needs DeepSpeed installed"
+    return (f"{over} ({chosen}): {split}"
             + offload[req.offload] + (f"; host memory per node {fmt_gib(host)} (DeepSpeed's estimator, 1.5x buffer)"
-                                      if host else ""),
-            f"{over}{short_offload[req.offload]}" + (f"; host memory {fmt_gib(host)} per node" if host else ""))
+                                      if host else "") + timed[0],
+            f"{over}{short_offload[req.offload]}" + (f"; host memory {fmt_gib(host)} per node" if host else "")
+            + timed[1])
 
 
 def recommend_plan(req: PlanRequest) -> Plan:

@@ -144,9 +144,13 @@ def load_tokenizer(model_path: str, recipe: Recipe, log: Callable[[str], None]):
 
 
 def _plan_request(recipe: Recipe, spec, gpu, n_train: int):  # -> recommender.plan.PlanRequest
-    """What the recipe asks the planner (the training examples counted from the data unless the recipe says)."""
+    """What the recipe asks the planner (the training examples counted from the data unless the recipe says).
+    ``hardware.strategy: auto`` may take DeepSpeed ZeRO only where it runs: DeepSpeed installed, CUDA GPUs."""
+    import importlib.util
+
     from ..recommender.calibration import lookup
     from ..recommender.plan import PlanRequest
+    from .setup import local_device
 
     targets = recipe.method.target_modules
     return PlanRequest(
@@ -159,6 +163,8 @@ def _plan_request(recipe: Recipe, spec, gpu, n_train: int):  # -> recommender.pl
         weights_dtype=recipe.method.weights_dtype, calibration=lookup(gpu.name, spec.name, recipe.method.type),
         packing=bool(recipe.data.packing), scheduler=recipe.recommend.scheduler,
         strategy=recipe.hardware.strategy, offload=recipe.hardware.offload, trainer=recipe.trainer,
+        deepspeed=recipe.hardware.gpus > 1 and importlib.util.find_spec("deepspeed") is not None
+        and local_device() == "cuda",
     )
 
 

@@ -123,8 +123,8 @@ class HardwareSection:
     #: a GPU name (see ``finetune-helper gpus``), an amount such as 24GB, or ``auto`` (the local GPU).
     gpu: str = "auto"
     gpus: int = 1
-    #: how several GPUs share the work: auto (DDP, or FSDP when it fits a larger micro-batch), ddp, fsdp, or
-    #: DeepSpeed zero2 / zero3 (needs ``pip install deepspeed`` and CUDA GPUs).
+    #: how several GPUs share the work: auto (the fastest predicted of DDP, FSDP and, where DeepSpeed is installed and
+    #: CUDA runs, ZeRO-2 / ZeRO-3), ddp, fsdp, or DeepSpeed zero2 / zero3 (needs ``pip install deepspeed`` and CUDA).
     strategy: str = defaults.STRATEGY
     #: DeepSpeed's offload to host memory: none, optimizer (zero2 / zero3) or all (zero3, parameters too).
     offload: str = defaults.OFFLOAD

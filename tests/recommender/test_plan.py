@@ -190,6 +190,34 @@ def test_multi_gpu_full_finetune_uses_fsdp_when_replication_does_not_fit():
     assert small.time()["total_seconds"] <= replicated.time()["total_seconds"]
 
 
+def test_auto_takes_the_fastest_predicted_of_ddp_fsdp_and_zero_on_several_gpus():
+    # QLoRA Mistral-7B on 8 x RTX 4090: ZeRO-3's sharded 4-bit storage leaves room for batch 1 without
+    # checkpointing, which neither DDP nor FSDP does; it is the fastest predicted, and each forced strategy is slower
+    kwargs = dict(gpu="RTX 4090", gpus=8, method="qlora", dataset_size=300, epochs=3)
+    auto = fh.recommend("mistralai/Mistral-7B-v0.1", **kwargs)
+    assert auto.distributed == "zero3" and not auto.gradient_checkpointing
+    forced = {s: fh.recommend("mistralai/Mistral-7B-v0.1", strategy=s, **kwargs) for s in ("ddp", "fsdp", "zero2")}
+    assert all(auto.run_seconds < p.run_seconds for p in forced.values())
+    reason = auto.reasons["distributed"]
+    assert "the fastest predicted; needs DeepSpeed installed" in reason
+    assert re.search(r"ZeRO-3 1 x 2, .*DDP .* with checkpointing", reason), reason
+    assert "deepspeed" in auto.training_kwargs()
+    # without DeepSpeed where it runs (the runner's PlanRequest.deepspeed), auto keeps to PyTorch's own modes
+    native = recommend_plan(dataclasses.replace(auto.request, deepspeed=False))
+    assert native.distributed in ("ddp", "fsdp") and "ZeRO" not in native.reasons["distributed"]
+    assert native.run_seconds >= auto.run_seconds
+
+
+def test_auto_never_puts_pure_bf16_weights_or_8bit_states_under_zero():
+    from finetune_helper.recommender.plan import _fit_options
+
+    req = dataclasses.replace(fh.recommend("Qwen/Qwen2.5-7B", gpu="L4", gpus=8, method="full").request)
+    options = _fit_options(req)
+    assert {o.shard for o in options} == {"ddp", "fsdp", "zero2", "zero3"}
+    assert all(o.weights is None and not is_eight_bit(o.optim) for o in options if o.shard.startswith("zero"))
+    assert any(o.weights == "bf16" for o in options) and any(is_eight_bit(o.optim) for o in options)
+
+
 def test_effective_batch_never_exceeds_the_dataset():
     plan = fh.recommend(QWEN_05B, gpu="H100", dataset_size=50, target_effective_batch=64)
     assert plan.effective_batch_size <= 50 + plan.per_device_train_batch_size

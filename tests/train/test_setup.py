@@ -52,3 +52,30 @@ def test_label_smoothing_takes_the_full_logits_path():
     assert executed_setup(recipe({"type": "full"}), SPEC, ARGS, device="cuda").loss == "fused"
     smoothed = {**ARGS, "label_smoothing_factor": 0.1}
     assert executed_setup(recipe({"type": "full"}), SPEC, smoothed, device="cuda").loss == "logits"
+
+
+
+def test_the_runner_lets_auto_choose_deepspeed_only_where_it_runs(monkeypatch):
+    """``hardware.strategy: auto`` on several GPUs may take ZeRO only with DeepSpeed installed and CUDA GPUs."""
+    import importlib.util
+
+    from finetune_helper.recommender.gpu import resolve_gpu
+    from finetune_helper.train import prepare
+
+    spec = ModelSpec.from_config(find_model("mistralai/Mistral-7B-v0.1")["config"], name="mistralai/Mistral-7B-v0.1")
+    gpu = resolve_gpu("RTX 4090")
+    real = importlib.util.find_spec
+
+    def request(gpus: int, device: str, installed: bool):
+        recipe = recipe_from_dict({"model": {"name": spec.name}, "method": {"type": "qlora"},
+                                   "data": {"path": "x.jsonl"}, "hardware": {"gpu": "RTX 4090", "gpus": gpus}})
+        monkeypatch.setattr("finetune_helper.train.setup.local_device", lambda: device)
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (real("json") if installed else None)
+                            if name == "deepspeed" else real(name, *a))
+        return prepare._plan_request(recipe, spec, gpu, 300)
+
+    assert request(8, "cuda", True).deepspeed
+    assert "zero3" in request(8, "cuda", True).sharded_strategies
+    for gpus, device, installed in ((8, "cpu", True), (8, "cuda", False), (1, "cuda", True)):
+        req = request(gpus, device, installed)
+        assert not req.deepspeed and not set(req.sharded_strategies) & {"zero2", "zero3"}, (gpus, device, installed)
