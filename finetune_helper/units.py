@@ -71,7 +71,10 @@ def fmt_duration(seconds: float) -> str:
 
 
 def fmt_run_length(seconds: float) -> str:
-    """``45 s``, ``12 min``, ``3 h 05 min``, ``2 d 4 h``: a run's length at the precision a plan has."""
+    """``0.42 s``, ``45 s``, ``12 min``, ``3 h 05 min``, ``2 d 4 h``: a run's length at the precision a plan has
+    (two significant digits under 10 s, where a tiny model's whole run falls)."""
+    if seconds < 9.95:
+        return f"{seconds:.2g} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     minutes = seconds / 60

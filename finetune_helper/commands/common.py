@@ -65,9 +65,11 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    "free (default: %(default)s)")
     p.add_argument("--weights-dtype", default=None, choices=("fp32", "bf16"), help="full fine-tuning's weights "
                    "(default: fp32 masters under autocast, pure bf16 only when that does not fit)")
-    p.add_argument("--packing", action="store_true", help="the data is packed (TRL packing=True, padding-free): "
-                   "examples are packed into rows of --seq-len tokens, a micro-batch of rows runs as one row, and "
-                   "--dataset-size counts rows")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="the data is packed (TRL packing=True, padding-free): examples are packed into rows of "
+                   "--seq-len tokens, a micro-batch of rows runs as one row, and --dataset-size counts rows (default: "
+                   "off; with --data, packed where predicted faster and a variable-length attention kernel, "
+                   "flash_attention_2, runs)")
     p.add_argument("--strategy", default=defaults.STRATEGY, choices=defaults.STRATEGIES,
                    help="several GPUs: auto (the fastest predicted of DDP, FSDP, ZeRO-2 and ZeRO-3 that fits), ddp, "
                    "fsdp, or DeepSpeed zero2 / zero3 (default: %(default)s)")
@@ -151,15 +153,16 @@ def gather_plan_and_data(args: argparse.Namespace):  # -> (Plan, DataProfile | N
                       gradient_checkpointing=args.gradient_checkpointing, safety_margin=args.safety_margin,
                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       lora_target_modules=args.target_modules, weights_dtype=args.weights_dtype,
-                      attn_implementation=args.attn_implementation, packing=args.packing, scheduler=args.scheduler,
-                      strategy=args.strategy, offload=args.offload, trainer=args.trainer, device=args.device,
+                      attn_implementation=args.attn_implementation, packing=bool(args.packing),
+                      scheduler=args.scheduler, strategy=args.strategy, offload=args.offload, trainer=args.trainer,
+                      device=args.device,
                       calibration=lookup(gpu.name, spec.name, args.method))
     if data is None:
         return recommend_plan(req), None
     from ..train.data_profile import plan_with_data
 
     # the request is checked (every flag, --seq-len against the model) before the data is read
-    return plan_with_data(req, profile_for_plan(args, spec))
+    return plan_with_data(req, profile_for_plan(args, spec), choose_packing=args.packing is None)
 
 
 def profile_for_plan(args: argparse.Namespace, spec):  # -> DataProfile

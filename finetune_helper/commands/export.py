@@ -35,12 +35,14 @@ def run(args: argparse.Namespace) -> None:
             print(f"# {line}", file=sys.stderr)
     profile = getattr(args, "data_profile", None)
     if profile is not None:  # what the plan took from --data (`recommend --data` shows the whole profile)
-        counted = (f"{profile.packed_rows:,} packed rows" if args.packing else
+        counted = (f"{profile.packed_rows:,} packed rows" if plan.request.packing else
                    f"{profile.trained_examples:,} of its {profile.examples:,} examples trained")
         print(f"# data: {profile.source}: {counted}; max_length {profile.max_length} "
               f"({'--seq-len' if profile.max_length_given else profile.max_length_source}), "
               f"{profile.truncated_share:.1%} of the examples truncated"
-              + (f" (a sample of {profile.sample_size:,})" if profile.sampled else ""), file=sys.stderr)
+              + (f" (a sample of {profile.sample_size:,})" if profile.sampled else "")
+              + (f"; packing left open, trained {profile.packing_choice}: {profile.packing_choice_reason}"
+                 if profile.packing_choice else ""), file=sys.stderr)
     if args.price_per_hour is not None:
         cost = plan.time(args.price_per_hour).get("cost")
         print(f"# predicted cost: about {cost['total']:,.2f} at {args.price_per_hour:g} per GPU-hour x {cost['gpus']} "

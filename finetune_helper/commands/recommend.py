@@ -120,6 +120,9 @@ def data_lines(profile) -> list[str]:
     lines.append(f"packing (TRL's {profile.packing_strategy}) into rows of {profile.max_length:,} tokens: {rows} rows "
                  f"x {profile.max_length:,} = {profile.packed_positions:,} positions, {fill:.0%} of them tokens "
                  f"(TRL runs packed rows padding-free){verdict}")
+    if profile.packing_choice_reason:
+        lines.append(f"packing left open: the plan trains {profile.packing_choice}; "
+                     f"{profile.packing_choice_reason}")
     if sampled:
         lines.append(f"sampling error: {profile.sample_size:,} of {profile.examples:,} examples tokenized; "
                      + d["sampling_error"])
@@ -155,4 +158,4 @@ def run(args: argparse.Namespace) -> None:
         width = terminal_width(getattr(args, "stdout", None))
         print_plan(plan, explain=args.explain, width=width, price_per_hour=args.price_per_hour)
         if profile is not None:
-            print_data(profile, width, packing=args.packing)
+            print_data(profile, width, packing=plan.request.packing)

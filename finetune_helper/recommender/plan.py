@@ -394,6 +394,7 @@ class Plan:
             "loss": r.loss,
             "device": r.device,
             "seq_len": r.resolved_seq_len,
+            "packing": r.packing,
             "per_device_train_batch_size": self.per_device_train_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "effective_batch_size": self.effective_batch_size,

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FinetuneHelperError, first_line
+from ..units import fmt_run_length
 
 #: examples tokenized at most; larger data is sampled (0 or None: all)
 DEFAULT_SAMPLE = 10_000
@@ -223,6 +224,10 @@ class DataProfile:
     starts: tuple[int, ...] = field(default=(), repr=False, compare=False)
     #: the sample's packed rows (unscaled), at max_length
     sample_packed_rows: int = field(default=0, repr=False)
+    #: how the plan chose between packed and unpacked training when the user left it open (:func:`plan_with_data`
+    #: with ``choose_packing``): ``packed`` / ``unpacked`` with the reason; None when packing was given
+    packing_choice: str | None = None
+    packing_choice_reason: str | None = None
 
     # ----------------------------------------------------------------------------------------------- derived
     @property
@@ -353,7 +358,8 @@ class DataProfile:
                         "unpacked_positions": self.unpacked_positions, "pays": pays,
                         "tokens": round(self.mean_truncated * self.examples),
                         "saving": (1 - self.packed_positions / self.unpacked_positions
-                                   if self.unpacked_positions else None)},
+                                   if self.unpacked_positions else None),
+                        "choice": self.packing_choice, "choice_reason": self.packing_choice_reason},
             "sampling_error": SAMPLING_NOTE if self.sampled else "none: every example was tokenized (the padding "
                                                                  "waste still varies with the batch order: +-1.96 "
                                                                  "standard errors)",
@@ -644,13 +650,68 @@ def profile_data(data: str, *, model: Any, split: str = "train", config: str | N
 
 # ------------------------------------------------------------------------------------------------------ planning
 
-def plan_with_data(req, profile: DataProfile):  # (PlanRequest, DataProfile) -> (Plan, DataProfile)
+#: attention implementations with a variable-length kernel: packed rows attend per example, not as one masked
+#: sequence (TRL warns that padding-free rows need a flash-attention variant; transformers' SDPA builds a
+#: block-diagonal mask over the whole row, quadratic in its length)
+VARLEN_ATTENTION = ("flash_attention_2",)
+
+
+def plan_with_data(req, profile: DataProfile, *, choose_packing: bool = False):  # -> (Plan, DataProfile)
     """Plan ``req`` for the profiled data: the dataset size is the examples SFTTrainer trains on (all but those whose
     answer lies wholly beyond max_length, which it drops; with ``req.packing`` the packed rows at the max_length
     used), the sequence length the recommended max_length unless ``req.seq_len`` is given
     (then the profile must be at that length: ``profile_data(max_length=...)``).  When batch 1 does not fit at the
     recommended length but fits at a shorter one, the longest that fits (:func:`longest_fitting`) is recommended
-    instead, with that reason.  Returns the plan and the profile with its padding waste at the plan's micro-batch."""
+    instead, with that reason.  Returns the plan and the profile with its padding waste at the plan's micro-batch.
+
+    ``choose_packing`` (packing left open by the user): both ways are planned and the one predicted faster for
+    this data is taken (:func:`data_seconds`; without catalog rates for the GPU, the one with fewer positions),
+    packed only where the run's attention has a variable-length kernel (:data:`VARLEN_ATTENTION`) on a GPU; the
+    choice and its reason are in the profile (``packing_choice``)."""
+    if not choose_packing:
+        return _plan_with_data(req, profile)
+    unpacked, u_profile = _plan_with_data(dataclasses.replace(req, packing=False), profile)
+    packed, p_profile = _plan_with_data(dataclasses.replace(req, packing=True), profile)
+    attn = req.attn_implementation or req.model.default_attn_implementation
+    u_time, p_time = data_seconds(unpacked, u_profile), data_seconds(packed, p_profile)
+    if u_time is not None and p_time is not None and packed.fits:
+        better, gain = p_time < u_time, "be faster"
+        figures = (f"packed {fmt_run_length(p_time)} against unpacked {fmt_run_length(u_time)} (predicted for "
+                   f"{req.gpu.name}, unpacked batches padded as this data pads them)")
+    else:
+        better, gain = bool(u_profile.packing_pays) and packed.fits, "take fewer positions"
+        figures = (f"packed rows take {p_profile.packed_positions:,} positions against "
+                   f"{u_profile.unpacked_positions:,} unpacked (no catalog rates for {req.gpu.name} to time them)")
+    varlen = attn in VARLEN_ATTENTION and req.device != "cpu"
+    if better and not varlen:
+        reason = (f"packing would {gain}: {figures}; but {attn}{' on the CPU' if req.device == 'cpu' else ''} "
+                  "has no variable-length kernel and attends a packed row as one masked sequence, quadratic in its "
+                  "length (--attn-implementation flash_attention_2 on a GPU, or --packing, packs)")
+    else:
+        reason = figures + ("" if better else "; --packing packs anyway")
+    choice = "packed" if better and varlen else "unpacked"
+    plan, chosen = (packed, p_profile) if choice == "packed" else (unpacked, u_profile)
+    return plan, dataclasses.replace(chosen, packing_choice=choice, packing_choice_reason=reason)
+
+
+def data_seconds(plan, profile: DataProfile) -> float | None:
+    """The plan's predicted run length on this data (None without catalog rates): packed rows run full (each
+    ``max_length`` tokens, as the plan counts them); unpacked batches process the positions this data pads them to
+    (``profile.with_batch``), so the forward / backward share of the plan's time (timed as full rows) is scaled by
+    those positions over the full rows'; the optimizer steps are as many either way."""
+    time = plan.time()
+    if "total_seconds" not in time:
+        return None
+    if plan.request.packing:
+        return time["total_seconds"]
+    at_batch = profile.with_batch(plan.per_device_train_batch_size)
+    full_rows = plan.request.dataset_size * profile.max_length
+    compute = time["seconds_per_micro_step"] * plan.gradient_accumulation_steps * plan.total_steps
+    return compute * at_batch.unpacked_positions / full_rows + (time["total_seconds"] - compute)
+
+
+def _plan_with_data(req, profile: DataProfile):  # (PlanRequest, DataProfile) -> (Plan, DataProfile)
+    """:func:`plan_with_data` with the packing ``req`` says."""
     from ..recommender.plan import recommend_plan
 
     given = req.seq_len is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import random
 from pathlib import Path
 
@@ -123,3 +124,29 @@ def test_bad_data_input_is_one_line_naming_the_flag(capsys, data, extra, flag):
     code, out, err = main(capsys, *argv)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and flag in err, err
+
+
+@integration
+def test_packing_left_open_is_chosen_by_the_predicted_time_on_this_data(capsys, data):
+    """Without --packing / --no-packing, --data plans both ways: packed where it is predicted faster for this data and
+    a variable-length attention kernel runs (flash_attention_2 on a GPU), otherwise unpacked with the reason."""
+    a100 = ["--model", TINY_BASE, "--gpu", "A100 80GB", "--data", str(data), "--json"]
+    flash = [*a100, "--attn-implementation", "flash_attention_2"]
+    runs = {name: json.loads(main(capsys, "recommend", *argv)[1]) for name, argv in (
+        ("flash", flash), ("flash-packed", [*flash, "--packing"]), ("flash-unpacked", [*flash, "--no-packing"]),
+        ("sdpa", a100), ("cpu", [*flash, "--device", "cpu"]))}
+    chosen = runs["flash"]["data"]["packing"]
+    assert chosen["choice"] == "packed" and runs["flash"]["packing"]
+    times = re.findall(r"packed ([\d.]+) s against unpacked ([\d.]+) s", chosen["choice_reason"])
+    assert times and float(times[0][0]) < float(times[0][1]), chosen["choice_reason"]
+    # the packed plan is the one --packing gives; --packing / --no-packing leave nothing to choose
+    same = ("per_device_train_batch_size", "gradient_accumulation_steps", "total_steps", "seq_len")
+    assert all(runs["flash"][k] == runs["flash-packed"][k] for k in same)
+    assert runs["flash"]["total_steps"] < runs["flash-unpacked"]["total_steps"]
+    assert runs["flash-packed"]["data"]["packing"]["choice"] is None is runs["flash-unpacked"]["data"]["packing"][
+        "choice"]
+    # SDPA attends a packed row as one masked sequence (quadratic in its length), the CPU has no varlen kernel
+    assert runs["sdpa"]["data"]["packing"]["choice"] == "unpacked" and not runs["sdpa"]["packing"]
+    cpu = runs["cpu"]["data"]["packing"]
+    assert cpu["choice"] == "unpacked" and "flash_attention_2 on the CPU has no variable-length kernel" in cpu[
+        "choice_reason"], cpu["choice_reason"]
