@@ -13,14 +13,16 @@ and per optimizer step:
     optimizer = bytes the update touches (weights, gradients, states, clipping) / memory bandwidth
     reduce    = DDP: the gradients' all-reduce, overlapped with the last backward (only what exceeds it counts);
                 ZeRO-2: the gradients reduce-scattered each micro-step, the weights all-gathered after the step
-    offload   = DeepSpeed's optimizer offload: gradients to the host and weights back over PCIe
+    offload   = DeepSpeed's optimizer offload: gradients to the host and weights back over PCIe, and the host's
+                Adam step (synchronous): each rank's partition at one thread per rank (torchrun's default with
+                several processes), never faster than the node's memory bandwidth allows
 
     step = accumulation x micro + optimizer + reduce + offload;  tokens/s per GPU = tokens per GPU per step / step
 
 The efficiency and every other constant are in ``data/throughput.yaml`` with their sources; ``benchmarks/
 time_vs_published.py`` derives the efficiency from published non-HF rows and tests the model on held-out
-HF-Trainer / TRL rows.  Not modelled: eager launch overhead (tiny micro-steps run slower than predicted), the
-host's Adam under offload (only the PCIe transfers), data loading, evaluation and checkpoint saves.
+HF-Trainer / TRL rows.  Not modelled: eager launch overhead (tiny micro-steps run slower than predicted), data
+loading, evaluation and checkpoint saves.
 """
 
 from __future__ import annotations
@@ -109,6 +111,19 @@ def _optimizer_bytes(spec: ModelSpec, setup: TrainingSetup) -> float:
     return n * (elem * (_UPDATE_TOUCHES["weight"] + _UPDATE_TOUCHES["gradient"]) + 2 * info.states * state)
 
 
+def host_adam_seconds(n_train: int, gpus: int) -> float:
+    """The host's Adam step under DeepSpeed's optimizer offload, per optimizer step (``data/throughput.yaml``,
+    ``host_adam``): each rank's partition at one thread when several ranks share a node (torchrun's
+    OMP_NUM_THREADS=1), and never faster than the node's memory bandwidth moves the whole node's partitions."""
+    const = constants()
+    host = const["host_adam"]
+    per_node = min(gpus, const["gpus_per_node"])
+    partition = n_train / gpus
+    threads = partition * host["ns_per_parameter_per_thread"] * 1e-9 if per_node > 1 else 0.0
+    bandwidth = partition * per_node * host["bytes_per_parameter"] / (host["host_memory_gbps"] * 1e9)
+    return max(threads, bandwidth)
+
+
 def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GPUSpec, *, gpus: int = 1, sharding: str = "none",
               accumulation: int = 1, offload: str = "none", efficiency: float | None = None,
               speedup: float = 1.0) -> StepTime | None:
@@ -148,9 +163,11 @@ def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GPUSpec, *, gpus: int 
     optimizer = _optimizer_bytes(spec, setup) / (gpus if sharding in ("fsdp", "zero2", "zero3") else 1) / bandwidth
     offload_seconds = 0.0
     if offload != "none":
-        offload_seconds = n_train / gpus * (elem + half) / (const["offload_pcie_gbps"] * 1e9)
-        optimizer = 0.0  # the host runs the update (its time is not modelled)
-        parts["offload_pcie"] = offload_seconds
+        pcie = n_train / gpus * (elem + half) / (const["offload_pcie_gbps"] * 1e9)
+        optimizer = 0.0  # the host runs the update
+        parts["offload_pcie"] = pcie
+        parts["host_adam"] = host_adam_seconds(n_train, gpus)
+        offload_seconds = pcie + parts["host_adam"]
     parts["optimizer"] = optimizer
     return StepTime(tokens_per_micro_step=setup.tokens, accumulation=accumulation, micro_step=micro,
                     optimizer=optimizer, communication=communication, offload=offload_seconds, bound=bound,

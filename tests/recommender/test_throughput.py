@@ -68,8 +68,31 @@ def test_the_printed_plan_gives_the_predicted_time(capsys, monkeypatch):
 
 
 def test_durations_read_at_a_plans_precision():
-    assert [fmt_run_length(s) for s in (42, 600, 3 * 3600 + 5 * 60, 50 * 3600)] == ["42 s", "10 min", "3 h 05 min",
-                                                                                  "2 d 2 h"]
+    assert [fmt_run_length(s) for s in (0.0042, 4.2, 42, 600, 3 * 3600 + 5 * 60, 50 * 3600)] == [
+        "0.0042 s", "4.2 s", "42 s", "10 min", "3 h 05 min", "2 d 2 h"]
+
+
+def test_offload_steps_include_the_hosts_adam_at_one_thread_per_rank():
+    """DeepSpeed's CPU Adam runs synchronously in the optimizer step: with several ranks per node each updates its
+    partition on one thread (torchrun's OMP_NUM_THREADS=1), so 8 ranks take a quarter of 2 ranks' host time; one
+    process uses every core and is bound by the host's memory bandwidth instead."""
+    from finetune_helper.recommender.gpu import resolve_gpu
+    from finetune_helper.recommender.model import resolve_model
+    from finetune_helper.recommender.throughput import constants, step_time
+    from finetune_helper.recommender.training_setup import TrainingSetup
+
+    spec, gpu = resolve_model("meta-llama/Llama-3.1-8B"), resolve_gpu("RTX 4090")
+    setup = TrainingSetup(method="full", micro_batch_size=1, seq_len=2048, gradient_checkpointing=True)
+    host = {n: step_time(spec, setup, gpu, gpus=n, sharding="zero3", offload="optimizer") for n in (1, 2, 8)}
+    plain = step_time(spec, setup, gpu, gpus=2, sharding="zero3")
+    assert "host_adam" not in plain.parts and all("host_adam" in t.parts for t in host.values())
+    adam = {n: t.parts["host_adam"] for n, t in host.items()}
+    assert adam[2] == pytest.approx(4 * adam[8])
+    const = constants()["host_adam"]
+    n = spec.num_parameters()
+    assert adam[1] == pytest.approx(n * const["bytes_per_parameter"] / (const["host_memory_gbps"] * 1e9))
+    assert adam[1] < adam[2]  # every core of one host against one thread per rank
+    assert host[2].seconds_per_step > plain.seconds_per_step + adam[2] - plain.optimizer
 
 
 def test_the_stored_efficiency_is_what_the_calibration_rows_give(capsys):
