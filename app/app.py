@@ -765,7 +765,7 @@ def _recommend_tab(app: App) -> SimpleNamespace:
         t.scheduler = gr.Dropdown(list(defaults.SCHEDULES), value=defaults.SCHEDULER, label="LR schedule",
                                   elem_id="scheduler")
         t.strategy = gr.Dropdown(list(defaults.STRATEGIES), value=defaults.STRATEGY, label="Several GPUs",
-                                 info="auto: DDP, or FSDP for a larger micro-batch; zero2 / zero3: DeepSpeed",
+                                 info="auto: the fastest predicted of DDP, FSDP, ZeRO-2, ZeRO-3; zero2 / zero3: DeepSpeed",
                                  elem_id="strategy")
         t.offload = gr.Dropdown(list(defaults.OFFLOADS), value=defaults.OFFLOAD, label="Offload to host",
                                 info="DeepSpeed: optimizer (zero2 / zero3), all (zero3)", elem_id="offload")
