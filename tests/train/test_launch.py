@@ -93,16 +93,19 @@ def test_the_checkpoint_size_bounds_what_a_real_checkpoint_writes(tmp_path, meth
 
 # ------------------------------------------------------------------------------------------ concurrent launches
 @pytest.mark.integration
-def test_two_concurrent_two_process_runs_on_one_node_both_finish(tmp_path):
+def test_two_concurrent_two_process_runs_on_one_node_both_finish(two_process_runs):
     """The app starts runs on disjoint GPUs side by side: two launches of 2 processes each, at once, each with its
-    own rendezvous (one shared port would refuse the second or join it to the first)."""
-    runs = {name: finetune_helper(tmp_path / f"{name}.log", "run", str(TINY), "--gpus", "2", "--output-dir",
-                                  str(tmp_path / name), "training.max_steps=2", "data.max_examples=200")
-            for name in ("a", "b")}
-    for name, proc in runs.items():
-        assert proc.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
-        summary = json.loads((tmp_path / name / "summary.json").read_text())
-        assert summary["status"] == "done" and summary["processes"] == 2 and summary["global_step"] == 2
+    own rendezvous (one shared port would refuse the second or join it to the first).  The two launches are the
+    session's ``two_process_runs`` (tests/train/conftest.py), which other tests read too."""
+    from .conftest import TWO_PROCESS_RUNS
+
+    assert set(two_process_runs) == set(TWO_PROCESS_RUNS) and len(two_process_runs) == 2
+    for name, run in two_process_runs.items():
+        assert run["returncode"] == 0, (run["stdout"] + run["stderr"])[-3000:]
+        assert "--standalone" in run["stdout"] and "--master_port" not in run["stdout"]  # neither chose a port
+        max_steps = next(int(o.split("=")[1]) for o in TWO_PROCESS_RUNS[name] if o.startswith("training.max_steps="))
+        summary = run["summary"]
+        assert summary["status"] == "done" and summary["processes"] == 2 and summary["global_step"] == max_steps
 
 
 # --------------------------------------------------------------------------------------------- Ctrl-C, slow save
@@ -258,13 +261,13 @@ def test_a_signal_that_reaches_one_rank_stops_every_rank_at_the_same_step(tmp_pa
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_resume_of_a_two_process_run_checks_its_changes_before_launching(tmp_path):
+def test_a_resume_of_a_two_process_run_checks_its_changes_before_launching(two_process_runs):
     """What one process refuses in one line (exit 2) is refused before N processes start: a resume on another
-    number of GPUs, or with another max_length, is one line, and no worker ran."""
-    out, log = tmp_path / "g2", tmp_path / "g2.log"
-    proc = finetune_helper(log, "run", str(TINY), "--gpus", "2", "--output-dir", str(out), "training.max_steps=2",
-                           "training.save_steps=2", "data.max_examples=100")
-    assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+    number of GPUs, or with another max_length, is one line, and no worker ran.  The run: the session's "g2" of
+    ``two_process_runs`` (``run --gpus 2``, 2 steps, a checkpoint at step 2)."""
+    g2 = two_process_runs["g2"]
+    out = g2["run_dir"]
+    assert g2["returncode"] == 0, (g2["stdout"] + g2["stderr"])[-3000:]
     for args, field in ((["--gpus", "3"], "hardware.gpus"), (["--gpus", "2", "data.max_length=32"], "data.max_length")):
         done = subprocess.run([sys.executable, "-m", "finetune_helper", "resume", str(out), *args,
                                "training.max_steps=4"], capture_output=True, text=True, timeout=120)

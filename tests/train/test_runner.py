@@ -430,9 +430,9 @@ def test_an_unwritable_run_folder_and_eval_without_held_out_data_are_field_error
         assert exit_info.value.code == 2 and len(err) == 1 and needle in err[0], err
 
 
-def test_a_run_killed_with_sigkill_resumes_from_its_folder(tmp_path):
+def test_a_run_killed_with_sigkill_resumes_from_its_folder(tmp_path, capsys):
     """A real `finetune-helper run` process killed with SIGKILL (no handler runs, a save may be cut short) continues
-    with `finetune-helper resume RUN_DIR` to its final step."""
+    with `finetune-helper resume RUN_DIR` (the command, in this process) to its final step."""
     import subprocess
     import sys
     import time
@@ -448,25 +448,23 @@ def test_a_run_killed_with_sigkill_resumes_from_its_folder(tmp_path):
     proc.wait()
     assert (out / "checkpoint-6").exists() and not (out / "summary.json").exists()
     end = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) + 4
-    done = subprocess.run([sys.executable, "-m", "finetune_helper", "resume", str(out), f"training.max_steps={end}"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    code = cli.main(["resume", str(out), f"training.max_steps={end}"])
+    assert code == 0, capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["global_step"] == end
 
 
-def test_two_processes_train_data_parallel_write_the_folder_once_and_resume(tmp_path):
+def test_two_processes_train_data_parallel_write_the_folder_once_and_resume(two_process_runs):
     """`run --gpus 2` on a machine without CUDA: torchrun starts two CPU processes (gloo), the same launch path as
-    on GPUs. Both train (the plan's effective batch counts both), rank 0 alone writes, and resume continues it."""
+    on GPUs. Both train (the plan's effective batch counts both), rank 0 alone writes, and resume continues it.
+    The first run is the session's "ddp" of ``two_process_runs`` (tests/train/conftest.py: ``run --gpus 2``, 4 steps
+    logged every step, saved every 2, 300 examples), launched beside another; this test alone resumes it."""
     import subprocess
     import sys
 
-    out = tmp_path / "ddp"
-    first = subprocess.run([sys.executable, "-m", "finetune_helper", "run", str(TINY), "--gpus", "2", "--output-dir",
-                            str(out), "--main-port", "29531", *steps(4, "training.save_steps=2",
-                                                                       "data.max_examples=300")],
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "launching 2 processes" in first.stdout and first.stdout.count("run: done at step 4/4") == 1
+    first = two_process_runs["ddp"]
+    out = first["run_dir"]
+    assert first["returncode"] == 0, first["stderr"][-2000:]
+    assert "launching 2 processes" in first["stdout"] and first["stdout"].count("run: done at step 4/4") == 1
     plan = json.loads((out / "plan.json").read_text())
     args = json.loads((out / "training_args.json").read_text())
     assert plan["gpus"] == 2 and plan["distributed"] == "ddp"
@@ -487,19 +485,16 @@ def test_two_processes_train_data_parallel_write_the_folder_once_and_resume(tmp_
 
 
 @pytest.mark.parametrize("visible, expected", [(None, "0"), ("1", "1")])
-def test_a_one_gpu_run_is_pinned_to_one_gpu(tmp_path, visible, expected):
+def test_a_one_gpu_run_is_pinned_to_one_gpu(tmp_path, monkeypatch, capsys, visible, expected):
     """Without a launcher a one-GPU run sees one GPU (CUDA_VISIBLE_DEVICES=0 unless the user chose one), so the
-    Trainer never takes a multi-GPU node's every GPU (n_gpu > 1, which SFTTrainer refuses)."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    Trainer never takes a multi-GPU node's every GPU (n_gpu > 1, which SFTTrainer refuses).  The command runs in this
+    process, in an environment without the variable or with the user's choice (monkeypatch restores it after)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     if visible is not None:
-        env["CUDA_VISIBLE_DEVICES"] = visible
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     out = tmp_path / "dry"
-    done = subprocess.run([sys.executable, "-m", "finetune_helper", "run", str(TINY), "--dry-run", "--output-dir",
-                           str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    code = cli.main(["run", str(TINY), "--dry-run", "--output-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
     assert json.loads((out / "plan.json").read_text())["cuda_visible_devices"] == expected
 
 
@@ -730,23 +725,25 @@ def test_an_fsdp_plan_on_cpu_processes_trains_data_parallel_and_says_so(tmp_path
     assert json.loads((out / "summary.json").read_text())["processes"] == 2
 
 
-def test_resume_from_another_directory_keeps_the_run_folder(tmp_path):
+def test_resume_from_another_directory_keeps_the_run_folder(tmp_path, monkeypatch, capsys):
     """A run started with a relative --output-dir saved that path in training_args.json; resumed from elsewhere it
-    still trains into its own folder (not into a new one under the current directory)."""
+    still trains into its own folder (not into a new one under the current directory).  The run is the command in
+    this process, in its directory; the resume a process of its own, started in another."""
     import subprocess
     import sys
 
     first_cwd, other_cwd = tmp_path / "first", tmp_path / "elsewhere"
     first_cwd.mkdir()
     other_cwd.mkdir()
-    cmd = [sys.executable, "-m", "finetune_helper"]
-    done = subprocess.run([*cmd, "run", str(TINY), "--output-dir", "runs/rel",
-                           *steps(2, "training.save_steps=2", "data.max_examples=100")],
-                          cwd=first_cwd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.chdir(first_cwd)
+    code = cli.main(["run", str(TINY), "--output-dir", "runs/rel",
+                     *steps(2, "training.save_steps=2", "data.max_examples=100")])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    monkeypatch.chdir(tmp_path)
+    assert json.loads((first_cwd / "runs" / "rel" / "training_args.json").read_text())["output_dir"] == "runs/rel"
     run_dir = first_cwd / "runs" / "rel"
-    again = subprocess.run([*cmd, "resume", str(run_dir), "training.max_steps=4"], cwd=other_cwd,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, "-m", "finetune_helper", "resume", str(run_dir), "training.max_steps=4"],
+                           cwd=other_cwd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (run_dir / "checkpoint-4").is_dir() and not (other_cwd / "runs").exists()
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 4
