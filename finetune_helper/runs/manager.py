@@ -208,12 +208,13 @@ def _pid_alive(pid: int | None) -> bool:
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():  # Linux: guard against a recycled pid, and count a zombie as ended
         try:
-            if b"finetune_helper" not in cmdline.read_bytes():
-                return False
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            return stat.rsplit(")", 1)[1].split()[0] != "Z"
+            argv = cmdline.read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             return False
+        # an empty command line: a zombie's, or that of a program the kernel is still setting up right after its exec
+        # (Popen has returned; seen on a loaded machine, where a start beside it then took the GPU of a live run)
+        return state != "Z" and (not argv or b"finetune_helper" in argv)
     return True
 
 

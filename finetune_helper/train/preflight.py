@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import FinetuneHelperError
 from . import run_folder
+from .launch import in_launcher
 from .recipe import Recipe
 from .setup import local_device
 
@@ -19,6 +20,10 @@ def check_run_folder(run_dir: Path, *, dry_run: bool, resume: bool) -> None:
     """Refuse, before anything is written, what would write over a run or a user's file."""
     if run_dir.exists() and not run_dir.is_dir():
         raise FinetuneHelperError("output-dir", f"{run_dir} is a file, not a folder")
+    # a folder another run or resume holds is refused here, in a second, not after loading the stack to compare the
+    # recipes; a launcher's workers train under their launcher's hold (and the lock itself still settles a race)
+    if not in_launcher() and (pid := run_folder.holder(run_dir)) is not None:
+        raise run_folder.in_use_error(run_dir, pid)
     _check_writable(run_dir)
     own = run_dir / run_folder.RECIPE
     if own.exists() and not run_folder.is_own_recipe(own):

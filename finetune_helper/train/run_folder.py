@@ -100,11 +100,9 @@ class FolderLock:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            holder = fh.read().strip()
+            pid = fh.read().strip()
             fh.close()
-            raise FinetuneHelperError("output-dir", f"{self.path.parent} is in use by another run or resume (process "
-                                      f"{holder or '?'}): one process trains into a run folder at a time; stop it "
-                                      "first, or choose another --output-dir (nothing was changed)") from None
+            raise in_use_error(self.path.parent, pid) from None
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
@@ -117,8 +115,16 @@ class FolderLock:
             self._fh = None
 
 
-def in_use(run_dir: Path) -> bool:
-    """Whether a process holds the run folder's :class:`FolderLock` now."""
+def in_use_error(run_dir: Path, pid: str) -> FinetuneHelperError:
+    """The one-line refusal of a run folder another process holds (``pid``, as its lock file says)."""
+    return FinetuneHelperError("output-dir", f"{run_dir} is in use by another run or resume (process {pid or '?'}): "
+                               "one process trains into a run folder at a time; stop it first, or choose another "
+                               "--output-dir (nothing was changed)")
+
+
+def holder(run_dir: Path) -> str | None:
+    """The pid written by the process that holds the run folder's :class:`FolderLock` now ('' when unreadable), or
+    None when no process holds it."""
     import fcntl
 
     path = Path(run_dir) / LOCK
@@ -127,10 +133,15 @@ def in_use(run_dir: Path) -> bool:
             try:
                 fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return True
-            return False
+                return fh.read().strip()
+            return None
     except OSError:
-        return False
+        return None
+
+
+def in_use(run_dir: Path) -> bool:
+    """Whether a process holds the run folder's :class:`FolderLock` now."""
+    return holder(run_dir) is not None
 
 
 # ------------------------------------------------------------------------------------------- the run's inputs

@@ -1,4 +1,5 @@
-"""The command line, run as a user runs it: a fresh process, real output, real exit codes."""
+"""The command line, run as a user runs it: a fresh process, real output, real exit codes (the many bad-input cases
+through the entry point's ``main`` in this process, two of them from a fresh process too)."""
 
 from __future__ import annotations
 
@@ -124,12 +125,28 @@ def test_catalog_listings():
     (["estimate", "--model", "llama-3.1-8b", "--gpus", "8", "--offload", "all"], "--offload"),
     (["export", "--model", "llama-3.1-8b", "--gpu", "H100", "--scheduler", "step_decay"], "--scheduler"),
 ])
-def test_bad_input_is_one_line_exit_2(args, flag):
+def test_bad_input_is_one_line_exit_2(args, flag, capsys):
+    """In this process (the entry point's ``main``: a fresh process for each case spent its time starting Python);
+    an exception other than the exit would fail the test, as a traceback would."""
+    from finetune_helper import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("finetune-helper: error: ") and flag in lines[0]
+
+
+@pytest.mark.parametrize("args,flag", [(["recommend", "--model", "llama-3.1-8b", "--gpu", "H1000"], "--gpu"),
+                                       (["estimate", "--model", "llama-3.1-8b", "--batch", "x"], "--batch")])
+def test_bad_input_from_a_fresh_process_is_one_line_exit_2(args, flag):
+    """The same from the command a user types: a core refusal and an argument parser's, exit code 2, no traceback."""
     proc = run(*args, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("finetune-helper: error: ") and flag in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("finetune-helper: error: ") and flag in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -23,14 +23,19 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_lr_find_sweeps_the_real_model_and_suggests_within_the_bounds(tmp_path):
+def test_lr_find_sweeps_the_real_model_and_suggests_within_the_bounds(tmp_path, monkeypatch, capsys):
+    """The command, in this process (a process of its own spent ~8 s importing what this one has), from tmp_path."""
+    from finetune_helper import cli
+
     base = ROOT / "finetune_helper" / "train" / "tiny-base"
     before = digest(base)
-    out = subprocess.run([sys.executable, "-m", "finetune_helper", "lr-find", str(TINY), "--steps", "40", "--json",
-                          "--plot", str(tmp_path / "curve.png"), "data.max_examples=600"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the command pins one GPU: undone after the test
+    code = cli.main(["lr-find", str(TINY), "--steps", "40", "--json", "--plot", str(tmp_path / "curve.png"),
+                     "data.max_examples=600"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    result = json.loads(out.out)
     assert set(result) >= {"lrs", "losses", "suggested_lr", "suggested_lr_clamped", "rule_lr", "plot"}
     lrs, losses = result["lrs"], result["losses"]
     assert lrs[0] == pytest.approx(1e-7) and len(lrs) == len(losses) and 10 <= len(lrs) <= 40

@@ -365,7 +365,12 @@ def test_overlapping_gpu_sets_block_each_other(ws, manager, first, second):
 
 
 def _visible_devices(pid: int) -> str | None:
-    env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+    # Popen returns once the child's exec has begun (its close-on-exec pipe closed), but the kernel sets up the new
+    # program's environment a little later: until then /proc/PID/environ reads empty (seen on a loaded machine)
+    deadline = time.time() + 10
+    while not (raw := Path(f"/proc/{pid}/environ").read_bytes()) and time.time() < deadline:
+        time.sleep(0.01)
+    env = dict(kv.split(b"=", 1) for kv in raw.split(b"\0") if b"=" in kv)
     value = env.get(b"CUDA_VISIBLE_DEVICES")
     return value.decode() if value is not None else None
 

@@ -21,12 +21,28 @@ TWO_PROCESS_RUNS = {
 
 
 @pytest.fixture(scope="session")
-def two_process_runs(tmp_path_factory) -> dict[str, dict]:
+def two_process_runs(tmp_path_factory, worker_id) -> dict[str, dict]:
     """``run --gpus 2`` of each of :data:`TWO_PROCESS_RUNS`, started at once and waited for (one launch of each
     instead of one per test: a 2-process launch of the tiny model takes ~20 s on 2 cores).  Per name: ``run_dir``,
     ``returncode``, ``stdout``, ``stderr`` and ``summary`` (summary.json as it was when both had ended: a test may
-    resume "ddp" afterwards)."""
-    root = tmp_path_factory.mktemp("two-process-runs")
+    resume "ddp" afterwards).  Under pytest-xdist the first worker to ask launches them, the others read its record
+    (pytest-xdist's recipe for a session fixture shared by the workers)."""
+    if worker_id == "master":
+        return _launch(tmp_path_factory.mktemp("two-process-runs"))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the workers' common folder
+    record = shared / "two-process-runs.json"
+    with FileLock(str(record) + ".lock"):
+        if not record.is_file():
+            runs = _launch(shared / "two-process-runs")
+            record.write_text(json.dumps({name: {**run, "run_dir": str(run["run_dir"])} for name, run in runs.items()}))
+        runs = json.loads(record.read_text())
+    return {name: {**run, "run_dir": Path(run["run_dir"])} for name, run in runs.items()}
+
+
+def _launch(root: Path) -> dict[str, dict]:
+    root.mkdir(parents=True, exist_ok=True)
     procs = {}
     for name, overrides in TWO_PROCESS_RUNS.items():
         with (root / f"{name}.out").open("w") as out, (root / f"{name}.err").open("w") as err:

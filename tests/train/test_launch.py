@@ -277,11 +277,26 @@ def test_a_resume_of_a_two_process_run_checks_its_changes_before_launching(two_p
         assert "launching" not in done.stdout
 
 
+#: the command as its entry point runs it, then which of the training stack's packages it had imported
+REFUSAL = """
+import sys, runpy
+sys.argv, code = ["finetune-helper", *sys.argv[1:]], 0
+try:
+    runpy.run_module("finetune_helper", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+print("HEAVY", sorted(m for m in ("torch", "transformers", "trl", "peft", "datasets") if m in sys.modules),
+      file=sys.stderr)
+sys.exit(code)
+"""
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_run_folder_in_use_is_refused_to_a_second_writer(tmp_path):
     """One run folder, one writer: while a run trains, ``resume`` of its folder (and ``run --resume``) is refused in
-    one line and leaves its files alone; once it has ended the lock is gone (the OS releases it)."""
+    one line, at once (before the training stack is imported), and leaves its files alone; once it has ended the lock
+    is gone (the OS releases it)."""
     out, log = tmp_path / "run", tmp_path / "run.log"
     proc = finetune_helper(log, "run", str(TINY), "--output-dir", str(out), "training.max_steps=2000",
                            "training.save_steps=2", "training.logging_steps=1", "data.max_examples=300",
@@ -295,10 +310,10 @@ def test_a_run_folder_in_use_is_refused_to_a_second_writer(tmp_path):
         for argv in (["resume", str(out)], ["run", str(TINY), "--resume", "--output-dir", str(out),
                                              "training.max_steps=2000", "training.save_steps=2",
                                              "training.logging_steps=1", "data.max_examples=300"]):
-            done = subprocess.run([sys.executable, "-m", "finetune_helper", *argv], capture_output=True, text=True,
-                                  timeout=120)
-            err = done.stderr.strip().splitlines()
+            done = subprocess.run([sys.executable, "-c", REFUSAL, *argv], capture_output=True, text=True, timeout=120)
+            *err, heavy = done.stderr.strip().splitlines()
             assert done.returncode == 2 and len(err) == 1 and "is in use by another run" in err[0], done.stderr
+            assert heavy == "HEAVY []", done.stderr
         assert {name: (out / name).read_bytes() for name in files} == files
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

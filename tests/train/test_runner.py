@@ -714,7 +714,7 @@ def test_an_fsdp_plan_on_cpu_processes_trains_data_parallel_and_says_so(tmp_path
     assert json.loads((tmp_path / "dry" / "training_args.json").read_text())["fsdp"]
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "finetune_helper", "run", str(TINY), "--output-dir", str(out),
-                           "--main-port", "29533", *fsdp, *steps(2, "data.max_examples=200")],
+                           "--main-port", "29534", *fsdp, *steps(2, "data.max_examples=200")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Setting accelerator to CPU" not in done.stdout  # DeepSpeed's notice, when installed, is kept out
