@@ -196,6 +196,10 @@ def _devices(env: dict[str, str], gpu_count: int) -> list[str]:
     return [str(i) for i in range(gpu_count)]
 
 
+#: the ``flags`` bit of /proc/PID/stat that marks a kernel thread (include/linux/sched.h)
+PF_KTHREAD = 0x00200000
+
+
 def _pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -209,12 +213,14 @@ def _pid_alive(pid: int | None) -> bool:
     if cmdline.exists():  # Linux: guard against a recycled pid, and count a zombie as ended
         try:
             argv = cmdline.read_bytes()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             return False
-        # an empty command line: a zombie's, or that of a program the kernel is still setting up right after its exec
-        # (Popen has returned; seen on a loaded machine, where a start beside it then took the GPU of a live run)
-        return state != "Z" and (not argv or b"finetune_helper" in argv)
+        if state == "Z" or int(fields[5]) & PF_KTHREAD:  # ended, or the pid is a kernel thread's now
+            return False
+        # an empty command line is also that of a program the kernel is still setting up right after its exec (Popen
+        # has returned; seen on a loaded machine, where a start beside it then took the GPU of a live run)
+        return not argv or b"finetune_helper" in argv
     return True
 
 

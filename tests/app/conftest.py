@@ -32,8 +32,12 @@ class AppServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = log
+        #: the server's (and its runs') temporary folder: its own, so that a test can watch what its runs leave there
+        #: while other tests (pytest-xdist's other worker) use theirs
+        self.tmp = workspace.parent / f"tmp-{self.port}"
+        self.tmp.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "GRADIO_ANALYTICS_ENABLED": "False", "HF_TOKEN": FAKE_TOKEN,
+               "GRADIO_ANALYTICS_ENABLED": "False", "HF_TOKEN": FAKE_TOKEN, "TMPDIR": str(self.tmp),
                "GRADIO_TEMP_DIR": str(workspace.parent / f"gradio-tmp-{self.port}")}
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "app" / "app.py"), "--port", str(self.port), "--workspace", str(workspace),

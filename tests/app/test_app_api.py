@@ -331,13 +331,13 @@ def test_lr_find_from_the_train_tab_runs_the_range_test_and_returns_its_curve(cl
     assert lo <= curve["suggested_lr_clamped"] <= hi
 
 
-def test_stop_on_find_lr_keeps_the_curve_so_far_and_leaves_no_scratch_folder(client):
+def test_stop_on_find_lr_keeps_the_curve_so_far_and_leaves_no_scratch_folder(client, app_server):
     """Stop on a range test: the message says what a sweep does (its curve kept, no checkpoint), the sweep ends
-    after its step with the curve so far (interrupted by SIGTERM), and its scratch folder is removed."""
+    after its step with the curve so far (interrupted by SIGTERM), and its scratch folder is removed (from the
+    server's own TMPDIR, which its runs inherit)."""
     import glob
-    import tempfile
 
-    pattern = str(Path(tempfile.gettempdir()) / "finetune-helper-lr-find-*")
+    pattern = str(app_server.tmp / "finetune-helper-lr-find-*")
     before = set(glob.glob(pattern))
     raw = yaml.safe_load(tiny_recipe(10))
     raw["data"]["max_examples"] = 300
