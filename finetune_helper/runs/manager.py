@@ -198,6 +198,10 @@ def _devices(env: dict[str, str], gpu_count: int) -> list[str]:
 
 #: the ``flags`` bit of /proc/PID/stat that marks a kernel thread (include/linux/sched.h)
 PF_KTHREAD = 0x00200000
+#: how long an empty /proc/PID/cmdline is waited on: it reads empty while the kernel still sets up a program it has
+#: just exec'd (after Popen returned; seen on a loaded machine, both for a run that was then taken for dead and its GPU
+#: given to a second start, and for a stranger process that was taken for a run)
+CMDLINE_WAIT_S = 2.0
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -211,16 +215,18 @@ def _pid_alive(pid: int | None) -> bool:
         return True
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():  # Linux: guard against a recycled pid, and count a zombie as ended
+        deadline = time.time() + CMDLINE_WAIT_S
         try:
-            argv = cmdline.read_bytes()
-            state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            while True:
+                argv = cmdline.read_bytes()
+                state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                if state == "Z" or int(fields[5]) & PF_KTHREAD:  # ended, or the pid is a kernel thread's now
+                    return False
+                if argv or time.time() > deadline:
+                    return b"finetune_helper" in argv
+                time.sleep(0.01)
         except OSError:
             return False
-        if state == "Z" or int(fields[5]) & PF_KTHREAD:  # ended, or the pid is a kernel thread's now
-            return False
-        # an empty command line is also that of a program the kernel is still setting up right after its exec (Popen
-        # has returned; seen on a loaded machine, where a start beside it then took the GPU of a live run)
-        return not argv or b"finetune_helper" in argv
     return True
 
 

@@ -76,19 +76,33 @@ def test_export_writes_file(tmp_path: Path):
     assert str(out) in proc.stderr
 
 
+def in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """The entry point's ``main`` in this process: (exit code, stdout, stderr)."""
+    from finetune_helper import cli
+
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.mark.parametrize("fmt", ["json", "yaml", "python", "cli", "accelerate"])
-def test_a_run_of_ten_steps_or_fewer_exports(fmt):
+def test_a_run_of_ten_steps_or_fewer_exports(fmt, capsys):
     """80 examples of batch 8, one epoch: 10 steps, warmed up for 5 of them (never the whole run)."""
-    proc = run("export", "--model", "llama-3.1-8b", "--gpu", "H100", "--dataset-size", "80", "--epochs", "1",
-               "--format", fmt)
-    assert proc.stdout.strip() and "error" not in proc.stderr
+    code, out, err = in_process(capsys, "export", "--model", "llama-3.1-8b", "--gpu", "H100", "--dataset-size", "80",
+                                "--epochs", "1", "--format", fmt)
+    assert code == 0 and out.strip() and "error" not in err, err
 
 
 @pytest.mark.parametrize("fmt", ["json", "cli"])
-def test_export_of_a_plan_that_does_not_fit_warns_on_stderr(fmt):
-    proc = run("export", "--model", "llama-3.1-70b", "--gpu", "24GB", "--method", "full", "--format", fmt)
-    assert "warning: this plan does not fit in GPU memory" in proc.stderr
-    assert "warning" not in run("export", "--model", "qwen2.5-0.5b", "--gpu", "80GB", "--format", fmt).stderr
+def test_export_of_a_plan_that_does_not_fit_warns_on_stderr(fmt, capsys):
+    code, _, err = in_process(capsys, "export", "--model", "llama-3.1-70b", "--gpu", "24GB", "--method", "full",
+                              "--format", fmt)
+    assert code == 0 and "warning: this plan does not fit in GPU memory" in err, err
+    code, _, err = in_process(capsys, "export", "--model", "qwen2.5-0.5b", "--gpu", "80GB", "--format", fmt)
+    assert code == 0 and "warning" not in err, err
 
 
 def test_catalog_listings():
@@ -128,12 +142,8 @@ def test_catalog_listings():
 def test_bad_input_is_one_line_exit_2(args, flag, capsys):
     """In this process (the entry point's ``main``: a fresh process for each case spent its time starting Python);
     an exception other than the exit would fail the test, as a traceback would."""
-    from finetune_helper import cli
-
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    code, _, err = in_process(capsys, *args)
+    assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("finetune-helper: error: ") and flag in lines[0]
