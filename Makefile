@@ -64,11 +64,11 @@ test: test-unit test-integration test-browser
 test-unit: setup
 	FH_TIER=unit $(PYTEST) -m "not integration and not browser"
 
-# The integration tier on TEST_WORKERS pytest-xdist workers (1: one process, as before). Much of its time is one core's:
-# processes importing the stack, runs waiting on signals and slow saves; two workers overlap those (measured on 2 cores:
-# 1180 s -> 940 s). Each worker's torch takes one thread (OMP_NUM_THREADS, as torchrun gives its workers), so that two
-# never contend for the cores; the numerical tests hold at 1 and 2 threads. --dist worksteal: an idle worker takes
-# half of a busy one's queue (the tier's tests range from milliseconds to minutes).
+# The integration tier on TEST_WORKERS pytest-xdist workers (1: one process, as before). Much of its time is one
+# core's: processes importing the stack, runs waiting on signals and slow saves; two workers overlap those (measured on
+# 2 cores: 1180 s -> 858-875 s). Each worker's torch takes one thread (OMP_NUM_THREADS, as torchrun gives its
+# workers), so that two never contend for the cores; the numerical tests hold at 1 and 2 threads. --dist worksteal: an
+# idle worker takes half of a busy one's queue (the tier's tests range from milliseconds to minutes).
 TEST_WORKERS ?= 2
 test-integration: setup
 	$(if $(filter 1,$(TEST_WORKERS)),$(PYTEST),OMP_NUM_THREADS=1 $(PYTEST) -n $(TEST_WORKERS) --dist worksteal) -m "integration and not browser"
