@@ -39,6 +39,20 @@ def tiny_config(model_type: str, **overrides) -> dict:
     return cfg
 
 
+#: ``python -c HEAVY_CHECK ARGS...``: the command as its entry point runs it (its exit code kept), then on its last
+#: stderr line which of the training stack's packages it had imported (``HEAVY []`` when none)
+HEAVY_CHECK = """
+import sys, runpy
+sys.argv, code = ["finetune-helper", *sys.argv[1:]], 0
+try:
+    runpy.run_module("finetune_helper", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+heavy = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
+print("HEAVY", sorted(m for m in heavy if m in sys.modules), file=sys.stderr)
+sys.exit(code)
+"""
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

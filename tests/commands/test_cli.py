@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import HEAVY_CHECK
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
@@ -165,18 +167,6 @@ def test_bare_size_warns_in_one_line():
     assert "warning: --model 7B" in proc.stderr and "Traceback" not in proc.stderr
 
 
-CHECK_MODULES = """
-import sys, runpy
-sys.argv = ["finetune-helper", *{args!r}]
-try:
-    runpy.run_module("finetune_helper", run_name="__main__")
-except SystemExit:
-    pass
-heavy = sorted(m for m in ("torch", "transformers", "peft", "datasets", "accelerate") if m in sys.modules)
-print("HEAVY", heavy, file=sys.stderr)
-"""
-
-
 @pytest.mark.parametrize("args", [
     ["recommend", "--model", "llama-3.1-8b", "--gpu", "H100", "--method", "qlora"],
     ["estimate", "--model", "Qwen/Qwen2.5-72B", "--method", "lora", "--json"],
@@ -184,7 +174,7 @@ print("HEAVY", heavy, file=sys.stderr)
     ["export", "--model", "mistral-7b-v0.1", "--gpu", "24GB", "--format", "yaml"],
 ])
 def test_core_commands_never_import_torch_or_transformers(args):
-    proc = subprocess.run([sys.executable, "-c", CHECK_MODULES.format(args=args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", HEAVY_CHECK, *args], capture_output=True, text=True,
                           env=ENV, timeout=120)
     assert "HEAVY []" in proc.stderr, proc.stderr
 

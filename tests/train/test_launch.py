@@ -22,6 +22,8 @@ from finetune_helper.train.launch import (CHECKPOINT_BYTES_PER_PARAMETER, DISK_B
 from finetune_helper.train.recipe import load_recipe
 from finetune_helper.train.run_folder import checkpoint_problem, last_checkpoint
 
+from ..conftest import HEAVY_CHECK
+
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY = RECIPES / "tiny-demo.yaml"
 #: torchrun's wait before it SIGKILLs its workers when nothing sets it (torch/distributed/launcher/api.py)
@@ -277,20 +279,6 @@ def test_a_resume_of_a_two_process_run_checks_its_changes_before_launching(two_p
         assert "launching" not in done.stdout
 
 
-#: the command as its entry point runs it, then which of the training stack's packages it had imported
-REFUSAL = """
-import sys, runpy
-sys.argv, code = ["finetune-helper", *sys.argv[1:]], 0
-try:
-    runpy.run_module("finetune_helper", run_name="__main__")
-except SystemExit as exc:
-    code = exc.code
-print("HEAVY", sorted(m for m in ("torch", "transformers", "trl", "peft", "datasets") if m in sys.modules),
-      file=sys.stderr)
-sys.exit(code)
-"""
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_run_folder_in_use_is_refused_to_a_second_writer(tmp_path):
@@ -310,7 +298,8 @@ def test_a_run_folder_in_use_is_refused_to_a_second_writer(tmp_path):
         for argv in (["resume", str(out)], ["run", str(TINY), "--resume", "--output-dir", str(out),
                                              "training.max_steps=2000", "training.save_steps=2",
                                              "training.logging_steps=1", "data.max_examples=300"]):
-            done = subprocess.run([sys.executable, "-c", REFUSAL, *argv], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([sys.executable, "-c", HEAVY_CHECK, *argv], capture_output=True, text=True,
+                                  timeout=120)
             *err, heavy = done.stderr.strip().splitlines()
             assert done.returncode == 2 and len(err) == 1 and "is in use by another run" in err[0], done.stderr
             assert heavy == "HEAVY []", done.stderr
