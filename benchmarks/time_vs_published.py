@@ -6,6 +6,8 @@ Rows: ``benchmarks/data/published_throughput.yaml`` (each with its source, a ver
   the dense bf16 peak on the executed matmul FLOPs) that reproduces its tokens/s, compiled rows first divided by
   torchtune's measured compile speedup, and prints the median per GPU class: the figures in
   ``finetune_helper/recommender/data/throughput.yaml``;
+* host-bound calibration rows (``calibrates: host_seconds_per_op``; Qwen-1.8B LoRA on 256 and 512 tokens): the host
+  time per operator that reproduces their step time, at that efficiency; the median is ``host_seconds_per_op``;
 * optimised rows (NeMo AutoModel: Transformer Engine, triton LoRA kernels): the runner's prediction next to them,
   showing how much faster a fused stack is (never fitted);
 * validation rows (HF Trainer / TRL setups, held out): predicted against published tokens/s per GPU.  Targets
@@ -53,7 +55,8 @@ def measured(row: dict) -> float:
     return row["micro_batch"] * row["seq_len"] * row["accumulation"] / row["step_seconds"]
 
 
-def predicted(row: dict, models: dict, efficiency: float | None = None, speedup: float = 1.0) -> float:
+def predicted(row: dict, models: dict, efficiency: float | None = None, speedup: float = 1.0,
+              host_seconds_per_op: float | None = None) -> float:
     from finetune_helper.recommender.gpu import resolve_gpu
     from finetune_helper.recommender.throughput import step_time
 
@@ -61,7 +64,8 @@ def predicted(row: dict, models: dict, efficiency: float | None = None, speedup:
     setup = setup_of(row, spec)
     gpu = resolve_gpu(row["gpu"])
     t = step_time(spec, setup, gpu, gpus=row["gpus"], sharding=row.get("sharding", "none"),
-                  accumulation=row["accumulation"], efficiency=efficiency, speedup=speedup)
+                  accumulation=row["accumulation"], efficiency=efficiency, speedup=speedup,
+                  host_seconds_per_op=host_seconds_per_op)
     seconds = t.seconds_per_step
     if row.get("trainable_head"):
         # LoRA (emb): the LM head's weight gradient (one more product) and AdamW over embedding and head in fp32,
@@ -83,12 +87,26 @@ def solve_efficiency(row: dict, models: dict, target: float) -> float:
     return (lo + hi) / 2
 
 
+def solve_host(row: dict, models: dict, target: float) -> float:
+    """The host time per operator (seconds) that reproduces ``target`` tokens/s, at the stored efficiency."""
+    lo, hi = 1e-8, 1e-3
+    for _ in range(80):
+        mid = (lo * hi) ** 0.5
+        if predicted(row, models, host_seconds_per_op=mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo * hi) ** 0.5
+
+
 def calibrate(rows: list[dict], models: dict) -> None:
     from finetune_helper.recommender.gpu import resolve_gpu
     from finetune_helper.recommender.throughput import constants
 
     speedup = constants()["compile_speedup"]
     by_kind: dict[str, list[float]] = {}
+    host_rows = [r for r in rows if r.get("calibrates") == "host_seconds_per_op"]
+    rows = [r for r in rows if r not in host_rows]
     print(f"{'calibration row':58} {'tok/s':>7} {'eager tok/s':>11} {'efficiency':>10}")
     for row in rows:
         eager = measured(row) / (speedup if row["compiled"] else 1.0)
@@ -99,10 +117,18 @@ def calibrate(rows: list[dict], models: dict) -> None:
     for kind, values in by_kind.items():
         print(f"  {kind}: {statistics.median(values):.2f} ({len(values)} rows)")
     print(f"  stored: {constants()['efficiency']}")
+    print(f"\n{'host-bound calibration row':58} {'tok/s':>7} {'host us/op':>10}")
+    hosts = []
+    for row in host_rows:
+        hosts.append(solve_host(row, models, measured(row)))
+        print(f"{label(row):58} {measured(row):7.0f} {hosts[-1] * 1e6:10.2f}")
+    print(f"median host time per operator (data/throughput.yaml: host_seconds_per_op): "
+          f"{statistics.median(hosts):.2g} s ({len(hosts)} rows); stored: {constants()['host_seconds_per_op']:.2g}")
 
 
 def label(row: dict) -> str:
-    return (f"{row['model'].split('/')[-1]} {row['method']}{'+gc' if row['gradient_checkpointing'] else ''} "
+    method = row["method"] + ("(emb)" if row.get("trainable_head") else "")
+    return (f"{row['model'].split('/')[-1]} {method}{'+gc' if row['gradient_checkpointing'] else ''} "
             f"{row['gpus']}x{row['gpu']} {row['micro_batch']}x{row['seq_len']}")
 
 

@@ -4,7 +4,10 @@ For the runner's stack (HF Trainer / TRL, eager PyTorch, SDPA or FlashAttention-
 
     compute   = executed matmul FLOPs (recommender.flops) / (peak dense bf16 FLOP/s x efficiency of the GPU class)
     memory    = weight bytes read by the micro-step's passes / memory bandwidth (forward, backward, recompute)
-    micro     = max(compute, memory)                 (a roofline: small micro-batches are bound by weight reads)
+    host      = operators the micro-step issues (forward, loss, backward) x the host's time per operator: eager
+                PyTorch issues every operator from Python, so the GPU cannot finish sooner
+    micro     = max(compute, memory, host)           (a roofline: small micro-batches of large models are bound by
+                                                      weight reads or by the host)
     gathers   = FSDP / ZeRO-3: each micro-step all-gathers the 16-bit weights twice and reduce-scatters the
                 gradients over the GPU interconnect; overlapped with compute (prefetch): max(micro, gathers)
 
@@ -21,7 +24,7 @@ and per optimizer step:
 
 The efficiency and every other constant are in ``data/throughput.yaml`` with their sources; ``benchmarks/
 time_vs_published.py`` derives the efficiency from published non-HF rows and tests the model on held-out
-HF-Trainer / TRL rows.  Not modelled: eager launch overhead (tiny micro-steps run slower than predicted), data
+HF-Trainer / TRL rows.  Not modelled: the optimizer step's host time (one foreach update per optimizer step), data
 loading, evaluation and checkpoint saves.
 """
 
@@ -58,7 +61,8 @@ class StepTime:
     optimizer: float
     communication: float
     offload: float
-    #: which bound the micro-step: ``compute``, ``memory`` (weight reads) or ``communication`` (FSDP / ZeRO-3 gathers)
+    #: which bound the micro-step: ``compute``, ``memory`` (weight reads), ``host`` (eager PyTorch issuing its
+    #: operators) or ``communication`` (FSDP / ZeRO-3 gathers)
     bound: str
     flops_per_token: float
     model_flops_per_token: float
@@ -111,6 +115,20 @@ def _optimizer_bytes(spec: ModelSpec, setup: TrainingSetup) -> float:
     return n * (elem * (_UPDATE_TOUCHES["weight"] + _UPDATE_TOUCHES["gradient"]) + 2 * info.states * state)
 
 
+def host_ops_per_micro_step(spec: ModelSpec, setup: TrainingSetup) -> float:
+    """Operators one micro-step (forward, loss, backward) issues from the host in eager PyTorch
+    (``data/throughput.yaml``, ``host_ops``: counted on the runner's own step by ``benchmarks/host_ops.py``):
+    the fixed ones plus, per decoder layer, the layer's own and those of each LoRA-wrapped linear."""
+    table = constants()["host_ops"]
+    gc = setup.gradient_checkpointing
+    key = setup.method + ("+gc" if gc else "")
+    per_layer = table["per_layer"][key]
+    if setup.is_peft:
+        adapters = len(spec.lora_linears(setup.lora_target_modules))
+        per_layer += adapters * table["per_lora_linear"]["gc" if gc else "plain"]
+    return table["fixed"][key] + spec.num_hidden_layers * per_layer
+
+
 def host_adam_seconds(n_train: int, gpus: int) -> float:
     """The host's Adam step under DeepSpeed's optimizer offload, per optimizer step (``data/throughput.yaml``,
     ``host_adam``): each rank's partition at one thread when several ranks share a node (torchrun's
@@ -126,10 +144,11 @@ def host_adam_seconds(n_train: int, gpus: int) -> float:
 
 def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GPUSpec, *, gpus: int = 1, sharding: str = "none",
               accumulation: int = 1, offload: str = "none", efficiency: float | None = None,
-              speedup: float = 1.0) -> StepTime | None:
+              speedup: float = 1.0, host_seconds_per_op: float | None = None) -> StepTime | None:
     """The predicted step on ``gpu`` (see the module docstring); None when the catalog lacks the GPU's peak or
     bandwidth.  ``efficiency``: the stack's share of the peak (default: the calibrated one of the GPU's class);
-    ``speedup``: a faster stack's gain over the runner's (``compile_speedup``), for published rows."""
+    ``speedup``: a faster stack's gain over the runner's (``compile_speedup``), for published rows;
+    ``host_seconds_per_op``: the host's time per operator (default: the calibrated ``host_seconds_per_op``)."""
     if not gpu.peak_tflops or not gpu.memory_bandwidth_gbps:
         return None
     const = constants()
@@ -141,8 +160,10 @@ def step_time(spec: ModelSpec, setup: TrainingSetup, gpu: GPUSpec, *, gpus: int 
     compute = flops.executed / (peak * eff * speedup)
     passes = 2 + int(setup.gradient_checkpointing)
     memory = passes * _weight_bytes(spec, setup) / bandwidth  # sharded or not, each GPU's matmuls read whole layers
-    micro, bound = max((compute, "compute"), (memory, "memory"))
-    parts = {"compute": compute, "weight_reads": memory}
+    host = host_ops_per_micro_step(spec, setup) * (host_seconds_per_op if host_seconds_per_op is not None
+                                                   else const["host_seconds_per_op"])
+    micro, bound = max((compute, "compute"), (memory, "memory"), (host, "host"))
+    parts = {"compute": compute, "weight_reads": memory, "host": host}
     link = interconnect_bytes_per_second(gpu) if gpus > 1 else 0.0
     share = (gpus - 1) / gpus
     n_train, _, elem = trainable(spec, setup)

@@ -95,9 +95,33 @@ def test_offload_steps_include_the_hosts_adam_at_one_thread_per_rank():
     assert host[2].seconds_per_step > plain.seconds_per_step + adam[2] - plain.optimizer
 
 
+def test_small_micro_steps_of_a_large_model_are_bound_by_the_host_issuing_operators():
+    """Eager PyTorch issues every operator from the host: a 7B LoRA micro-step on 256 tokens cannot run faster than
+    its operators are issued (Qwen's profile: 0.15-0.175 s on an A100 against about 0.07 s of matmuls), so its
+    tokens/s is below that of a long micro-step; a long one is bound by its matmuls, not the host."""
+    from finetune_helper.recommender.gpu import resolve_gpu
+    from finetune_helper.recommender.model import resolve_model
+    from finetune_helper.recommender.throughput import step_time
+    from finetune_helper.recommender.training_setup import TrainingSetup
+
+    spec, gpu = resolve_model("Qwen/Qwen2.5-7B"), resolve_gpu("A100 80GB SXM")
+
+    def timed(seq: int, gc: bool = True):
+        return step_time(spec, TrainingSetup(method="lora", micro_batch_size=1, seq_len=seq, gradient_checkpointing=gc),
+                         gpu, accumulation=8)
+
+    short, long = timed(256), timed(8192)
+    assert short.bound == "host" and short.micro_step == short.parts["host"] > short.parts["compute"]
+    assert long.bound == "compute" and long.parts["host"] < long.parts["compute"] / 10
+    assert short.tokens_per_second_per_gpu < long.tokens_per_second_per_gpu / 1.5
+    # checkpointing's recompute issues the forward's operators twice: more host time for the same tokens
+    assert timed(256).parts["host"] > 1.3 * timed(256, gc=False).parts["host"]
+
+
 def test_the_stored_efficiency_is_what_the_calibration_rows_give(capsys):
-    """``data/throughput.yaml``'s efficiency per GPU class is the median that ``time_vs_published.py --calibrate``
-    derives from the published calibration rows (a data file that drifted from its derivation fails here)."""
+    """``data/throughput.yaml``'s efficiency per GPU class, and its host time per operator, are the medians that
+    ``time_vs_published.py --calibrate`` derives from the published calibration rows (a data file that drifted from
+    its derivation fails here)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import time_vs_published
@@ -110,6 +134,9 @@ def test_the_stored_efficiency_is_what_the_calibration_rows_give(capsys):
     derived = {kind: float(value) for kind, value in re.findall(r"^  (\w+): ([\d.]+) \(", out, re.M)}
     stored = constants()["efficiency"]
     assert derived and all(stored[kind] == pytest.approx(value, abs=0.005) for kind, value in derived.items())
+    host = re.search(r"median host time per operator .*: ([\d.e-]+) s \((\d+) rows\)", out)
+    assert host and int(host.group(2)) >= 2
+    assert constants()["host_seconds_per_op"] == pytest.approx(float(host.group(1)), rel=0.02)
     assert time_vs_published.main([]) == 0
     assert re.search(r"\d+ held-out rows: median \|error\| \d+%", capsys.readouterr().out)
 
