@@ -19,7 +19,7 @@ from pathlib import Path
 
 #: a calibration outside this range is more likely a broken measurement than a property of the device: refused
 PLAUSIBLE = (0.5, 2.0)
-#: the same for a speed calibration: the time model's worst held-out row is 2.4x off
+#: the same for a speed calibration: the time model's worst held-out row is 1.7x off
 #: (``benchmarks/time_vs_published.py``); a ratio beyond 4x is more likely a broken measurement (a first step with
 #: compilation, a shared GPU) and is not applied
 PLAUSIBLE_SPEED = (0.25, 4.0)
