@@ -123,7 +123,7 @@ def calibrate(rows: list[dict], models: dict) -> None:
         hosts.append(solve_host(row, models, measured(row)))
         print(f"{label(row):58} {measured(row):7.0f} {hosts[-1] * 1e6:10.2f}")
     print(f"median host time per operator (data/throughput.yaml: host_seconds_per_op): "
-          f"{statistics.median(hosts):.2g} s ({len(hosts)} rows); stored: {constants()['host_seconds_per_op']:.2g}")
+          f"{statistics.median(hosts):.3g} s ({len(hosts)} rows); stored: {constants()['host_seconds_per_op']:.3g}")
 
 
 def label(row: dict) -> str:

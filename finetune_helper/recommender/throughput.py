@@ -118,15 +118,17 @@ def _optimizer_bytes(spec: ModelSpec, setup: TrainingSetup) -> float:
 def host_ops_per_micro_step(spec: ModelSpec, setup: TrainingSetup) -> float:
     """Operators one micro-step (forward, loss, backward) issues from the host in eager PyTorch
     (``data/throughput.yaml``, ``host_ops``: counted on the runner's own step by ``benchmarks/host_ops.py``):
-    the fixed ones plus, per decoder layer, the layer's own and those of each LoRA-wrapped linear."""
+    the fixed ones plus, per decoder layer, the layer's own and those of each LoRA-wrapped linear.  An architecture
+    the table does not list is counted as Llama."""
     table = constants()["host_ops"]
+    arch = spec.model_type if spec.model_type in table["per_layer"] else "llama"
     gc = setup.gradient_checkpointing
     key = setup.method + ("+gc" if gc else "")
-    per_layer = table["per_layer"][key]
+    per_layer = table["per_layer"][arch][key]
     if setup.is_peft:
         adapters = len(spec.lora_linears(setup.lora_target_modules))
         per_layer += adapters * table["per_lora_linear"]["gc" if gc else "plain"]
-    return table["fixed"][key] + spec.num_hidden_layers * per_layer
+    return table["fixed"][arch][key] + spec.num_hidden_layers * per_layer
 
 
 def host_adam_seconds(n_train: int, gpus: int) -> float:
