@@ -679,11 +679,10 @@ def _micro_batches(per_gpu: int, largest: int) -> list[int]:
 def _timed(req: PlanRequest, candidates: tuple[tuple[_Option, int], ...]) -> tuple[_Timed, ...]:
     """Each option's fastest fitting setting, fastest first: the run's predicted seconds (``throughput``: executed
     FLOPs at the GPU class's efficiency, weight reads, the host's operators, communication, the optimizer) over the
-    micro-batches that fit
-    it, each with the accumulation that reaches the target and the optimizer steps that makes, from the smallest
-    micro-batch of ``min_tokens_per_micro_step`` tokens (the efficiency's calibrated range; the largest that fits when
-    none that large does).  Empty when the GPU has no catalog peak or bandwidth.  Ties go to the cheaper option
-    (fewer fallbacks), then the effective batch nearest the target, then the larger micro-batch."""
+    micro-batches that fit it, each with the accumulation that reaches the target and the optimizer steps that makes,
+    from the smallest micro-batch of ``min_tokens_per_micro_step`` tokens (the efficiency's calibrated range; the
+    largest that fits when none that large does).  Empty when the GPU has no catalog peak or bandwidth.  Ties go to
+    the cheaper option (fewer fallbacks), then the effective batch nearest the target, then the larger micro-batch."""
     per_gpu = math.ceil(req.target_batch / req.gpus)
     row = req.setup(1, False).tokens  # tokens of one micro-batch row (packed: the row)
     smallest = math.ceil(_min_tokens() / row)
