@@ -62,9 +62,9 @@ VARIANTS = {
 MAX_LENGTH, BATCH = 64, 4
 
 
-def model_dir(arch: str, root: Path) -> Path:
-    """A random-init model of ``arch`` with the project's tiny tokenizer, saved once."""
-    out = root / arch
+def save_random_model(out: Path, cfg: dict) -> Path:
+    """A random-init model of the config ``cfg`` (with its ``model_type``) and the project's tiny tokenizer, saved to
+    ``out`` once."""
     if (out / "config.json").exists():
         return out
     import torch
@@ -72,12 +72,17 @@ def model_dir(arch: str, root: Path) -> Path:
 
     from finetune_helper.train.tiny import build_tokenizer
 
-    cfg = {**BASE, **ARCHS[arch]}
+    cfg = dict(cfg)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     return out
+
+
+def model_dir(arch: str, root: Path) -> Path:
+    """A random-init model of ``arch`` with the project's tiny tokenizer, saved once."""
+    return save_random_model(root / arch, {**BASE, **ARCHS[arch]})
 
 
 def write_data(root: Path) -> dict[str, Path]:

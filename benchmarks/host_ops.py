@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from estimate_vs_runner import ARCHS  # noqa: E402
+from estimate_vs_runner import ARCHS, save_random_model  # noqa: E402
 
 #: tiny models (GQA 2/1 heads); only the operator count matters, which does not depend on the sizes
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
@@ -70,19 +70,7 @@ def linears(arch: str, targets) -> int:
 
 
 def tiny_model(root: Path, arch: str, layers: int) -> Path:
-    out = root / f"{arch}-{layers}"
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from finetune_helper.train.tiny import build_tokenizer
-
-    cfg = config(arch, layers)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(out)
-    build_tokenizer().save_pretrained(out)
-    return out
+    return save_random_model(root / f"{arch}-{layers}", config(arch, layers))
 
 
 def write_rows(path: Path) -> Path:

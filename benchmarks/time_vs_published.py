@@ -133,10 +133,14 @@ def label(row: dict) -> str:
 
 
 def validate(rows: list[dict], models: dict, title: str) -> list[float]:
+    """Predicted against published tokens/s per row (a compiled row's prediction with torchtune's compile speedup)."""
+    from finetune_helper.recommender.throughput import constants
+
     print(f"\n{title}\n{'row':58} {'published':>9} {'predicted':>9} {'ratio':>6}")
     ratios = []
     for row in rows:
-        got, want = predicted(row, models), measured(row)
+        speedup = constants()["compile_speedup"] if row["compiled"] else 1.0
+        got, want = predicted(row, models, speedup=speedup), measured(row)
         ratios.append(got / want)
         print(f"{label(row):58} {want:9.0f} {got:9.0f} {got / want:6.2f}  {row['stack'][:40]}")
     return ratios
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print("calibrated on: " + "; ".join(sorted({f"{r['source'].split(' @')[0]} ({label(r)})"
                                                 for r in by_role["calibration"]})))
+    validate(by_role["calibration"], models, "calibration rows (fitted: what the constants leave over)")
     validate(by_role["optimised"], models, "optimised stacks (not the runner's; shown, never fitted)")
     ratios = validate(by_role["validation"], models, "held-out HF Trainer / TRL rows")
     errors = sorted(abs(r - 1) for r in ratios)

@@ -122,6 +122,20 @@ def _phase_callback(mode, steps: list[StepPeak], cuda: bool, batches: list[tuple
     return Phases()
 
 
+def runner_trainer(recipe, *, run_dir: str | Path, log: Callable[[str], None] = lambda _: None, **training: Any):
+    """``recipe`` prepared and its trainer built as the runner does (``train.runner.prepare`` and ``build_trainer``),
+    for measuring a few steps: no saving, evaluation, eval split or reporting, and ``training`` over the recipe's
+    training section.  Returns (the preparation, the trainer)."""
+    import dataclasses
+
+    from ..train import runner
+
+    training = {**recipe.training, "save_strategy": "no", "eval_strategy": "no", "report_to": "none", **training}
+    recipe = dataclasses.replace(recipe, training=training, data=dataclasses.replace(recipe.data, eval_fraction=0.0))
+    prep, tokenizer = runner.prepare(recipe, Path(run_dir), log)
+    return prep, runner.build_trainer(prep, tokenizer, dict(prep.sft_kwargs), [])
+
+
 def measure_recipe(recipe, *, steps: int = 3, run_dir: str | Path, log: Callable[[str], None] = lambda _: None,
                    track: bool = True, flops: bool = False) -> Measurement:
     """Train ``steps`` optimizer steps of ``recipe`` through the runner's path and measure each step's peak.
@@ -130,21 +144,14 @@ def measure_recipe(recipe, *, steps: int = 3, run_dir: str | Path, log: Callable
     ``max_steps=steps`` and no saving, evaluation or logging output added.  ``track=False`` skips the tracker
     (CUDA statistics only: the tracker slows large models down); ``flops`` counts each step's FLOPs as well
     (:func:`.flops.flop_counter`)."""
-    import dataclasses
     from contextlib import ExitStack
 
     import torch
 
-    from ..train import runner
     from .tracker import live_bytes_mode, model_tensors
 
-    training = {**recipe.training, "max_steps": steps, "save_strategy": "no", "logging_steps": 1,
-                "eval_strategy": "no", "report_to": "none"}
-    recipe = dataclasses.replace(recipe, training=training,
-                                 data=dataclasses.replace(recipe.data, eval_fraction=0.0))
-    prep, tokenizer = runner.prepare(recipe, Path(run_dir), log)
+    prep, trainer = runner_trainer(recipe, run_dir=run_dir, log=log, max_steps=steps, logging_steps=1)
     cuda = torch.cuda.is_available() and not prep.sft_kwargs.get("use_cpu")
-    trainer = runner.build_trainer(prep, tokenizer, dict(prep.sft_kwargs), [])
     mode = live_bytes_mode()
     peaks: list[StepPeak] = []
     batches: list[tuple[tuple[int, ...], bool]] = []

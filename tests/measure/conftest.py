@@ -18,30 +18,32 @@ ARCH_EXTRA = {"llama": {}, "qwen2": {"tie_word_embeddings": False},
 MAX_LENGTH = 64
 
 
-def tiny_arch_config(arch: str) -> dict:
-    return {"model_type": arch, **TINY, **ARCH_EXTRA.get(arch, {})}
+def tiny_arch_config(arch: str, layers: int = TINY["num_hidden_layers"]) -> dict:
+    return {"model_type": arch, **TINY, **ARCH_EXTRA.get(arch, {}), "num_hidden_layers": layers}
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    """``model_dir(arch)``: a saved random-init model of ``arch`` with the tiny tokenizer (built once per session)."""
+    """``model_dir(arch, layers=2)``: a saved random-init model of ``arch`` (``tiny_arch_config(arch, layers)``) with
+    the tiny tokenizer (built once per session)."""
     root = tmp_path_factory.mktemp("measure-models")
-    built: dict[str, object] = {}
+    built: dict[tuple[str, int], object] = {}
 
-    def make(arch: str):
-        if arch not in built:
+    def make(arch: str, layers: int = TINY["num_hidden_layers"]):
+        if (arch, layers) not in built:
             import torch
             from transformers import AutoConfig, AutoModelForCausalLM
 
             from finetune_helper.train.tiny import build_tokenizer
 
-            cfg = tiny_arch_config(arch)
+            out = root / f"{arch}-{layers}"
+            cfg = tiny_arch_config(arch, layers)
             config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
             torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(config).save_pretrained(root / arch)
-            build_tokenizer().save_pretrained(root / arch)
-            built[arch] = root / arch
-        return built[arch]
+            AutoModelForCausalLM.from_config(config).save_pretrained(out)
+            build_tokenizer().save_pretrained(out)
+            built[arch, layers] = out
+        return built[arch, layers]
 
     return make
 

@@ -13,33 +13,6 @@ from .conftest import recipe, tiny_arch_config
 pytestmark = pytest.mark.integration
 
 
-def three_layers(arch: str) -> dict:
-    return {**tiny_arch_config(arch), "num_hidden_layers": 3}
-
-
-@pytest.fixture(scope="module")
-def three_layer_model(tmp_path_factory):
-    """``three_layer_model(arch)``: a saved 3-layer random model of ``arch`` with the tiny tokenizer."""
-    built: dict[str, object] = {}
-
-    def make(arch: str):
-        if arch not in built:
-            import torch
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            from finetune_helper.train.tiny import build_tokenizer
-
-            out = tmp_path_factory.mktemp(f"{arch}-3-layers")
-            cfg = three_layers(arch)
-            torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(out)
-            build_tokenizer().save_pretrained(out)
-            built[arch] = out
-        return built[arch]
-
-    return make
-
-
 @pytest.mark.parametrize("arch,method,training", [
     ("llama", {"type": "full"}, {"bf16": True}),
     ("llama", {"type": "lora", "lora_r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
@@ -48,17 +21,16 @@ def three_layer_model(tmp_path_factory):
     ("gemma2", {"type": "lora", "lora_r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
      {"bf16": True, "gradient_checkpointing": True}),
 ], ids=["llama-full", "llama-lora-qkvo-gc", "llama-qlora", "gemma2-lora-qv-down-gc"])
-def test_the_operator_table_predicts_a_fresh_count_of_the_runners_micro_step(three_layer_model, text_data, tmp_path,
-                                                                            arch, method, training):
+def test_the_operator_table_predicts_a_fresh_count_of_the_runners_micro_step(model_dir, text_data, tmp_path, arch,
+                                                                            method, training):
     from finetune_helper.measure.host_ops import count_micro_step_ops
     from finetune_helper.recommender.model import ModelSpec
     from finetune_helper.recommender.throughput import host_ops_per_micro_step
     from finetune_helper.recommender.training_setup import TrainingSetup
 
-    model = three_layer_model(arch)
-    counted = count_micro_step_ops(recipe(model, text_data["unpadded"], method=method, training=training),
-                                   run_dir=tmp_path / "run").ops
-    spec = ModelSpec.from_config(three_layers(arch))
+    counted = count_micro_step_ops(recipe(model_dir(arch, 3), text_data["unpadded"], method=method,
+                                          training=training), run_dir=tmp_path / "run").ops
+    spec = ModelSpec.from_config(tiny_arch_config(arch, 3))
     setup = TrainingSetup(method=method["type"], micro_batch_size=1, seq_len=64, lora_r=8,
                           lora_target_modules=tuple(method.get("target_modules", ())) or "all-linear",
                           gradient_checkpointing=training.get("gradient_checkpointing", False))
